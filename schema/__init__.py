@@ -1,0 +1,1 @@
+"""DeepBatch's shared vocabulary: settings, file line formats, database tables."""

@@ -1,0 +1,182 @@
+"""Input and output line formats.
+
+Input: the OpenAI Batch line (`custom_id`, `method`, `url`, `body`) for `/v1/chat/completions` and
+`/v1/completions`, or a plain line (`{"prompt": ...}` or `{"messages": [...]}` with optional
+`custom_id` and sampling parameters). Both normalise to a `RequestSpec`: what the worker needs.
+Output: the OpenAI Batch output and error line formats.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CHAT_URL = "/v1/chat/completions"
+COMPLETIONS_URL = "/v1/completions"
+Url = Literal["/v1/chat/completions", "/v1/completions"]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant"]
+    content: str
+    name: str | None = None
+
+
+class SamplingFields(BaseModel):
+    """The OpenAI parameters DeepBatch honours; any other key is an error, so nothing is silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: str | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    top_k: Annotated[int, Field(ge=0)] | None = None
+    seed: int | None = None
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    n: Literal[1] | None = None
+    stream: Literal[False] | None = None
+    user: str | None = None
+
+    @property
+    def stop_strings(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class ChatBody(SamplingFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+
+
+class CompletionBody(SamplingFields):
+    prompt: str
+
+
+class OpenAIBatchLine(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    custom_id: Annotated[str, Field(min_length=1, max_length=512)]
+    method: Literal["POST"]
+    url: Url
+    body: dict[str, Any]
+
+
+class PlainLine(SamplingFields):
+    """`{"prompt": "..."}` or `{"messages": [...]}`; custom_id defaults to the line number."""
+
+    custom_id: Annotated[str, Field(min_length=1, max_length=512)] | None = None
+    prompt: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+
+    @model_validator(mode="after")
+    def _one_input(self) -> PlainLine:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("a plain line needs exactly one of 'prompt' or 'messages'")
+        return self
+
+
+class RequestSpec(BaseModel):
+    """One validated request, as stored in the `requests.body` column and read back by the worker."""
+
+    custom_id: str
+    url: Url
+    body: ChatBody | CompletionBody
+
+    def body_json(self) -> dict[str, Any]:
+        return self.body.model_dump(exclude_none=True)
+
+
+class LineError(Exception):
+    """A line that cannot become a request; the message names what is wrong."""
+
+    def __init__(self, code: str, message: str, custom_id: str | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.custom_id = custom_id
+
+
+def describe_validation_error(error: ValidationError, prefix: str = "") -> str:
+    """Each problem as `body.max_tokens: Input should be greater than or equal to 1`, joined by '; '."""
+    problems = []
+    for item in error.errors():
+        where = prefix + ".".join(str(part) for part in item["loc"]) if item["loc"] else "line"
+        problems.append(f"{where}: {item['msg']}")
+    return "; ".join(problems)
+
+
+class BodyError(ValueError):
+    """The `body` of an OpenAI Batch line is invalid; the message names the fields under `body.`."""
+
+
+def parse_body(url: str, body: dict[str, Any]) -> ChatBody | CompletionBody:
+    model = ChatBody if url == CHAT_URL else CompletionBody
+    try:
+        return model.model_validate(body)
+    except ValidationError as error:
+        raise BodyError(describe_validation_error(error, prefix="body.")) from None
+
+
+def parse_line(text: str, line_no: int) -> RequestSpec:
+    """Validate one line of an input file; raises LineError naming the fault."""
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise LineError("invalid_json", f"invalid JSON: {error.msg} at column {error.colno}") from None
+    if not isinstance(document, dict):
+        raise LineError("invalid_request", f"a line must be a JSON object, got {type(document).__name__}")
+    custom_id = document.get("custom_id") if isinstance(document.get("custom_id"), str) else None
+    try:
+        if {"url", "body", "method"} & document.keys():
+            line = OpenAIBatchLine.model_validate(document)
+            return RequestSpec(custom_id=line.custom_id, url=line.url, body=parse_body(line.url, line.body))
+        plain = PlainLine.model_validate(document)
+    except ValidationError as error:
+        raise LineError("invalid_request", describe_validation_error(error), custom_id) from None
+    except BodyError as error:
+        raise LineError("invalid_request", str(error), custom_id) from None
+    return plain_to_spec(plain, line_no)
+
+
+def plain_to_spec(plain: PlainLine, line_no: int) -> RequestSpec:
+    fields = plain.model_dump(exclude_none=True, exclude={"custom_id", "prompt", "messages"})
+    if plain.messages is not None:
+        body: ChatBody | CompletionBody = ChatBody(messages=plain.messages, **fields)
+        url: Url = CHAT_URL
+    else:
+        body, url = CompletionBody(prompt=plain.prompt or "", **fields), COMPLETIONS_URL
+    return RequestSpec(custom_id=plain.custom_id or str(line_no), url=url, body=body)
+
+
+def output_line(
+    request_id: int, custom_id: str, url: str, model: str, created: int, text: str,
+    finish_reason: str, prompt_tokens: int, completion_tokens: int,
+) -> dict[str, Any]:
+    """A line of the OpenAI Batch output file."""
+    usage = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+    if url == CHAT_URL:
+        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text}}
+        body = {"id": f"chatcmpl-{request_id}", "object": "chat.completion"}
+    else:
+        choice, body = {"index": 0, "text": text}, {"id": f"cmpl-{request_id}", "object": "text_completion"}
+    choice.update(logprobs=None, finish_reason=finish_reason)
+    body.update(created=created, model=model, choices=[choice], usage=usage)
+    response = {"status_code": 200, "request_id": f"req_{request_id}", "body": body}
+    return {"id": f"batch_req_{request_id}", "custom_id": custom_id, "response": response, "error": None}
+
+
+def error_line(request_id: int, custom_id: str | None, line_no: int, code: str, message: str) -> dict[str, Any]:
+    """A line of the OpenAI Batch error file; `line` tells which input line it answers."""
+    return {
+        "id": f"batch_req_{request_id}",
+        "custom_id": custom_id,
+        "response": None,
+        "error": {"code": code, "message": message, "line": line_no},
+    }

@@ -1,0 +1,91 @@
+"""The one settings class. Every field has a default, an environment variable and a README line.
+
+Environment variables are `DEEPBATCH_<FIELD>`; the two URLs also answer to the conventional
+`DATABASE_URL` and `BROKER_URL`. A `.env` file in the working directory is read too.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from pydantic import AliasChoices, Field, PositiveFloat, PositiveInt, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DEEPBATCH_", env_file=".env", extra="ignore")
+
+    # Services. Unset: `deepbatch run` starts an embedded PostgreSQL and Redis under data_dir.
+    database_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("DEEPBATCH_DATABASE_URL", "DATABASE_URL")
+    )
+    broker_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("DEEPBATCH_BROKER_URL", "BROKER_URL")
+    )
+    data_dir: Path = Path.home() / ".local" / "share" / "deepbatch"
+    queue_name: str = "deepbatch"
+
+    # Model and engine.
+    model: str = "tiny-deepseek-v3"  # a built-in name or a local checkpoint directory
+    model_aliases: str = ""  # comma-separated: more names a line's `model` may give for the served model
+    engine: str = Field(default="deepbatch", pattern=r"^(deepbatch|reference|[\w.]+:\w+)$")
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 0
+    max_batch_size: PositiveInt = 32
+    max_wait_ms: float = Field(default=20.0, ge=0)
+    max_num_batched_tokens: PositiveInt = 4096
+    max_model_len: PositiveInt = 4096
+    default_max_tokens: PositiveInt = 256
+
+    # Delivery and retries.
+    max_attempts: PositiveInt = 3
+    retry_backoff_s: PositiveFloat = 2.0
+    retry_backoff_max_s: PositiveFloat = 300.0
+    visibility_timeout_s: PositiveInt = 3600  # Redis: must exceed the longest batch
+    lease_s: PositiveFloat = 120.0  # a running request whose worker stops renewing this is taken back
+    reconcile_interval_s: PositiveFloat = 60.0  # how often workers look for expired leases and lost messages
+    broker_delivery_limit: PositiveInt = 20  # RabbitMQ quorum queue: redeliveries before the broker dead-letters
+    database_retry_s: PositiveFloat = 600.0  # how long a worker waits out a lost Postgres before giving up a write
+    audit_retention_days: PositiveInt = 180  # `deepbatch audit purge` deletes older audit events
+    consumer_timeout_ms: PositiveInt = 3 * 3600 * 1000  # RabbitMQ: an unacked message older than this closes the channel
+    worker_threads: PositiveInt | None = None  # None: 2 × max_batch_size, so the batch stays full
+
+    # Flower (`deepbatch flower`): basic auth is required unless --no-auth is given.
+    flower_user: str | None = None
+    flower_password: str | None = None
+    flower_port: int = Field(default=5555, ge=1, le=65535)
+    flower_broker_api: str | None = None  # RabbitMQ management API, e.g. http://guest:guest@localhost:15672/api/
+
+    metrics_port: int = Field(default=9464, ge=0, le=65535)  # Prometheus /metrics of a worker; 0 turns it off
+
+    # Producer.
+    insert_chunk_size: PositiveInt = 1000
+    max_line_bytes: PositiveInt = 4 * 1024 * 1024  # far above any context window; a longer line is an error
+
+    @model_validator(mode="after")
+    def _default_threads(self) -> Settings:
+        if self.worker_threads is None:
+            self.worker_threads = 2 * self.max_batch_size
+        return self
+
+    @property
+    def served_model_names(self) -> frozenset[str]:
+        """What a line's `model` may say: the setting, a checkpoint directory's own name, the aliases."""
+        aliases = {alias.strip() for alias in self.model_aliases.split(",") if alias.strip()}
+        return frozenset({self.model, Path(self.model).name, *aliases})
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        """The database URL with the psycopg 3 driver named, whatever form the user wrote."""
+        if self.database_url is None:
+            raise RuntimeError("database_url is not set (DATABASE_URL); `deepbatch run` starts an embedded one")
+        for prefix in ("postgresql+psycopg://", "postgresql://", "postgres://"):
+            if self.database_url.startswith(prefix):
+                return "postgresql+psycopg://" + self.database_url[len(prefix) :]
+        raise ValueError(f"DATABASE_URL must be a postgresql:// URL, got {self.database_url!r}")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

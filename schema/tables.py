@@ -1,0 +1,184 @@
+"""SQLAlchemy 2 typed tables: jobs, requests, results, audit events, dead letters.
+
+Postgres is the source of truth: a request row's `state` is authoritative, the broker only carries
+request ids. Alembic's versions/ create exactly these tables (a test compares the two).
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    Enum,
+    FetchedValue,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class RequestState(str, enum.Enum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    dead = "dead"
+    cancelled = "cancelled"
+    expired = "expired"  # still queued when its job's completion window closed
+
+
+FINAL_STATES = (RequestState.succeeded, RequestState.failed, RequestState.dead, RequestState.cancelled,
+                RequestState.expired)
+
+request_state_type = Enum(RequestState, name="request_state", values_callable=lambda e: [m.value for m in e])
+
+
+def created_at_column() -> Mapped[datetime]:
+    return mapped_column(DateTime(timezone=True), server_default=func.now(), nullable=False)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # batch_<uuid hex>
+    input_file: Mapped[str] = mapped_column(Text)
+    model: Mapped[str] = mapped_column(Text)
+    total_lines: Mapped[int] = mapped_column(Integer, default=0)
+    submitted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # all lines inserted
+    metadata_json: Mapped[dict[str, Any]] = mapped_column("metadata", JSONB, server_default=text("'{}'::jsonb"))
+    created_at: Mapped[datetime] = created_at_column()
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # end of the completion window
+    cancel_requested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    use_result_cache: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
+    priority: Mapped[int] = mapped_column(Integer, server_default=text("0"))  # higher runs first
+    queue: Mapped[str] = mapped_column(Text, server_default=text("'deepbatch'"))  # the broker queue it went to
+
+
+class Request(Base):
+    __tablename__ = "requests"
+    __table_args__ = (
+        # custom_id is unique among a job's accepted lines; a rejected line (line_error) keeps the id it
+        # gave, duplicates included, so its error can name it.
+        Index(
+            "uq_requests_job_id_custom_id",
+            "job_id",
+            "custom_id",
+            unique=True,
+            postgresql_where=text("line_error IS NULL"),
+        ),
+        Index("ix_requests_job_id_line_no", "job_id", "line_no", unique=True),
+        Index("ix_requests_job_id_state", "job_id", "state"),
+        Index("ix_requests_cache_key_succeeded", "cache_key", postgresql_where=text("state = 'succeeded'")),
+        # What a worker claims next: the most urgent queued request, oldest first.
+        Index("ix_requests_queued_by_priority", "queue", text("priority DESC"), "id",
+              postgresql_where=text("state = 'queued'")),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    line_no: Mapped[int] = mapped_column(Integer)
+    custom_id: Mapped[str | None] = mapped_column(Text)
+    url: Mapped[str | None] = mapped_column(Text)
+    body: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    state: Mapped[RequestState] = mapped_column(request_state_type, default=RequestState.queued)
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    worker: Mapped[str | None] = mapped_column(Text)  # host:pid of the worker that holds or held it
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    line_error: Mapped[str | None] = mapped_column(Text)  # why the input line was rejected
+    # Greedy requests only: identical model, endpoint and parameters give identical output (schema/cache.py).
+    cache_key: Mapped[str | None] = mapped_column(String(64))
+    priority: Mapped[int] = mapped_column(Integer, server_default=text("0"))  # the job's, copied for the index
+    queue: Mapped[str] = mapped_column(Text, server_default=text("'deepbatch'"))  # likewise
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = created_at_column()
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
+    )
+
+
+class Result(Base):
+    __tablename__ = "results"
+
+    request_id: Mapped[int] = mapped_column(ForeignKey("requests.id", ondelete="CASCADE"), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    text: Mapped[str] = mapped_column(Text)
+    finish_reason: Mapped[str] = mapped_column(String(16))
+    prompt_tokens: Mapped[int] = mapped_column(Integer)
+    completion_tokens: Mapped[int] = mapped_column(Integer)
+    model: Mapped[str] = mapped_column(Text)
+    worker: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = created_at_column()
+    cached_from: Mapped[int | None] = mapped_column(BigInteger)  # the request whose result this reuses
+
+
+class AuditEvent(Base):
+    """Append-only: one row per state transition of a request (or per job-level event).
+
+    A trigger (migration 0002) chains the rows: `chain_seq` counts them, `hash` covers the row and the
+    previous row's hash, so an edited or deleted row breaks the chain (`deepbatch audit verify`).
+    Another trigger refuses UPDATE and DELETE outside the retention purge.
+    """
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    request_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
+    event: Mapped[str] = mapped_column(String(32))
+    from_state: Mapped[str | None] = mapped_column(String(16))
+    to_state: Mapped[str | None] = mapped_column(String(16))
+    attempt: Mapped[int | None] = mapped_column(Integer)
+    worker: Mapped[str | None] = mapped_column(Text)
+    detail: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = created_at_column()
+    chain_seq: Mapped[int] = mapped_column(BigInteger, unique=True, server_default=FetchedValue())
+    prev_hash: Mapped[str] = mapped_column(String(64), server_default=FetchedValue())
+    hash: Mapped[str] = mapped_column(String(64), server_default=FetchedValue())
+
+
+class AuditAnchor(Base):
+    """Where the audit chain resumes after a retention purge deleted its oldest rows."""
+
+    __tablename__ = "audit_anchors"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    chain_seq: Mapped[int] = mapped_column(BigInteger, unique=True)  # the last purged row's
+    hash: Mapped[str] = mapped_column(String(64))  # and its hash
+    purged_before: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = created_at_column()
+
+
+class DeadLetter(Base):
+    __tablename__ = "dead_letters"
+
+    request_id: Mapped[int] = mapped_column(ForeignKey("requests.id", ondelete="CASCADE"), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    attempts: Mapped[int] = mapped_column(Integer)
+    last_error: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = created_at_column()
