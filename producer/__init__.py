@@ -1,0 +1,1 @@
+"""DeepBatch producer side: reads prompt files, records jobs in Postgres, publishes work, exports results."""

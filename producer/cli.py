@@ -1,0 +1,417 @@
+"""The `deepbatch` command: run, submit, status, jobs, results, cancel, worker, flower, migrate, reconcile, dlq,
+audit.
+
+Errors print one clear line and exit non-zero: 1 for a failed operation, 2 for bad usage (typer's).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from producer import queries
+from producer.embedded import embedded_services
+from producer.export import export_job
+from producer.submit import submit_file
+from schema.db import session_factory
+from schema.settings import Settings, get_settings
+from worker.store import RequestStore
+
+cli = typer.Typer(help="DeepBatch: bulk LLM inference on your own GPUs.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+console = Console(stderr=True, soft_wrap=True)  # one line per message, however narrow the terminal
+
+
+def fail(message: str) -> typer.Exit:
+    console.print(f"[red]error:[/red] {message}")
+    return typer.Exit(code=1)
+
+
+def configured_settings() -> Settings:
+    settings = get_settings()
+    if settings.database_url is None or settings.broker_url is None:
+        raise fail("DATABASE_URL and BROKER_URL must be set (or use `deepbatch run`, which starts embedded ones)")
+    return settings
+
+
+def progress_bar() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+
+
+def wait_for_job(settings: Settings, job_id: str, worker: subprocess.Popen | None = None,
+                 poll_seconds: float = 0.5) -> queries.JobProgress:
+    """Show a progress bar until every request of the job is final; stop early if our worker died."""
+    sessions = session_factory(settings.sqlalchemy_url, pool_size=1)
+    started = time.monotonic()
+    with progress_bar() as bar:
+        task = bar.add_task("generating", total=None, rate="")
+        while True:
+            with sessions() as session:
+                progress = queries.job_progress(session, job_id)
+            assert progress is not None
+            elapsed = max(time.monotonic() - started, 1e-6)
+            bar.update(task, total=progress.total, completed=progress.finished,
+                       rate=f"{progress.finished / elapsed:.1f} req/s")
+            if progress.done:
+                return progress
+            if worker is not None and worker.poll() is not None:
+                raise fail(f"the worker exited with code {worker.returncode}; see its log for the cause")
+            time.sleep(poll_seconds)
+
+
+COUNT_COLUMNS = ("total", "queued", "running", "succeeded", "failed", "dead", "cancelled", "expired")
+
+
+def print_progress(progress: queries.JobProgress) -> None:
+    """One row per field, so nothing is cut in a narrow terminal."""
+    title = f"job {progress.job_id}"
+    table = Table(title=title, show_header=False, min_width=len(title) + 4)
+    table.add_column("field", style="bold")
+    table.add_column("value", justify="right")
+    table.add_row("status", progress.status)
+    for name in COUNT_COLUMNS:
+        table.add_row(name, str(getattr(progress, name)))
+    if progress.cache_hits:
+        table.add_row("cache hits", str(progress.cache_hits))
+    Console().print(table)
+
+
+WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_window(text: str) -> timedelta:
+    """`24h`, `90m`, `30s`, `2d` → a timedelta; a bad value is a usage error naming the option."""
+    number, unit = text[:-1], text[-1:]
+    if unit not in WINDOW_UNITS or not number.isdigit() or int(number) == 0:
+        raise typer.BadParameter(f"{text!r} is not a duration like 24h, 90m, 30s or 2d", param_hint="--completion-window")
+    return timedelta(seconds=int(number) * WINDOW_UNITS[unit])
+
+
+def parse_metadata(pairs: list[str]) -> dict[str, str]:
+    metadata = {}
+    for pair in pairs:
+        key, separator, value = pair.partition("=")
+        if not separator or not key:
+            raise typer.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--metadata")
+        metadata[key] = value
+    return metadata
+
+
+@cli.command()
+def migrate() -> None:
+    """Apply the database migrations (Alembic) to DATABASE_URL."""
+    from schema.migrate import upgrade
+
+    upgrade(configured_settings().sqlalchemy_url)
+    console.print("database is at the latest schema")
+
+
+@cli.command()
+def worker(
+    concurrency: Annotated[Optional[int], typer.Option(help="threads; default DEEPBATCH_WORKER_THREADS")] = None,
+    loglevel: Annotated[str, typer.Option(help="Celery log level")] = "INFO",
+) -> None:
+    """Run a Celery worker: one per GPU, one engine per worker process."""
+    settings = configured_settings()
+    from worker.app import celery_app
+
+    celery_app.worker_main([
+        "worker", "--pool=threads", f"--concurrency={concurrency or settings.worker_threads}",
+        "-Q", settings.queue_name, f"--loglevel={loglevel}", "--without-gossip", "--without-mingle",
+        "--hostname", f"deepbatch-{os.getpid()}@%h",
+    ])
+
+
+@cli.command()
+def flower(
+    no_auth: Annotated[bool, typer.Option("--no-auth", help="serve without a password (trusted networks only)")] = False,
+    port: Annotated[Optional[int], typer.Option(help="default DEEPBATCH_FLOWER_PORT")] = None,
+) -> None:
+    """Start Flower for the workers: workers, tasks and queue lengths, behind basic auth."""
+    settings = configured_settings()
+    arguments = ["flower", f"--port={port or settings.flower_port}", f"--broker-api={settings.flower_broker_api or ''}"]
+    if settings.flower_user and settings.flower_password:
+        arguments.append(f"--basic-auth={settings.flower_user}:{settings.flower_password}")
+    elif not no_auth:
+        raise fail("set DEEPBATCH_FLOWER_USER and DEEPBATCH_FLOWER_PASSWORD, or pass --no-auth to serve Flower openly")
+    from worker.app import celery_app
+
+    celery_app.start(arguments)
+
+
+def submit_with_progress(path: Path, settings: Settings, completion_window: timedelta | None = None,
+                         metadata: dict[str, str] | None = None, use_result_cache: bool = True,
+                         priority: int = 0) -> str:
+    from worker.app import make_celery_app
+
+    if not path.is_file():
+        raise fail(f"no such file: {path}")
+    sessions = session_factory(settings.sqlalchemy_url, pool_size=1)
+    with progress_bar() as bar:
+        task = bar.add_task("submitting", total=None, rate="")
+        job_id = submit_file(path, settings, sessions, make_celery_app(settings),
+                             on_chunk=lambda lines: bar.update(task, completed=lines),
+                             completion_window=completion_window, metadata=metadata,
+                             use_result_cache=use_result_cache, priority=priority)
+    return job_id
+
+
+@cli.command()
+def submit(
+    file: Annotated[Path, typer.Argument(help="JSONL prompt file (OpenAI Batch or plain lines)")],
+    wait: Annotated[bool, typer.Option(help="wait for the job to finish, with a progress bar")] = False,
+    completion_window: Annotated[Optional[str], typer.Option(
+        help="requests still queued this long after submission expire: 24h, 90m, 30s, 2d; default none")] = None,
+    metadata: Annotated[Optional[list[str]], typer.Option(help="KEY=VALUE, repeatable; kept with the job")] = None,
+    cache: Annotated[bool, typer.Option(help="reuse stored results of identical greedy requests")] = True,
+    priority: Annotated[int, typer.Option(help="higher runs first; a backlog of lower priority waits")] = 0,
+) -> None:
+    """Submit a file; prints the job id at once."""
+    settings = configured_settings()
+    window = parse_window(completion_window) if completion_window else None
+    job_id = submit_with_progress(file, settings, window, parse_metadata(metadata or []), cache, priority)
+    print(job_id)
+    if wait:
+        print_progress(wait_for_job(settings, job_id))
+
+
+@cli.command()
+def status(
+    job_id: Annotated[str, typer.Argument(help="the job id printed by submit")],
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    watch: Annotated[bool, typer.Option(help="follow with a progress bar until the job is done")] = False,
+) -> None:
+    """Show a job's progress. Exit code 0; 1 if there is no such job."""
+    settings = configured_settings()
+    with session_factory(settings.sqlalchemy_url, pool_size=1)() as session:
+        progress = queries.job_progress(session, job_id)
+    if progress is None:
+        raise fail(f"no job {job_id!r}")
+    if watch and not progress.done:
+        progress = wait_for_job(settings, job_id)
+    if as_json:
+        print(json.dumps(asdict(progress), default=str))
+    else:
+        print_progress(progress)
+
+
+@cli.command()
+def cancel(job_id: Annotated[str, typer.Argument(help="the job id")]) -> None:
+    """Cancel a job: queued requests are cancelled, running ones finish, finished results are kept."""
+    settings = configured_settings()
+    with session_factory(settings.sqlalchemy_url, pool_size=1)() as session:
+        progress = queries.job_progress(session, job_id)
+    if progress is None:
+        raise fail(f"no job {job_id!r}")
+    if progress.done:
+        raise fail(f"job {job_id} is already {progress.status}; there is nothing to cancel")
+    cancelled = worker_store(settings).cancel_job(job_id)
+    console.print(f"job {job_id}: {cancelled} queued requests cancelled; running ones will finish")
+
+
+@cli.command()
+def jobs(
+    limit: Annotated[int, typer.Option(help="how many of the newest jobs")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """List the newest jobs."""
+    settings = configured_settings()
+    with session_factory(settings.sqlalchemy_url, pool_size=1)() as session:
+        recent = queries.recent_jobs(session, limit)
+    if as_json:
+        print(json.dumps([asdict(progress) for progress in recent], default=str))
+        return
+    for progress in recent:
+        print(f"{progress.job_id}  {progress.status:<11} {progress.finished}/{progress.total}  {progress.input_file}")
+
+
+def default_errors_path(output: Path) -> Path:
+    return output.with_name(output.stem + ".errors" + output.suffix)
+
+
+@cli.command()
+def results(
+    job_id: Annotated[str, typer.Argument(help="the job id")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="results file (OpenAI Batch output format)")],
+    errors: Annotated[Optional[Path], typer.Option("-e", "--errors", help="errors file; default OUTPUT.errors.jsonl")] = None,
+) -> None:
+    """Export a job's results and errors as JSONL files."""
+    settings = configured_settings()
+    export_to_files(settings, job_id, output, errors or default_errors_path(output))
+
+
+def export_to_files(settings: Settings, job_id: str, output: Path, errors: Path) -> None:
+    with session_factory(settings.sqlalchemy_url, pool_size=1)() as session:
+        written, failed = export_job(session, job_id, output, errors)
+    console.print(f"{written} results → {output}" + (f"; {failed} errors → {errors}" if failed else "; no errors"))
+
+
+def start_worker_process(settings: Settings, log_path: Path) -> subprocess.Popen:
+    env = {**os.environ, "DEEPBATCH_DATABASE_URL": settings.database_url or "",
+           "DEEPBATCH_BROKER_URL": settings.broker_url or ""}
+    log = log_path.open("ab")
+    command = [sys.executable, "-m", "producer.cli", "worker", "--loglevel", "WARNING"]
+    return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def stop_worker_process(process: subprocess.Popen, timeout: float = 30) -> None:
+    process.terminate()  # Celery's warm shutdown: finish what is in hand, then exit
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@cli.command()
+def run(
+    file: Annotated[Path, typer.Argument(help="JSONL prompt file (OpenAI Batch or plain lines)")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="results file")] = Path("results.jsonl"),
+    errors: Annotated[Optional[Path], typer.Option("-e", "--errors", help="errors file; default OUTPUT.errors.jsonl")] = None,
+) -> None:
+    """Everything in one command: services (embedded if unset), migrations, a worker, submit, wait, export."""
+    from schema.migrate import upgrade
+
+    base = get_settings()
+    if not file.is_file():
+        raise fail(f"no such file: {file}")
+    with embedded_services(base.data_dir, base.database_url, base.broker_url) as urls:
+        settings = base.model_copy(update={"database_url": urls.database_url, "broker_url": urls.broker_url})
+        upgrade(settings.sqlalchemy_url)
+        log_path = settings.data_dir / "worker.log"
+        worker_process = start_worker_process(settings, log_path)
+        try:
+            job_id = submit_with_progress(file, settings)
+            console.print(f"job {job_id} submitted; worker log: {log_path}")
+            progress = wait_for_job(settings, job_id, worker_process)
+        finally:
+            stop_worker_process(worker_process)
+        export_to_files(settings, job_id, output, errors or default_errors_path(output))
+        print_progress(progress)
+
+
+def worker_store(settings: Settings) -> RequestStore:
+    from worker.runtime import worker_identity
+
+    sessions = session_factory(settings.sqlalchemy_url, pool_size=1)
+    return RequestStore(sessions, f"cli@{worker_identity()}", timedelta(seconds=settings.lease_s),
+                        settings.queue_name)
+
+
+@cli.command()
+def reconcile(
+    force: Annotated[bool, typer.Option(help="re-publish every queued request, even if the queue is not empty")] = False,
+) -> None:
+    """Re-enqueue what the broker lost: expired leases and queued requests with no message."""
+    from worker.app import make_celery_app
+    from worker.reconcile import reconcile as reconcile_once
+
+    settings = configured_settings()  # also expires the queued requests of jobs past their window
+    report = reconcile_once(worker_store(settings), make_celery_app(settings), settings, force=force)
+    console.print(f"{len(report.requeued)} re-queued from expired leases, {len(report.dead)} dead-lettered, "
+                  f"{len(report.republished)} queued requests re-published, {report.expired} expired")
+
+
+dlq = typer.Typer(help="The dead-letter queue: requests that failed every attempt.", no_args_is_help=True)
+cli.add_typer(dlq, name="dlq")
+
+
+@dlq.command("list")
+def dlq_list(
+    job_id: Annotated[Optional[str], typer.Option("--job", help="only this job")] = None,
+    limit: Annotated[int, typer.Option(help="at most this many")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """List dead-lettered requests with their attempts and last error."""
+    letters = worker_store(configured_settings()).dead_letters(job_id, limit)
+    if as_json:
+        print(json.dumps(letters, default=str))
+        return
+    table = Table(title=f"{len(letters)} dead letters")
+    for column in ("request", "job", "line", "custom_id", "attempts", "last error"):
+        table.add_column(column)
+    for letter in letters:
+        table.add_row(str(letter["request_id"]), letter["job_id"], str(letter["line_no"]), str(letter["custom_id"]),
+                      str(letter["attempts"]), letter["last_error"])
+    Console().print(table)
+
+
+@dlq.command("requeue")
+def dlq_requeue(
+    request_ids: Annotated[Optional[list[int]], typer.Argument(help="request ids; none: all (of --job)")] = None,
+    job_id: Annotated[Optional[str], typer.Option("--job", help="only this job")] = None,
+) -> None:
+    """Send dead requests back to the queue with a fresh set of attempts."""
+    from worker.app import make_celery_app, publish_requests
+
+    settings = configured_settings()
+    requeued = worker_store(settings).requeue_dead(request_ids or None, job_id)
+    publish_requests(make_celery_app(settings), requeued)
+    console.print(f"{len(requeued)} requests re-queued")
+
+
+@dlq.command("purge")
+def dlq_purge(job_id: Annotated[Optional[str], typer.Option("--job", help="only this job")] = None) -> None:
+    """Forget dead-letter records and empty the broker's dead-letter queue (the requests stay dead)."""
+    from worker.app import dead_letter_queue, make_celery_app
+
+    settings = configured_settings()
+    purged = worker_store(settings).purge_dead_letters(job_id)
+    if job_id is None:
+        app = make_celery_app(settings)
+        with app.connection_for_write() as connection:
+            dead_letter_queue(settings)(connection.default_channel).purge()
+    console.print(f"{purged} dead-letter records purged")
+
+
+audit = typer.Typer(help="The hash-chained audit log.", no_args_is_help=True)
+cli.add_typer(audit, name="audit")
+
+
+@audit.command("verify")
+def audit_verify() -> None:
+    """Check that no audit event was edited or deleted; exit code 1 if one was."""
+    from schema.audit import verify_chain
+
+    settings = configured_settings()
+    with session_factory(settings.sqlalchemy_url, pool_size=1)() as session:
+        report = verify_chain(session)
+    for problem in report.problems:
+        console.print(f"[red]{problem}[/red]")
+    if not report.intact:
+        raise fail(f"audit chain broken ({len(report.problems)} problems in {report.checked} events checked)")
+    console.print(f"audit chain intact: {report.checked} events")
+
+
+@audit.command("purge")
+def audit_purge(
+    days: Annotated[Optional[int], typer.Option(help="retention; default DEEPBATCH_AUDIT_RETENTION_DAYS")] = None,
+) -> None:
+    """Delete audit events older than the retention, keeping the rest verifiable."""
+    from schema.audit import purge_older_than
+
+    settings = configured_settings()
+    with session_factory(settings.sqlalchemy_url, pool_size=1).begin() as session:
+        deleted = purge_older_than(session, timedelta(days=days or settings.audit_retention_days))
+    console.print(f"{deleted} audit events older than {days or settings.audit_retention_days} days purged")
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Streams an input file line by line and validates each line.
+
+Memory stays constant whatever the file size: one line at a time, each at most `max_line_bytes`
+(a longer line is skipped to its end and reported, not loaded). Every problem becomes a `LineError`
+for that line; nothing here aborts the file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from schema.lines import LineError, RequestSpec, parse_line
+
+
+@dataclass(frozen=True)
+class ReadLine:
+    """One input line: either a valid request or the error that rejects it."""
+
+    line_no: int
+    request: RequestSpec | None = None
+    error: LineError | None = None
+
+
+def contains_nul(value: Any) -> bool:
+    """Postgres text cannot hold NUL characters, so a request carrying one is rejected up front."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(contains_nul(item) for item in value.values())
+    if isinstance(value, list):
+        return any(contains_nul(item) for item in value)
+    return False
+
+
+def skip_to_line_end(stream: BinaryIO, chunk_bytes: int = 1 << 20) -> None:
+    while True:
+        chunk = stream.readline(chunk_bytes)
+        if not chunk or chunk.endswith(b"\n"):
+            return
+
+
+def unknown_model(request: RequestSpec, served_models: frozenset[str] | None) -> LineError | None:
+    model = request.body.model
+    if served_models is None or model is None or model in served_models:
+        return None
+    names = ", ".join(sorted(repr(name) for name in served_models))
+    message = f"unknown model {model!r}: this deployment serves {names} (DEEPBATCH_MODEL_ALIASES adds names)"
+    return LineError("unknown_model", message, request.custom_id)
+
+
+def validate_line(raw: bytes, line_no: int, served_models: frozenset[str] | None = None) -> ReadLine:
+    """One line → a request, or the error that rejects it. `served_models`: the names a line's `model`
+    may give (None accepts any)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        reason = f"invalid UTF-8 at byte {error.start}"
+        return ReadLine(line_no, error=LineError("invalid_encoding", reason))
+    if not text.strip():
+        return ReadLine(line_no, error=LineError("invalid_request", "empty line"))
+    try:
+        request = parse_line(text, line_no)
+    except LineError as error:
+        return ReadLine(line_no, error=error)
+    if contains_nul(request.body_json()) or "\x00" in request.custom_id:
+        error = LineError("invalid_request", "NUL characters (\\u0000) are not supported", request.custom_id)
+        return ReadLine(line_no, error=error)
+    model_error = unknown_model(request, served_models)
+    if model_error is not None:
+        return ReadLine(line_no, error=model_error)
+    return ReadLine(line_no, request=request)
+
+
+def read_lines(stream: BinaryIO, max_line_bytes: int,
+               served_models: frozenset[str] | None = None) -> Iterator[ReadLine]:
+    """Yield every line of `stream` (numbered from 1) as a request or an error."""
+    line_no = 0
+    while True:
+        raw = stream.readline(max_line_bytes + 1)
+        if not raw:
+            return
+        line_no += 1
+        if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+            skip_to_line_end(stream)
+            reason = f"line is longer than {max_line_bytes} bytes (DEEPBATCH_MAX_LINE_BYTES)"
+            yield ReadLine(line_no, error=LineError("line_too_long", reason))
+            continue
+        yield validate_line(raw.rstrip(b"\r\n"), line_no, served_models)
+
+
+def read_file(path: Path, max_line_bytes: int, served_models: frozenset[str] | None = None) -> Iterator[ReadLine]:
+    with path.open("rb") as stream:
+        yield from read_lines(stream, max_line_bytes, served_models)
