@@ -1,0 +1,1 @@
+"""DeepBatch worker: the Celery adapter, the state store and the inference engine."""
