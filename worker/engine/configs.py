@@ -1,0 +1,145 @@
+"""Built-in model shapes, so that the engine runs without any checkpoint on disk.
+
+`tiny-deepseek-v3` is the embedded default: the DeepSeek-V3 architecture (MLA, group-limited MoE routing,
+`first_k_dense_replace`) at a size a laptop CPU runs in milliseconds, with random weights from a fixed
+seed and the real DeepSeek vocabulary. The other names give tests and benchmarks the same for each
+architecture the engine supports.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import (
+    DeepseekV2Config,
+    DeepseekV3Config,
+    LlamaConfig,
+    PretrainedConfig,
+    Qwen2Config,
+)
+
+DEEPSEEK_VOCAB_SIZE = 129280
+DEEPSEEK_BOS_ID = 0
+DEEPSEEK_EOS_ID = 1
+
+
+def tiny_deepseek_v3_config(**overrides: Any) -> DeepseekV3Config:
+    values: dict[str, Any] = dict(
+        vocab_size=DEEPSEEK_VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        kv_lora_rank=16,
+        q_lora_rank=32,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=16,
+        v_head_dim=16,
+        max_position_embeddings=4096,
+        bos_token_id=DEEPSEEK_BOS_ID,
+        eos_token_id=DEEPSEEK_EOS_ID,
+    )
+    values.update(overrides)
+    return DeepseekV3Config(**values)
+
+
+def tiny_deepseek_v2_config(**overrides: Any) -> DeepseekV2Config:
+    values: dict[str, Any] = dict(
+        vocab_size=DEEPSEEK_VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        kv_lora_rank=16,
+        q_lora_rank=None,  # V2-Lite has no query compression
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=16,
+        v_head_dim=16,
+        max_position_embeddings=4096,
+        bos_token_id=DEEPSEEK_BOS_ID,
+        eos_token_id=DEEPSEEK_EOS_ID,
+    )
+    values.update(overrides)
+    return DeepseekV2Config(**values)
+
+
+def tiny_qwen2_config(**overrides: Any) -> Qwen2Config:
+    values: dict[str, Any] = dict(
+        vocab_size=DEEPSEEK_VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        bos_token_id=DEEPSEEK_BOS_ID,
+        eos_token_id=DEEPSEEK_EOS_ID,
+    )
+    values.update(overrides)
+    return Qwen2Config(**values)
+
+
+def tiny_llama_config(**overrides: Any) -> LlamaConfig:
+    values: dict[str, Any] = dict(
+        vocab_size=DEEPSEEK_VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        bos_token_id=DEEPSEEK_BOS_ID,
+        eos_token_id=DEEPSEEK_EOS_ID,
+    )
+    values.update(overrides)
+    return LlamaConfig(**values)
+
+
+def r1_distill_qwen_1_5b_shape() -> Qwen2Config:
+    """DeepSeek-R1-Distill-Qwen-1.5B's architecture (1.78B parameters), random weights: for benchmarks."""
+    return Qwen2Config(
+        vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+        num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=131072, rope_theta=10000.0,
+        rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=151646, eos_token_id=151643,
+    )
+
+
+def deepseek_v2_lite_shape() -> DeepseekV2Config:
+    """DeepSeek-V2-Lite's architecture (15.7B parameters, 64 routed experts), random weights: for benchmarks."""
+    return DeepseekV2Config(
+        vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
+        num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16, n_routed_experts=64,
+        n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1, kv_lora_rank=512, q_lora_rank=None,
+        qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128, max_position_embeddings=163840,
+        routed_scaling_factor=1.0, bos_token_id=100000, eos_token_id=100001,
+    )
+
+
+BUILTIN_CONFIGS = {
+    "tiny-deepseek-v3": tiny_deepseek_v3_config,
+    "tiny-deepseek-v2": tiny_deepseek_v2_config,
+    "tiny-qwen2": tiny_qwen2_config,
+    "tiny-llama": tiny_llama_config,
+    "shape-r1-distill-qwen-1.5b": r1_distill_qwen_1_5b_shape,
+    "shape-deepseek-v2-lite": deepseek_v2_lite_shape,
+}
+
+
+def builtin_config(name: str) -> PretrainedConfig | None:
+    """The config of a built-in model name, or None when `name` is not one (then it is a directory)."""
+    factory = BUILTIN_CONFIGS.get(name)
+    return factory() if factory else None

@@ -1,0 +1,282 @@
+"""LLMEngine: `submit(prompt_token_ids, sampling) → Future[Completion]` from any thread, one step-loop thread.
+
+The loop thread owns the scheduler, the block manager and the model runner; other threads only hand it
+sequences through `_incoming` under a condition variable. When the engine is idle and a request
+arrives, the loop waits up to `max_wait_ms` for company so that concurrent submits start in one batch.
+Each step: schedule, run the model, append sampled tokens, resolve the futures of finished requests.
+A step that runs out of memory is split in halves and retried; one that still fails (or raises anything
+else) fails only the futures of the requests in that step (out of memory as a TransientEngineError), and
+the loop carries on with the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence as SequenceOf
+from concurrent.futures import Future, InvalidStateError
+
+import torch
+
+from worker.engine.block_manager import BlockManager
+from worker.engine.device import resolve_device, resolve_dtype
+from worker.engine.loader import load_model
+from worker.engine.model_runner import ModelRunner
+from worker.engine.scheduler import Scheduler, StepPlan
+from worker.engine.sequence import Sequence
+from worker.engine.tokenizer import load_tokenizer
+from worker.engine.types import (
+    Completion,
+    EngineConfig,
+    FinishReason,
+    PermanentEngineError,
+    PromptTooLongError,
+    SamplingParams,
+    TransientEngineError,
+)
+
+log = logging.getLogger(__name__)
+
+CPU_KV_CACHE_BYTES = 4 << 30  # ceiling of the KV cache when it lives in host memory
+
+
+def choose_num_kv_blocks(config: EngineConfig, bytes_per_block: int, device: torch.device) -> int:
+    """`num_kv_blocks` when set; on a GPU what `gpu_memory_utilization` leaves free; on the CPU enough
+    for `max_batch_size` full-length sequences, up to CPU_KV_CACHE_BYTES."""
+    if config.num_kv_blocks:
+        return config.num_kv_blocks
+    blocks_per_sequence = -(-config.max_model_len // config.kv_block_size)
+    if device.type == "cuda":
+        free_bytes, total_bytes = torch.cuda.mem_get_info(device)
+        budget = free_bytes - (1 - config.gpu_memory_utilization) * total_bytes
+        return max(blocks_per_sequence, int(budget // bytes_per_block))
+    wanted = config.max_batch_size * blocks_per_sequence
+    return max(blocks_per_sequence, min(wanted, CPU_KV_CACHE_BYTES // bytes_per_block))
+
+
+def eos_token_ids_of(hf_config, tokenizer) -> frozenset[int]:
+    configured = getattr(hf_config, "eos_token_id", None)
+    if configured is None:
+        configured = tokenizer.eos_token_id
+    if configured is None:
+        return frozenset()
+    return frozenset(configured if isinstance(configured, (list, tuple)) else [configured])
+
+
+def resolve_future(future: Future, result: Completion | None = None, error: BaseException | None = None) -> None:
+    """Sets the outcome unless the caller cancelled the future (or it is already set)."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:
+        pass
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, tokenizer=None):
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.model, self.hf_config = load_model(config.model, config.seed, self.device, self.dtype)
+        block_size = config.kv_block_size
+        bytes_per_block = self.model.kv_cache_bytes_per_token(self.dtype) * block_size
+        num_blocks = choose_num_kv_blocks(config, bytes_per_block, self.device)
+        # A lone sequence must always fit the cache, or preemption could never make room for it.
+        self.max_model_len = min(config.max_model_len, num_blocks * block_size)
+        self.block_manager = BlockManager(num_blocks, block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_batch_size, config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, block_size, num_blocks, self.device, self.dtype)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
+        self.eos_token_ids = eos_token_ids_of(self.hf_config, self.tokenizer)
+        self._incoming: list[Sequence] = []
+        self._condition = threading.Condition()
+        self._stopping = False
+        self._last_batch_size = 0
+        self._thread = threading.Thread(target=self._run_loop, name="deepbatch-engine", daemon=True)
+        self._thread.start()
+
+    # ---- the public interface (any thread) ----
+
+    def submit(self, prompt_token_ids: list[int], sampling: SamplingParams) -> Future:
+        sequence = Sequence(list(prompt_token_ids), sampling)
+        problem = self._prompt_problem(sequence.prompt_token_ids)
+        if problem is not None:
+            resolve_future(sequence.future, error=problem)
+            return sequence.future
+        with self._condition:
+            if self._stopping:
+                resolve_future(sequence.future, error=TransientEngineError("the engine is shut down"))
+            else:
+                self._incoming.append(sequence)
+                self._condition.notify()
+        return sequence.future
+
+    def generate(
+        self, prompts: SequenceOf[list[int]], sampling: SamplingParams | SequenceOf[SamplingParams]
+    ) -> list[Completion]:
+        """Submits every prompt at once and waits for all (for tests and benchmarks)."""
+        samplings = [sampling] * len(prompts) if isinstance(sampling, SamplingParams) else list(sampling)
+        futures = [self.submit(prompt, params) for prompt, params in zip(prompts, samplings)]
+        return [future.result() for future in futures]
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "batch_size": self._last_batch_size,
+            "kv_cache_usage": self.block_manager.usage,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_hit_blocks": self.block_manager.prefix_cache_hit_blocks,
+        }
+
+    def shutdown(self) -> None:
+        with self._condition:
+            self._stopping = True
+            self._condition.notify_all()
+        self._thread.join(timeout=60)
+
+    def _prompt_problem(self, prompt_token_ids: list[int]) -> Exception | None:
+        if len(prompt_token_ids) + 1 > self.max_model_len:
+            return PromptTooLongError(
+                f"prompt has {len(prompt_token_ids)} tokens; max_model_len is {self.max_model_len}"
+                " (the prompt plus at least one generated token must fit)"
+            )
+        if not prompt_token_ids:
+            return PermanentEngineError("prompt_token_ids is empty")
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= self.hf_config.vocab_size:
+            vocab_size = self.hf_config.vocab_size
+            return PermanentEngineError(f"prompt_token_ids hold ids outside the vocabulary [0, {vocab_size})")
+        return None
+
+    # ---- the step loop (engine thread only) ----
+
+    def _run_loop(self) -> None:
+        while True:
+            incoming = self._wait_for_requests()
+            if incoming is None:
+                break
+            for sequence in incoming:
+                self.scheduler.add(sequence)
+            try:
+                self.step()
+            except Exception as error:  # noqa: BLE001 - a bug outside the model; keep serving others
+                log.exception("engine step failed outside the model; failing its requests")
+                for sequence in [*self.scheduler.running, *self.scheduler.waiting]:
+                    self._fail(sequence, error)
+        self._fail_everything(TransientEngineError("the engine shut down before the request finished"))
+
+    def _wait_for_requests(self) -> list[Sequence] | None:
+        """New sequences to schedule (waiting for some while idle); None once shutdown is asked."""
+        with self._condition:
+            if not self.scheduler.has_work:
+                while not self._incoming and not self._stopping:
+                    self._condition.wait()
+                self._wait_for_company()
+            if self._stopping:
+                return None
+            incoming, self._incoming = self._incoming, []
+            return incoming
+
+    def _wait_for_company(self) -> None:
+        deadline = time.monotonic() + self.config.max_wait_ms / 1000
+        while len(self._incoming) < self.config.max_batch_size and not self._stopping:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._condition.wait(remaining)
+
+    def step(self) -> None:
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            return
+        self._last_batch_size = len(plan.scheduled)
+        try:
+            sequences, token_ids = self._execute_splitting(plan.scheduled)
+        except torch.OutOfMemoryError as error:
+            message = f"out of memory even for a single sequence of the step: {error}"
+            self._fail_step(plan, TransientEngineError(message))
+            return
+        except Exception as error:  # noqa: BLE001 - reported on each request's future
+            self._fail_step(plan, error)
+            return
+        for item in plan.scheduled:
+            self.scheduler.record_step(item)
+        for sequence, token_id in zip(sequences, token_ids):
+            self._append_token(sequence, token_id)
+
+    def _execute_splitting(self, scheduled: list) -> tuple[list[Sequence], list[int]]:
+        """Runs the step; out of memory splits it in halves (recursively) before anyone is failed.
+
+        Re-running part of a step is safe: each sequence's cache slots are its own, and a repeated
+        write stores the same values.
+        """
+        try:
+            return self.runner.execute(scheduled)
+        except torch.OutOfMemoryError:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(scheduled) == 1:
+                raise
+            log.warning("out of memory in a step of %d sequences; running it in halves", len(scheduled))
+            middle = len(scheduled) // 2
+            first_sequences, first_tokens = self._execute_splitting(scheduled[:middle])
+            second_sequences, second_tokens = self._execute_splitting(scheduled[middle:])
+            return first_sequences + second_sequences, first_tokens + second_tokens
+
+    def _append_token(self, sequence: Sequence, token_id: int) -> None:
+        sampling = sequence.sampling
+        if sequence.future.cancelled():
+            self.scheduler.finish(sequence)
+            return
+        if token_id in self.eos_token_ids and not sampling.ignore_eos:
+            self._finish(sequence, "stop")  # the EOS token itself is not part of the output
+            return
+        sequence.token_ids.append(token_id)
+        if sampling.stop and self._cut_at_stop_string(sequence):
+            self._finish(sequence, "stop")
+        elif sequence.num_output_tokens >= sampling.max_tokens or len(sequence.token_ids) >= self.max_model_len:
+            self._finish(sequence, "length")
+
+    def _cut_at_stop_string(self, sequence: Sequence) -> bool:
+        """Cuts the output text before the earliest stop string, if one has appeared."""
+        text = self.tokenizer.decode(sequence.output_token_ids, skip_special_tokens=True)
+        cuts = [position for position in (text.find(stop) for stop in sequence.sampling.stop) if position != -1]
+        if not cuts:
+            return False
+        sequence.text = text[: min(cuts)]
+        return True
+
+    def _finish(self, sequence: Sequence, finish_reason: FinishReason) -> None:
+        self.scheduler.finish(sequence)
+        sequence.finish_reason = finish_reason
+        text = sequence.text
+        if text is None:
+            text = self.tokenizer.decode(sequence.output_token_ids, skip_special_tokens=True)
+        completion = Completion(
+            token_ids=sequence.output_token_ids,
+            text=text,
+            finish_reason=finish_reason,
+            prompt_tokens=sequence.num_prompt_tokens,
+        )
+        resolve_future(sequence.future, result=completion)
+
+    def _fail(self, sequence: Sequence, error: BaseException) -> None:
+        self.scheduler.finish(sequence)
+        resolve_future(sequence.future, error=error)
+
+    def _fail_step(self, plan: StepPlan, error: BaseException) -> None:
+        log.warning("engine step of %d sequences failed: %r", len(plan.scheduled), error)
+        for item in plan.scheduled:
+            self._fail(item.sequence, error)
+
+    def _fail_everything(self, error: BaseException) -> None:
+        with self._condition:
+            incoming, self._incoming = self._incoming, []
+        for sequence in [*self.scheduler.running, *self.scheduler.waiting, *incoming]:
+            self._fail(sequence, error)
+
+
+def build_engine(config: EngineConfig) -> LLMEngine:
+    """The engine the worker runs (`DEEPBATCH_ENGINE=deepbatch`)."""
+    return LLMEngine(config)

@@ -1,0 +1,128 @@
+"""Runs one scheduled step: batch tensors in, one sampled token per completed sequence out.
+
+A step's new tokens are flattened into one list (decodes first, then prefill chunks) with their
+positions and KV-cache slots; `AttentionMetadata` tells each attention layer which cache slots every
+sequence reads. Index arithmetic is done with tensor ops rather than per-token Python loops, so the
+per-step Python work grows with the number of sequences, not of tokens. This is the CPU/eager path;
+a GPU path (CUDA graphs for decode, paged kernels) can subclass `ModelRunner` and override
+`forward` without changing the batch layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from worker.engine.models.common import AttentionGroup, AttentionMetadata
+from worker.engine.sampler import Sampler
+from worker.engine.scheduler import ScheduledSequence
+from worker.engine.sequence import Sequence
+
+
+@dataclass
+class StepBatch:
+    input_ids: torch.Tensor  # [tokens]
+    positions: torch.Tensor  # [tokens]
+    metadata: AttentionMetadata
+    sample_token_indices: torch.Tensor  # last token of each sequence that gets a next token
+    sampled_sequences: list[Sequence]
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, block_size: int, num_blocks: int, device: torch.device, dtype: torch.dtype):
+        self.model = model
+        self.block_size = block_size
+        self.device = device
+        self.sampler = Sampler()
+        model.allocate_kv_cache(num_blocks, block_size, dtype, device)
+
+    @torch.inference_mode()
+    def execute(self, scheduled: list[ScheduledSequence]) -> tuple[list[Sequence], list[int]]:
+        """Runs the step; returns the sequences that got a next token, and those tokens."""
+        batch = self.prepare_batch(scheduled)
+        hidden = self.forward(batch)
+        if not batch.sampled_sequences:
+            return [], []
+        logits = self.model.compute_logits(hidden[batch.sample_token_indices])
+        return batch.sampled_sequences, self.sampler.sample(logits, batch.sampled_sequences)
+
+    def forward(self, batch: StepBatch) -> torch.Tensor:
+        return self.model(batch.input_ids, batch.positions, batch.metadata)
+
+    def prepare_batch(self, scheduled: list[ScheduledSequence]) -> StepBatch:
+        decodes = [item for item in scheduled if item.num_new_tokens == 1]
+        prefills = [item for item in scheduled if item.num_new_tokens > 1]
+        ordered = decodes + prefills
+        input_ids: list[int] = []
+        for item in ordered:
+            start = item.sequence.num_computed_tokens
+            input_ids.extend(item.sequence.token_ids[start : start + item.num_new_tokens])
+        num_new_tokens = torch.tensor([item.num_new_tokens for item in ordered])
+        start_positions = torch.tensor([item.sequence.num_computed_tokens for item in ordered])
+        block_tables = self.padded_block_tables([item.sequence for item in ordered])
+        token_sequence_index = torch.repeat_interleave(torch.arange(len(ordered)), num_new_tokens)
+        query_starts = torch.cumsum(num_new_tokens, dim=0) - num_new_tokens
+        positions = start_positions[token_sequence_index] + (
+            torch.arange(len(input_ids)) - query_starts[token_sequence_index]
+        )
+        slot_mapping = self.slots_of(block_tables, token_sequence_index, positions)
+        groups = []
+        for group_slice, is_decode in ((slice(0, len(decodes)), True), (slice(len(decodes), len(ordered)), False)):
+            if group_slice.start < group_slice.stop:
+                groups.append(
+                    self.attention_group(
+                        query_starts[group_slice], num_new_tokens[group_slice],
+                        start_positions[group_slice], block_tables[group_slice], is_decode,
+                    )
+                )
+        completing = [index for index, item in enumerate(ordered) if item.completes_sequence]
+        sample_token_indices = (query_starts + num_new_tokens - 1)[completing]
+        return StepBatch(
+            input_ids=torch.tensor(input_ids).to(self.device),
+            positions=positions.to(self.device),
+            metadata=AttentionMetadata(slot_mapping=slot_mapping.to(self.device), groups=groups),
+            sample_token_indices=sample_token_indices.to(self.device),
+            sampled_sequences=[ordered[index].sequence for index in completing],
+        )
+
+    def padded_block_tables(self, sequences: list[Sequence]) -> torch.Tensor:
+        """[sequences, most blocks] block ids, padded with block 0 (only ever read under a mask)."""
+        most_blocks = max(len(sequence.block_table) for sequence in sequences)
+        return torch.tensor(
+            [sequence.block_table + [0] * (most_blocks - len(sequence.block_table)) for sequence in sequences]
+        )
+
+    def slots_of(self, block_tables: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Flat cache slot of each position of the sequence in block-table row `rows` (broadcast together)."""
+        block_ids = block_tables[rows, torch.div(positions, self.block_size, rounding_mode="floor")]
+        return block_ids * self.block_size + positions % self.block_size
+
+    def attention_group(
+        self,
+        query_starts: torch.Tensor,
+        num_new_tokens: torch.Tensor,
+        start_positions: torch.Tensor,
+        block_tables: torch.Tensor,
+        is_decode: bool,
+    ) -> AttentionGroup:
+        max_query_len = int(num_new_tokens.max())
+        query_offsets = torch.arange(max_query_len)
+        query_is_real = query_offsets[None, :] < num_new_tokens[:, None]
+        # Padding repeats each sequence's last query so that its (discarded) row stays finite.
+        query_token_indices = query_starts[:, None] + torch.minimum(query_offsets[None, :], num_new_tokens[:, None] - 1)
+        context_lens = start_positions + num_new_tokens
+        context_positions = torch.arange(int(context_lens.max()))
+        rows = torch.arange(block_tables.shape[0])[:, None]
+        key_slots = self.slots_of(block_tables, rows, context_positions[None, :])
+        query_positions = start_positions[:, None] + query_offsets[None, :]
+        attend_mask = context_positions[None, None, :] <= query_positions[:, :, None]
+        return AttentionGroup(
+            query_token_indices=query_token_indices.to(self.device),
+            query_is_real=query_is_real.to(self.device),
+            key_slots=key_slots.to(self.device),
+            attend_mask=attend_mask.to(self.device),
+            real_query_token_indices=query_token_indices[query_is_real].to(self.device),
+            is_decode=is_decode,
+        )

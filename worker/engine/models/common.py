@@ -1,0 +1,234 @@
+"""Pieces every engine model shares: RMSNorm, rotary embeddings, the gated MLP and paged attention.
+
+The model runner describes one step as a flat list of new tokens plus `AttentionMetadata`: where each
+new token's KV goes in the paged cache (`slot_mapping`) and, per attention group, which cache slots each
+sequence reads. Sequences are split into a decode group (one new token each) and a prefill group (several),
+so that a step mixing a long prompt with many decodes does not pad every decode to the prompt's length.
+The CPU path gathers the cache slots into dense tensors and calls torch's scaled_dot_product_attention;
+a GPU path may replace `attend` with a paged kernel without touching the model files.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.activations import ACT2FN
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+
+@dataclass
+class AttentionGroup:
+    """Sequences of one step whose queries are padded to the same length.
+
+    query_token_indices: [sequences, max_query_len] index of each query token in the step's flat tokens;
+        padding repeats the sequence's last token so that every row stays finite.
+    query_is_real: [sequences, max_query_len] False on padding.
+    key_slots: [sequences, max_context_len] flat cache slot of each context position (padding reads slot 0).
+    attend_mask: [sequences, max_query_len, max_context_len] True where a query may see a key (causal).
+    real_query_token_indices: the flat token index of every real query, in row-major order.
+    """
+
+    query_token_indices: torch.Tensor
+    query_is_real: torch.Tensor
+    key_slots: torch.Tensor
+    attend_mask: torch.Tensor
+    real_query_token_indices: torch.Tensor
+    is_decode: bool
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [tokens] flat cache slot where each new token's KV is written
+    groups: list[AttentionGroup]
+
+
+class RMSNorm(nn.Module):
+    """transformers' RMSNorm, op for op, so that float32 results agree bit for bit."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin of each position, with the frequencies of the config's `rope_parameters` (yarn, llama3, ...).
+
+    transformers' own rope initialisers compute the frequencies, so every rope type it knows matches it.
+    """
+
+    def __init__(self, hf_config: PretrainedConfig, rotary_dim: int):
+        super().__init__()
+        rope_parameters = hf_config.rope_parameters
+        rope_type = rope_parameters.get("rope_type", "default")
+        # Computed on the CPU and kept out of the module's buffers: the loader builds models on the meta
+        # device and fills only checkpoint tensors, so a buffer would be left uninitialised.
+        with torch.device("cpu"):
+            if rope_type == "default":
+                base = rope_parameters["rope_theta"]
+                inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim))
+                self.attention_scaling = 1.0
+            else:
+                inv_freq, self.attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, None)
+        self.inverse_frequencies = inv_freq.float()
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of shape [tokens, rotary_dim / 2]."""
+        if self.inverse_frequencies.device != positions.device:
+            self.inverse_frequencies = self.inverse_frequencies.to(positions.device)
+        angles = positions[:, None].float() * self.inverse_frequencies[None, :]
+        cos = angles.cos() * self.attention_scaling
+        sin = angles.sin() * self.attention_scaling
+        return cos.to(dtype), sin.to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Rotates x [tokens, heads, rotary_dim].
+
+    interleaved: pairs are (x0, x1), (x2, x3), ... (DeepSeek); the result is laid out as
+    [rotated evens, rotated odds], as transformers' DeepSeek-V3 does. Otherwise pairs are (x_i, x_{i+d/2})
+    (Llama's rotate_half). Queries and keys get the same layout, so their dot products are unchanged.
+    """
+    cos = cos[:, None, :]
+    sin = sin[:, None, :]
+    if interleaved:
+        first, second = x[..., 0::2], x[..., 1::2]
+    else:
+        first, second = x.chunk(2, dim=-1)
+    return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)), the feed-forward of Llama, Qwen2 and DeepSeek's dense layers."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str, bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.act_fn = ACT2FN[hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def write_kv_cache(cache: torch.Tensor, slot_mapping: torch.Tensor, new_entries: torch.Tensor) -> None:
+    """Stores each new token's entry [tokens, ...] at its slot of a cache [blocks, block_size, ...]."""
+    cache.view(-1, *cache.shape[2:])[slot_mapping] = new_entries.to(cache.dtype)
+
+
+def gather_kv_cache(cache: torch.Tensor, key_slots: torch.Tensor) -> torch.Tensor:
+    """The cache entries [sequences, context, ...] at `key_slots` [sequences, context]."""
+    return cache.view(-1, *cache.shape[2:])[key_slots]
+
+
+def attend(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attend_mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Masked attention: query [seqs, q, heads, d], key/value [seqs, ctx, kv_heads, d] → [seqs, q, heads, dv]."""
+    output = F.scaled_dot_product_attention(
+        query.transpose(1, 2),
+        key.transpose(1, 2),
+        value.transpose(1, 2),
+        attn_mask=attend_mask[:, None, :, :],
+        scale=scale,
+        enable_gqa=query.shape[2] != key.shape[2],
+    )
+    return output.transpose(1, 2)
+
+
+def attend_each_group(
+    query: torch.Tensor,
+    metadata: AttentionMetadata,
+    group_attention: Callable[[torch.Tensor, AttentionGroup], torch.Tensor],
+    output_head_dim: int,
+) -> torch.Tensor:
+    """Runs `group_attention` on each group's padded queries and scatters the real rows back to [tokens, ...]."""
+    output = query.new_empty(query.shape[0], query.shape[1], output_head_dim)
+    for group in metadata.groups:
+        group_output = group_attention(query[group.query_token_indices], group)
+        output[group.real_query_token_indices] = group_output[group.query_is_real]
+    return output
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: attention then feed-forward (Llama, Qwen2 and DeepSeek alike)."""
+
+    def __init__(self, self_attn: nn.Module, mlp: nn.Module, hidden_size: int, eps: float):
+        super().__init__()
+        self.self_attn = self_attn
+        self.mlp = mlp
+        self.input_layernorm = RMSNorm(hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(hidden_size, eps)
+
+    def forward(
+        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, metadata: AttentionMetadata
+    ) -> torch.Tensor:
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, metadata)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class DecoderStack(nn.Module):
+    """Holds what transformers calls `model.*`, so that parameter names match its checkpoints."""
+
+    def __init__(self, hf_config: PretrainedConfig, layers: list[nn.Module]):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(hf_config.vocab_size, hf_config.hidden_size)
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
+
+
+class PagedCausalLM(nn.Module):
+    """Embedding → decoder layers → norm → lm_head over the paged KV cache; subclasses build the layers.
+
+    Each attention module declares `kv_cache_entry_shape` (what one token stores per layer) and receives
+    its cache tensor [blocks, block_size, *entry_shape] in `kv_cache` from `allocate_kv_cache`.
+    """
+
+    model: DecoderStack
+    rotary_emb: RotaryEmbedding
+
+    def __init__(self, hf_config: PretrainedConfig, layers: list[nn.Module], rotary_dim: int):
+        super().__init__()
+        self.config = hf_config
+        self.model = DecoderStack(hf_config, layers)
+        self.rotary_emb = RotaryEmbedding(hf_config, rotary_dim)
+        self.lm_head = nn.Linear(hf_config.hidden_size, hf_config.vocab_size, bias=False)
+        if getattr(hf_config, "tie_word_embeddings", False):
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        """Final hidden states [tokens, hidden] of the step's new tokens."""
+        hidden = self.model.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(positions, hidden.dtype)
+        for layer in self.model.layers:
+            hidden = layer(hidden, cos, sin, metadata)
+        return self.model.norm(hidden)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def attention_modules(self) -> list[nn.Module]:
+        return [layer.self_attn for layer in self.model.layers]
+
+    def kv_cache_bytes_per_token(self, dtype: torch.dtype) -> int:
+        element_size = torch.empty((), dtype=dtype).element_size()
+        return sum(math.prod(module.kv_cache_entry_shape) * element_size for module in self.attention_modules())
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device) -> None:
+        for module in self.attention_modules():
+            shape = (num_blocks, block_size, *module.kv_cache_entry_shape)
+            module.kv_cache = torch.zeros(shape, dtype=dtype, device=device)

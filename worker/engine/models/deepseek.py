@@ -1,0 +1,289 @@
+"""DeepSeek V2 and V3: Multi-head Latent Attention over a latent KV cache, and mixture-of-experts layers.
+
+Why MLA caches the latent: each token stores kv_lora_rank + qk_rope_head_dim numbers per layer (576 for
+V3) instead of full keys and values for every head (~40k), which is what makes large decode batches fit.
+Decode attends in the latent space ("absorbed" form: kv_b_proj's key half is folded into the query and
+its value half applied to the output); prefill decompresses the gathered latents into per-head keys and
+values, which is cheaper when many queries share one context.
+
+Routing follows transformers 5.23 exactly: V3 scores experts with a sigmoid, adds
+`e_score_correction_bias` for the choice only, limits the choice to the `topk_group` best of `n_group`
+groups (a group scores the sum of its two best experts), optionally renormalises and scales by
+`routed_scaling_factor`. V2 scores with a softmax and picks greedily (or per group by the group's best
+expert with `group_limited_greedy`), then scales; transformers' V2 does not renormalise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.activations import ACT2FN
+
+from worker.engine.models.common import (
+    AttentionGroup,
+    AttentionMetadata,
+    DecoderLayer,
+    GatedMLP,
+    PagedCausalLM,
+    RMSNorm,
+    apply_rotary,
+    attend,
+    attend_each_group,
+    gather_kv_cache,
+    write_kv_cache,
+)
+
+
+def softmax_scale(hf_config: PretrainedConfig) -> float:
+    """qk_head_dim^-0.5, times yarn's mscale² when the rope is scaled with `mscale_all_dim`."""
+    scale = (hf_config.qk_nope_head_dim + hf_config.qk_rope_head_dim) ** -0.5
+    rope_parameters = hf_config.rope_parameters
+    if rope_parameters.get("rope_type", "default") != "default" and rope_parameters.get("mscale_all_dim", 0):
+        mscale = 0.1 * rope_parameters["mscale_all_dim"] * math.log(rope_parameters["factor"]) + 1.0
+        if rope_parameters["factor"] > 1:
+            scale = scale * mscale * mscale
+    return scale
+
+
+def uses_interleaved_rope(hf_config: PretrainedConfig) -> bool:
+    """V2 rotates interleaved pairs (complex multiplication); V3 does when `rope_interleave` is set."""
+    return hf_config.model_type == "deepseek_v2" or bool(getattr(hf_config, "rope_interleave", True))
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """MLA; cache entry per token: [kv_lora_rank normalised latent | qk_rope_head_dim rotated key]."""
+
+    def __init__(self, hf_config: PretrainedConfig):
+        super().__init__()
+        self.num_heads = hf_config.num_attention_heads
+        self.q_lora_rank = hf_config.q_lora_rank
+        self.kv_lora_rank = hf_config.kv_lora_rank
+        self.qk_nope_head_dim = hf_config.qk_nope_head_dim
+        self.qk_rope_head_dim = hf_config.qk_rope_head_dim
+        self.v_head_dim = hf_config.v_head_dim
+        self.qk_head_dim = self.qk_nope_head_dim + self.qk_rope_head_dim
+        self.scaling = softmax_scale(hf_config)
+        self.interleaved_rope = uses_interleaved_rope(hf_config)
+        hidden_size, bias = hf_config.hidden_size, bool(hf_config.attention_bias)
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(hidden_size, self.num_heads * self.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(hidden_size, self.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, self.num_heads * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(hidden_size, self.kv_lora_rank + self.qk_rope_head_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank)
+        self.kv_b_proj = nn.Linear(
+            self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False
+        )
+        self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, hidden_size, bias=bias)
+        self.kv_cache_entry_shape = (self.kv_lora_rank + self.qk_rope_head_dim,)
+        self.kv_cache: torch.Tensor | None = None
+
+    def forward(
+        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, metadata: AttentionMetadata
+    ) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        if self.q_lora_rank is None:
+            query = self.q_proj(hidden)
+        else:
+            query = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden)))
+        query = query.view(num_tokens, self.num_heads, self.qk_head_dim)
+        query_nope, query_rope = query.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        latent, key_rope = self.kv_a_proj_with_mqa(hidden).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent)
+        query_rope = apply_rotary(query_rope, cos, sin, self.interleaved_rope)
+        key_rope = apply_rotary(key_rope[:, None, :], cos, sin, self.interleaved_rope)[:, 0, :]
+        write_kv_cache(self.kv_cache, metadata.slot_mapping, torch.cat((latent, key_rope), dim=-1))
+        query = torch.cat((query_nope, query_rope), dim=-1)
+        output = attend_each_group(query, metadata, self._attend_group, self.v_head_dim)
+        return self.o_proj(output.view(num_tokens, -1))
+
+    def _attend_group(self, group_query: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
+        cached = gather_kv_cache(self.kv_cache, group.key_slots)  # [sequences, context, lora + rope]
+        if group.is_decode:
+            return self._attend_absorbed(group_query, cached, group.attend_mask)
+        return self._attend_decompressed(group_query, cached, group.attend_mask)
+
+    def _attend_decompressed(
+        self, query: torch.Tensor, cached: torch.Tensor, attend_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Up-projects the gathered latents to per-head keys and values, as transformers does."""
+        sequences, context = cached.shape[:2]
+        latent, key_rope = cached.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        key_value = self.kv_b_proj(latent).view(sequences, context, self.num_heads, -1)
+        key_nope, value = key_value.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        key_rope = key_rope[:, :, None, :].expand(-1, -1, self.num_heads, -1)
+        key = torch.cat((key_nope, key_rope), dim=-1)
+        return attend(query, key, value, attend_mask, self.scaling)
+
+    def _attend_absorbed(
+        self, query: torch.Tensor, cached: torch.Tensor, attend_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Attends in latent space: one shared latent 'head' serves as key and value for every query head."""
+        up_projection = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, -1)
+        key_up, value_up = up_projection.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
+        query_nope, query_rope = query.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        query_latent = torch.einsum("sqhn,hnl->sqhl", query_nope, key_up)
+        absorbed_query = torch.cat((query_latent, query_rope), dim=-1)
+        shared_key = cached[:, :, None, :]
+        shared_value = cached[:, :, None, : self.kv_lora_rank]
+        latent_output = attend(absorbed_query, shared_key, shared_value, attend_mask, self.scaling)
+        return torch.einsum("sqhl,hvl->sqhv", latent_output, value_up)
+
+
+class TopKRouter(nn.Module):
+    """Picks each token's experts and their weights (float32), as transformers' V2/V3 routers do."""
+
+    def __init__(self, hf_config: PretrainedConfig):
+        super().__init__()
+        self.is_v3 = hf_config.model_type == "deepseek_v3"
+        self.num_experts = hf_config.n_routed_experts
+        self.top_k = hf_config.num_experts_per_tok
+        self.num_groups = hf_config.n_group or 1
+        self.top_k_groups = hf_config.topk_group or self.num_groups
+        self.topk_method = getattr(hf_config, "topk_method", None)
+        self.norm_topk_prob = bool(hf_config.norm_topk_prob)
+        self.routed_scaling_factor = hf_config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.zeros(self.num_experts, hf_config.hidden_size))
+        if self.is_v3:
+            self.e_score_correction_bias = nn.Buffer(torch.zeros(self.num_experts))
+
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights [tokens, top_k] float32, expert ids [tokens, top_k])."""
+        router_logits = nn.functional.linear(hidden.float(), self.weight.float())
+        if self.is_v3:
+            return self._route_v3(router_logits)
+        return self._route_v2(router_logits)
+
+    def _group_mask(self, group_scores: torch.Tensor) -> torch.Tensor:
+        """[tokens, experts] True for the experts of each token's `topk_group` best groups."""
+        best_groups = torch.topk(group_scores, k=self.top_k_groups, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, best_groups, 1)
+        experts_per_group = self.num_experts // self.num_groups
+        expert_mask = group_mask.unsqueeze(-1).expand(-1, self.num_groups, experts_per_group)
+        return expert_mask.reshape(-1, self.num_experts).bool()
+
+    def _route_v3(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = router_logits.sigmoid()
+        scores_for_choice = scores + self.e_score_correction_bias.float()
+        if self.num_groups > 1:
+            grouped = scores_for_choice.view(-1, self.num_groups, self.num_experts // self.num_groups)
+            group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
+            scores_for_choice = scores_for_choice.masked_fill(~self._group_mask(group_scores), float("-inf"))
+        expert_ids = torch.topk(scores_for_choice, k=self.top_k, dim=-1, sorted=False)[1]
+        weights = scores.gather(1, expert_ids)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.routed_scaling_factor, expert_ids
+
+    def _route_v2(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = router_logits.softmax(dim=-1, dtype=torch.float32)
+        if self.topk_method == "group_limited_greedy":
+            grouped = scores.view(-1, self.num_groups, self.num_experts // self.num_groups)
+            scores = scores.masked_fill(~self._group_mask(grouped.max(dim=-1).values), 0.0)
+        weights, expert_ids = torch.topk(scores, k=self.top_k, dim=-1, sorted=False)
+        return weights * self.routed_scaling_factor, expert_ids
+
+
+def grouped_matmul(rows: torch.Tensor, weights: torch.Tensor, rows_per_expert: torch.Tensor) -> torch.Tensor:
+    """rows [N, in] sorted by expert times weights [experts, in, out] → [N, out], one GEMM per group.
+
+    torch's grouped GEMM does this in one call; where it is missing, rows are padded into a dense
+    [experts, most rows, in] block for one batched matmul.
+    """
+    if hasattr(torch, "_grouped_mm"):
+        offsets = torch.cumsum(rows_per_expert, dim=0).to(torch.int32)
+        return torch._grouped_mm(rows, weights, offs=offsets)
+    num_experts = weights.shape[0]
+    expert_of_row = torch.repeat_interleave(torch.arange(num_experts, device=rows.device), rows_per_expert)
+    group_starts = torch.cumsum(rows_per_expert, dim=0) - rows_per_expert
+    position_in_group = torch.arange(rows.shape[0], device=rows.device) - group_starts[expert_of_row]
+    most_rows = int(rows_per_expert.max()) if rows.shape[0] else 0
+    padded = rows.new_zeros(num_experts, most_rows, rows.shape[1])
+    padded[expert_of_row, position_in_group] = rows
+    return torch.bmm(padded, weights)[expert_of_row, position_in_group]
+
+
+class RoutedExperts(nn.Module):
+    """All routed experts' weights as stacked tensors, named like transformers' in-memory layout.
+
+    gate_up_proj: [experts, 2 * moe_intermediate, hidden] (gate rows first); down_proj: [experts, hidden,
+    moe_intermediate]. Token-expert pairs are sorted by expert so that each expert runs one GEMM.
+    """
+
+    def __init__(self, hf_config: PretrainedConfig):
+        super().__init__()
+        num_experts, hidden_size = hf_config.n_routed_experts, hf_config.hidden_size
+        intermediate_size = hf_config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.act_fn = ACT2FN[hf_config.hidden_act]
+
+    def forward(self, hidden: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor) -> torch.Tensor:
+        top_k = expert_ids.shape[1]
+        flat_expert_ids = expert_ids.flatten()
+        pair_order = torch.argsort(flat_expert_ids, stable=True)
+        token_of_pair = pair_order // top_k
+        rows_per_expert = torch.bincount(flat_expert_ids, minlength=self.gate_up_proj.shape[0])
+        gate_up = grouped_matmul(hidden[token_of_pair], self.gate_up_proj.transpose(1, 2), rows_per_expert)
+        gate, up = gate_up.chunk(2, dim=-1)
+        expert_output = grouped_matmul(self.act_fn(gate) * up, self.down_proj.transpose(1, 2), rows_per_expert)
+        expert_output = expert_output * expert_weights.flatten()[pair_order, None]
+        return torch.zeros_like(hidden).index_add_(0, token_of_pair, expert_output.to(hidden.dtype))
+
+
+class MixtureOfExperts(nn.Module):
+    def __init__(self, hf_config: PretrainedConfig):
+        super().__init__()
+        self.gate = TopKRouter(hf_config)
+        self.experts = RoutedExperts(hf_config)
+        num_shared = hf_config.n_shared_experts or 0
+        self.shared_experts = (
+            GatedMLP(
+                hf_config.hidden_size,
+                hf_config.moe_intermediate_size * num_shared,
+                hf_config.hidden_act,
+                bool(getattr(hf_config, "mlp_bias", False)),
+            )
+            if num_shared
+            else None
+        )
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        expert_weights, expert_ids = self.gate(hidden)
+        output = self.experts(hidden, expert_ids, expert_weights)
+        if self.shared_experts is not None:
+            output = output + self.shared_experts(hidden)
+        return output
+
+
+class DeepseekForCausalLM(PagedCausalLM):
+    """DeepSeek V2 or V3 (the first `first_k_dense_replace` layers dense, the rest MoE)."""
+
+    def __init__(self, hf_config: PretrainedConfig):
+        mlp_bias = bool(getattr(hf_config, "mlp_bias", False))
+        layers = []
+        for layer_index in range(hf_config.num_hidden_layers):
+            if layer_index >= hf_config.first_k_dense_replace:
+                mlp = MixtureOfExperts(hf_config)
+            else:
+                mlp = GatedMLP(hf_config.hidden_size, hf_config.intermediate_size, hf_config.hidden_act, mlp_bias)
+            layers.append(
+                DecoderLayer(MultiHeadLatentAttention(hf_config), mlp, hf_config.hidden_size, hf_config.rms_norm_eps)
+            )
+        super().__init__(hf_config, layers, rotary_dim=hf_config.qk_rope_head_dim)
+
+    @staticmethod
+    def checkpoint_expert_target(name: str) -> tuple[str, int, str] | None:
+        """For a per-expert checkpoint name `...mlp.experts.<e>.<gate|up|down>_proj.weight`: the stacked
+        parameter's name, the expert index, and which projection; None for every other name."""
+        parts = name.split(".")
+        if len(parts) < 4 or parts[-1] != "weight" or parts[-4] != "experts" or not parts[-3].isdigit():
+            return None
+        projection = parts[-2]
+        stacked = "down_proj" if projection == "down_proj" else "gate_up_proj"
+        return ".".join(parts[:-3] + [stacked]), int(parts[-3]), projection

