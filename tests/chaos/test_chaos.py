@@ -1,0 +1,288 @@
+"""Chaos: workers killed, brokers and Postgres restarted, queues flushed, requests failing for good.
+
+Each test ends with every request in exactly one final state and at most one result, counted by SQL.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import redis
+from sqlalchemy import Engine, text
+from sqlalchemy.exc import OperationalError
+
+from tests.conftest import deepbatch, wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.chaos]
+
+CHAOS_SETTINGS = {
+    "DEEPBATCH_LEASE_S": "6",
+    "DEEPBATCH_RECONCILE_INTERVAL_S": "2",
+    "DEEPBATCH_VISIBILITY_TIMEOUT_S": "30",
+    "DEEPBATCH_RETRY_BACKOFF_S": "0.2",
+    "DEEPBATCH_MAX_ATTEMPTS": "3",
+    "DEEPBATCH_DEFAULT_MAX_TOKENS": "2",
+    "DEEPBATCH_MAX_BATCH_SIZE": "32",
+}
+
+
+def write_prompts(path: Path, count: int, special: dict[int, str] | None = None) -> Path:
+    special = special or {}
+    with path.open("w") as stream:
+        for line_no in range(1, count + 1):
+            stream.write(json.dumps({"prompt": special.get(line_no, f"Item {line_no} is"), "max_tokens": 2}) + "\n")
+    return path
+
+
+def counts(db_engine: Engine, job_id: str) -> dict[str, int]:
+    """Request states and result counts of a job, tolerating a database that is restarting."""
+    sql = text("""
+        SELECT count(*) AS total,
+               count(*) FILTER (WHERE state IN ('succeeded', 'failed', 'dead', 'cancelled')) AS final,
+               count(*) FILTER (WHERE state = 'succeeded') AS succeeded,
+               count(*) FILTER (WHERE state = 'dead') AS dead,
+               (SELECT count(*) FROM results WHERE job_id = :j) AS results,
+               (SELECT count(*) FROM (SELECT request_id FROM audit_events WHERE job_id = :j AND event = 'succeeded'
+                                      GROUP BY request_id HAVING count(*) > 1) AS twice) AS succeeded_twice,
+               (SELECT count(*) FROM (SELECT request_id FROM audit_events WHERE job_id = :j AND event = 'started'
+                                      GROUP BY request_id HAVING count(*) > 1) AS again) AS started_again
+        FROM requests WHERE job_id = :j
+    """)
+    for _ in range(60):
+        try:
+            with db_engine.connect() as connection:
+                return dict(connection.execute(sql, {"j": job_id}).mappings().one())
+        except OperationalError:
+            time.sleep(1)
+    raise AssertionError("the database did not come back")
+
+
+def assert_every_request_final_once(db_engine: Engine, job_id: str, total: int) -> dict[str, int]:
+    result = counts(db_engine, job_id)
+    assert result["total"] == total and result["final"] == total, result
+    assert result["results"] == result["succeeded"] and result["succeeded_twice"] == 0, result
+    return result
+
+
+def wait_for_progress(db_engine: Engine, job_id: str, finished: int, timeout: float, log) -> None:
+    wait_until(lambda: counts(db_engine, job_id)["final"] >= finished, timeout=timeout,
+               message=f"{finished} requests to finish; worker log:\n{log()[-2000:]}")
+
+
+def wait_for_job(db_engine: Engine, job_id: str, total: int, timeout: float, log) -> None:
+    wait_for_progress(db_engine, job_id, total, timeout, log)
+
+
+@pytest.fixture
+def chaos_env(service_env: dict) -> dict:
+    return {**service_env, **CHAOS_SETTINGS}
+
+
+def test_worker_killed_three_times_loses_and_duplicates_nothing(
+    tmp_path: Path, chaos_env: dict, start_worker, db_engine: Engine
+) -> None:
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 2000)
+    job_id = deepbatch("submit", str(prompts), env=chaos_env).stdout.strip()
+    for kill in range(1, 4):
+        worker = start_worker(**chaos_env)
+        wait_for_progress(db_engine, job_id, 400 * kill, timeout=300, log=worker.log_text)
+        worker.process.kill()  # SIGKILL mid-batch: no warm shutdown, no acks
+        worker.process.wait()
+    survivor = start_worker(**chaos_env)
+    wait_for_job(db_engine, job_id, 2000, timeout=400, log=survivor.log_text)
+    result = assert_every_request_final_once(db_engine, job_id, 2000)
+    assert result["succeeded"] == 2000, result
+    assert result["started_again"] > 0, "no kill caught a request mid-flight; the test proved nothing"
+    print("chaos (1) counts:", result)
+
+
+def restart_rabbitmq() -> None:
+    subprocess.run(["rabbitmqctl", "stop_app"], check=True, capture_output=True, timeout=120)
+    time.sleep(2)
+    subprocess.run(["rabbitmqctl", "start_app"], check=True, capture_output=True, timeout=120)
+
+
+@pytest.fixture
+def persistent_redis(tmp_path: Path):
+    """A Redis of this test's own, with an append-only file, so that a restart keeps its queue."""
+    port = 6391
+    directory = tmp_path / "redis"
+    directory.mkdir()
+    command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--appendonly", "yes",
+               "--appendfsync", "always", "--dir", str(directory), "--daemonize", "yes"]
+
+    def start() -> None:
+        subprocess.run(command, check=True, capture_output=True)
+        wait_until(lambda: _redis_pings(port), timeout=30, message="the test Redis to start")
+
+    def stop() -> None:
+        try:
+            redis.Redis(port=port).shutdown(save=True)
+        except redis.ConnectionError:
+            pass
+        wait_until(lambda: not _redis_pings(port), timeout=30, message="the test Redis to stop")
+
+    start()
+    yield f"redis://127.0.0.1:{port}/0", start, stop
+    stop()
+
+
+def _redis_pings(port: int) -> bool:
+    try:
+        return bool(redis.Redis(port=port, socket_connect_timeout=0.5).ping())
+    except redis.ConnectionError:
+        return False
+
+
+def run_job_through_outage(tmp_path: Path, env: dict, start_worker, db_engine: Engine, outage, felt: str,
+                           total: int = 600):
+    """Submit, let a quarter finish, cause the outage, and check the worker noticed it (`felt` in its log)."""
+    prompts = write_prompts(tmp_path / "prompts.jsonl", total)
+    job_id = deepbatch("submit", str(prompts), env=env).stdout.strip()
+    worker = start_worker(**env)
+    wait_for_progress(db_engine, job_id, total // 4, timeout=180, log=worker.log_text)
+    outage()
+    wait_for_job(db_engine, job_id, total, timeout=300, log=worker.log_text)
+    result = assert_every_request_final_once(db_engine, job_id, total)
+    assert result["succeeded"] == total, result
+    assert felt in worker.log_text(), f"the worker never noticed the outage ({felt!r} not in its log)"
+    return result
+
+
+BROKER_LOST = "Connection to broker lost"
+
+
+@pytest.mark.parametrize("broker_url", ["rabbitmq"], indirect=True)
+def test_rabbitmq_restart_mid_job(tmp_path: Path, chaos_env: dict, start_worker, db_engine: Engine) -> None:
+    from tests.conftest import RABBITMQ_URL
+
+    env = {**chaos_env, "DEEPBATCH_BROKER_URL": RABBITMQ_URL}
+    result = run_job_through_outage(tmp_path, env, start_worker, db_engine, restart_rabbitmq, BROKER_LOST)
+    print("chaos (2) rabbitmq restart counts:", result)
+
+
+@pytest.mark.parametrize("broker_url", ["redis"], indirect=True)
+def test_redis_restart_mid_job(tmp_path: Path, chaos_env: dict, start_worker, db_engine: Engine,
+                               persistent_redis) -> None:
+    url, start, stop = persistent_redis
+    env = {**chaos_env, "DEEPBATCH_BROKER_URL": url}
+
+    def restart() -> None:
+        stop()
+        time.sleep(2)
+        start()
+
+    result = run_job_through_outage(tmp_path, env, start_worker, db_engine, restart, BROKER_LOST)
+    print("chaos (2) redis restart counts:", result)
+
+
+@pytest.mark.parametrize("broker_url", ["rabbitmq"], indirect=True)
+def test_postgres_restart_mid_job(tmp_path: Path, chaos_env: dict, start_worker, db_engine: Engine) -> None:
+    def restart_postgres() -> None:
+        # Down for a few seconds rather than a bare restart: a restart of about a second can fall between
+        # two writes and be healed silently by the pool's pre-ping, proving nothing.
+        version = sorted(Path("/etc/postgresql").iterdir())[0].name
+        cluster = ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main"]
+        subprocess.run([*cluster, "stop"], check=True, capture_output=True, timeout=120)
+        time.sleep(5)
+        subprocess.run([*cluster, "start"], check=True, capture_output=True, timeout=120)
+
+    result = run_job_through_outage(tmp_path, chaos_env, start_worker, db_engine, restart_postgres,
+                                    "database unavailable")
+    print("chaos (3) postgres restart counts:", result)
+
+
+@pytest.mark.parametrize("broker_url", ["redis"], indirect=True)
+def test_redis_flushed_mid_job_is_repaired_by_reconcile(
+    tmp_path: Path, chaos_env: dict, start_worker, db_engine: Engine
+) -> None:
+    from tests.conftest import REDIS_URL
+
+    # Workers reconcile by themselves only hourly here, so the repair below is the CLI's.
+    env = {**chaos_env, "DEEPBATCH_BROKER_URL": REDIS_URL, "DEEPBATCH_RECONCILE_INTERVAL_S": "3600"}
+
+    def flush_and_reconcile() -> None:
+        redis.Redis.from_url(REDIS_URL).flushdb()
+        time.sleep(3)  # let the worker drain what it had prefetched: the rest is gone
+        stuck = counts(db_engine, job_id_holder[0])
+        assert stuck["final"] < stuck["total"], "the flush came too late to lose anything"
+        output = deepbatch("reconcile", env=env).stderr
+        assert "queued requests re-published" in output
+
+    job_id_holder: list[str] = []
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 600)
+    job_id_holder.append(deepbatch("submit", str(prompts), env=env).stdout.strip())
+    worker = start_worker(**env)
+    wait_for_progress(db_engine, job_id_holder[0], 100, timeout=180, log=worker.log_text)
+    flush_and_reconcile()
+    wait_for_job(db_engine, job_id_holder[0], 600, timeout=300, log=worker.log_text)
+    result = assert_every_request_final_once(db_engine, job_id_holder[0], 600)
+    assert result["succeeded"] == 600, result
+    print("chaos (4) redis flush + reconcile counts:", result)
+
+
+def test_always_failing_request_is_dead_lettered_after_max_attempts_and_requeue_brings_it_back(
+    tmp_path: Path, chaos_env: dict, queue_name: str, start_worker, db_engine: Engine
+) -> None:
+    from schema.settings import Settings
+    from worker.app import make_celery_app, queue_length
+
+    marker = tmp_path / "fail-while-this-exists"
+    marker.touch()
+    env = {**chaos_env, "DEEPBATCH_ENGINE": "tests.chaos.engines:flaky_engine",
+           "DEEPBATCH_TEST_FAIL_MARKER": str(marker)}
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 50, special={7: "FAIL_TRANSIENTLY please"})
+    job_id = deepbatch("submit", str(prompts), env=env).stdout.strip()
+    worker = start_worker(**env)
+    wait_for_job(db_engine, job_id, 50, timeout=180, log=worker.log_text)
+
+    with db_engine.connect() as connection:
+        request_id, state, attempt = connection.execute(text(
+            "SELECT id, state, attempt FROM requests WHERE job_id = :j AND line_no = 7"), {"j": job_id}).one()
+        started = connection.execute(text(
+            "SELECT count(*) FROM audit_events WHERE request_id = :r AND event = 'started'"), {"r": request_id}).scalar()
+    assert (state, attempt, started) == ("dead", 3, 3)
+    letters = json.loads(deepbatch("dlq", "list", "--job", job_id, "--json", env=env).stdout)
+    assert [(letter["request_id"], letter["attempts"], letter["line_no"]) for letter in letters] == [(request_id, 3, 7)]
+    assert "injected: CUDA out of memory" in letters[0]["last_error"]
+    app = make_celery_app(Settings(broker_url=env["DEEPBATCH_BROKER_URL"], queue_name=queue_name))
+    assert queue_length(app, f"{queue_name}.dead") == 1
+
+    marker.unlink()  # the fault is fixed: requeue and it succeeds
+    deepbatch("dlq", "requeue", str(request_id), env=env)
+    wait_until(lambda: counts(db_engine, job_id)["succeeded"] == 50, timeout=120,
+               message=f"the requeued request to succeed; worker log:\n{worker.log_text()[-2000:]}")
+    result = assert_every_request_final_once(db_engine, job_id, 50)
+    assert json.loads(deepbatch("dlq", "list", "--job", job_id, "--json", env=env).stdout) == []
+    print("chaos (5) dead letter + requeue counts:", result)
+
+
+@pytest.mark.parametrize("broker_url", ["redis"], indirect=True)
+def test_a_request_that_kills_its_worker_is_dead_lettered_instead_of_looping(
+    tmp_path: Path, chaos_env: dict, start_worker, db_engine: Engine
+) -> None:
+    env = {**chaos_env, "DEEPBATCH_ENGINE": "tests.chaos.engines:poison_engine"}
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 40, special={5: "KILL_WORKER now"})
+    job_id = deepbatch("submit", str(prompts), env=env).stdout.strip()
+    workers_started = 0
+    deadline = time.monotonic() + 240
+    worker = None
+    while counts(db_engine, job_id)["final"] < 40:  # a supervisor: restart the worker whenever it dies
+        assert time.monotonic() < deadline, f"the job never finished; last log:\n{worker and worker.log_text()[-2000:]}"
+        if worker is None or worker.process.poll() is not None:
+            worker = start_worker(**env)
+            workers_started += 1
+        time.sleep(0.5)
+    result = assert_every_request_final_once(db_engine, job_id, 40)
+    with db_engine.connect() as connection:
+        state, attempt, error = connection.execute(text(
+            "SELECT state, attempt, error_message FROM requests WHERE job_id = :j AND line_no = 5"),
+            {"j": job_id}).one()
+    assert (state, attempt, result["succeeded"]) == ("dead", 3, 39)
+    assert "stopped during attempt 3" in error
+    assert workers_started == 4  # three killed by the poison, one alive at the end
+    print("poison request counts:", result, "workers started:", workers_started)

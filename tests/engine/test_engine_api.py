@@ -1,0 +1,155 @@
+"""The engine's contract: futures from many threads, finish reasons, stop strings, typed errors."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from tests.engine.helpers import random_prompts
+from worker.engine.engine import build_engine
+from worker.engine.types import (
+    EngineConfig,
+    PermanentEngineError,
+    PromptTooLongError,
+    SamplingParams,
+    TransientEngineError,
+)
+
+GREEDY = SamplingParams(max_tokens=8, ignore_eos=True)
+
+
+def test_max_tokens_finishes_with_length(make_engine, tokenizer):
+    engine = make_engine(model="tiny-deepseek-v3")
+    completion = engine.generate(random_prompts([5]), GREEDY)[0]
+    assert completion.finish_reason == "length"
+    assert completion.completion_tokens == 8
+    assert completion.text == tokenizer.decode(completion.token_ids, skip_special_tokens=True)
+
+
+def test_eos_finishes_with_stop_unless_ignored(make_engine):
+    engine = make_engine(model="tiny-deepseek-v3")
+    prompt = random_prompts([5])[0]
+    free_run = engine.generate([prompt], GREEDY)[0].token_ids
+    engine.eos_token_ids = frozenset({free_run[3]})  # pretend the model's 4th token is its EOS
+    stopped = engine.generate([prompt], SamplingParams(max_tokens=8))[0]
+    assert stopped.finish_reason == "stop"
+    assert stopped.token_ids == free_run[: free_run.index(free_run[3])]
+    assert engine.generate([prompt], GREEDY)[0].token_ids == free_run
+
+
+def test_stop_string_cuts_the_text(make_engine):
+    engine = make_engine(model="tiny-deepseek-v3")
+    prompt = random_prompts([6], seed=9)[0]
+    full = engine.generate([prompt], SamplingParams(max_tokens=10, ignore_eos=True))[0]
+    stop = full.text[len(full.text) // 2 :][:2]
+    assert stop
+    cut = engine.generate([prompt], SamplingParams(max_tokens=10, ignore_eos=True, stop=(stop, "never there")))[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.find(stop)]
+    assert cut.token_ids == full.token_ids[: len(cut.token_ids)]
+
+
+def test_prompt_too_long_fails_at_once_without_holding_up_others(make_engine):
+    engine = make_engine(model="tiny-deepseek-v3", max_model_len=32)
+    too_long = engine.submit(list(range(2, 34)), GREEDY)
+    fits = engine.submit(list(range(2, 12)), GREEDY)
+    with pytest.raises(PromptTooLongError, match="32 tokens"):
+        too_long.result(timeout=0)
+    assert fits.result(timeout=30).finish_reason == "length"
+
+
+def test_generation_stops_at_max_model_len(make_engine):
+    engine = make_engine(model="tiny-deepseek-v3", max_model_len=16)
+    completion = engine.generate([list(range(2, 12))], SamplingParams(max_tokens=100, ignore_eos=True))[0]
+    assert completion.finish_reason == "length"
+    assert completion.completion_tokens == 6
+
+
+def test_out_of_vocabulary_prompt_is_a_permanent_error(make_engine):
+    engine = make_engine(model="tiny-deepseek-v3")
+    with pytest.raises(PermanentEngineError):
+        engine.submit([5, 10**9], GREEDY).result(timeout=0)
+
+
+def test_concurrent_submits_batch_together(make_engine):
+    engine = make_engine(model="tiny-deepseek-v3", max_wait_ms=300)
+    prompts = random_prompts([4, 9, 14, 6, 11, 3])
+    results = [None] * len(prompts)
+    batch_sizes = []
+    original_step = engine.step
+
+    def recording_step():
+        original_step()
+        batch_sizes.append(engine.stats()["batch_size"])
+
+    engine.step = recording_step
+
+    def worker(index: int) -> None:
+        results[index] = engine.submit(prompts[index], GREEDY).result(timeout=60)
+
+    threads = [threading.Thread(target=worker, args=(index,)) for index in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert batch_sizes[0] == len(prompts)  # the first step already held every request
+    assert engine.generate(prompts, GREEDY) == results  # and the same outputs as a plain batch
+
+
+def test_a_failing_step_fails_only_its_requests(make_engine):
+    engine = make_engine(model="tiny-deepseek-v3")
+    original_execute = engine.runner.execute
+    calls = {"count": 0}
+
+    def out_of_memory_once(scheduled):
+        calls["count"] += 1
+        if calls["count"] == 1:
+            raise torch.OutOfMemoryError("simulated")
+        return original_execute(scheduled)
+
+    engine.runner.execute = out_of_memory_once
+    failed = engine.submit(random_prompts([5])[0], GREEDY)
+    with pytest.raises(TransientEngineError, match="out of memory"):
+        failed.result(timeout=30)
+    later = engine.submit(random_prompts([7])[0], GREEDY)
+    assert later.result(timeout=30).completion_tokens == 8
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_out_of_memory_splits_the_step_instead_of_failing_it(make_engine):
+    engine = make_engine(model="tiny-deepseek-v3")
+    prompts = random_prompts([5, 9, 3, 12, 7])
+    expected = engine.generate(prompts, GREEDY)
+    original_execute, step_sizes = engine.runner.execute, []
+
+    def out_of_memory_above_two(scheduled):
+        step_sizes.append(len(scheduled))
+        if len(scheduled) > 2:
+            raise torch.OutOfMemoryError("simulated")
+        return original_execute(scheduled)
+
+    engine.runner.execute = out_of_memory_above_two
+    assert engine.generate(prompts, GREEDY) == expected
+    assert max(step_sizes) > 2 and any(size <= 2 for size in step_sizes)  # split, then ran
+
+
+def test_seeded_sampling_is_independent_of_batch_companions(make_engine):
+    engine = make_engine(model="tiny-deepseek-v3")
+    prompt = random_prompts([7])[0]
+    seeded = SamplingParams(max_tokens=6, temperature=1.0, top_p=0.95, seed=123, ignore_eos=True)
+    alone = engine.generate([prompt], seeded)[0]
+    companions = random_prompts([3, 12], seed=11)
+    together = engine.generate(
+        [companions[0], prompt, companions[1]],
+        [SamplingParams(max_tokens=9, temperature=0.8, ignore_eos=True), seeded, GREEDY],
+    )[1]
+    assert together.token_ids == alone.token_ids
+
+
+def test_shutdown_fails_pending_requests_and_later_submits():
+    engine = build_engine(EngineConfig(model="tiny-deepseek-v3", max_wait_ms=1))
+    engine.shutdown()
+    with pytest.raises(TransientEngineError):
+        engine.submit([5, 6], GREEDY).result(timeout=5)

@@ -1,0 +1,62 @@
+"""The sampler: greedy, top-k/top-p masks, and per-request seeds independent of batch companions."""
+
+from __future__ import annotations
+
+import torch
+
+from worker.engine.sampler import Sampler, apply_top_k_top_p
+from worker.engine.sequence import Sequence
+from worker.engine.types import SamplingParams
+
+
+def sequence_with(**sampling) -> Sequence:
+    return Sequence([1], SamplingParams(**sampling))
+
+
+def test_greedy_takes_the_argmax():
+    logits = torch.tensor([[0.1, 3.0, 0.2], [5.0, 0.0, 1.0]])
+    assert Sampler().sample(logits, [sequence_with(), sequence_with(top_k=1, temperature=1.0)]) == [1, 0]
+
+
+def test_top_k_keeps_the_k_largest():
+    logits = torch.tensor([[1.0, 4.0, 3.0, 2.0]])
+    masked = apply_top_k_top_p(logits, torch.tensor([2]), torch.tensor([1.0]))
+    assert torch.isfinite(masked).tolist() == [[False, True, True, False]]
+    assert masked[0, 1] == 4.0
+
+
+def test_top_p_keeps_the_smallest_nucleus_reaching_p():
+    probabilities = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probabilities.log()
+    kept = torch.isfinite(apply_top_k_top_p(logits, torch.tensor([0]), torch.tensor([0.75]))).tolist()
+    assert kept == [[True, True, False, False]]
+    kept = torch.isfinite(apply_top_k_top_p(logits, torch.tensor([0]), torch.tensor([0.1]))).tolist()
+    assert kept == [[True, False, False, False]]  # the most likely token always stays
+
+
+def test_rows_get_their_own_top_k_and_top_p():
+    logits = torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]])
+    masked = apply_top_k_top_p(logits, torch.tensor([1, 0]), torch.tensor([1.0, 1.0]))
+    assert torch.isfinite(masked).tolist() == [[False, False, True], [True, True, True]]
+
+
+def test_same_seed_same_tokens_whatever_the_batch():
+    vocab_logits = torch.randn(1, 1000, generator=torch.Generator().manual_seed(0))
+    alone = sequence_with(temperature=1.0, seed=42)
+    draws_alone = [Sampler().sample(vocab_logits, [alone])[0] for _ in range(5)]
+    accompanied = sequence_with(temperature=1.0, seed=42)
+    draws_accompanied = []
+    for _ in range(5):
+        companions = [sequence_with(temperature=0.7), sequence_with(), sequence_with(temperature=1.3, top_p=0.9)]
+        batch = companions[:1] + [accompanied] + companions[1:]
+        logits = torch.cat([torch.randn(1, 1000), vocab_logits, torch.randn(2, 1000)])
+        draws_accompanied.append(Sampler().sample(logits, batch)[1])
+    assert draws_alone == draws_accompanied
+    assert len(set(draws_alone)) > 1  # it really samples
+
+
+def test_sampling_respects_top_k():
+    logits = torch.zeros(1, 50)
+    logits[0, 10] = logits[0, 20] = 1.0
+    sequence = sequence_with(temperature=5.0, top_k=2, seed=1)
+    assert {Sampler().sample(logits, [sequence])[0] for _ in range(40)} == {10, 20}

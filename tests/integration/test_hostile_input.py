@@ -1,0 +1,77 @@
+"""Hostile input through the real pipeline: every bad line gets its own error naming it; the job goes on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, text
+
+from tests.conftest import deepbatch, job_progress, wait_until
+
+pytestmark = pytest.mark.integration
+
+GOOD = b'{"prompt": "fine", "max_tokens": 2}'
+HOSTILE_LINES: dict[str, tuple[bytes, str]] = {
+    # name: (the line's bytes, what its error must say)
+    "invalid json": (b'{"prompt": "x"', "invalid JSON"),
+    "wrong type": (b'{"prompt": ["a", "b"]}', "prompt: Input should be a valid string"),
+    "missing field": (b'{"custom_id": "m", "method": "POST", "url": "/v1/chat/completions", "body": {}}',
+                      "body.messages: Field required"),
+    "unknown url": (b'{"custom_id": "u", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}}',
+                    "url: Input should be '/v1/chat/completions' or '/v1/completions'"),
+    "unknown field": (b'{"prompt": "x", "logit_bias": {"1": 5}}', "logit_bias: Extra inputs are not permitted"),
+    "empty line": (b"", "empty line"),
+    "10 MB line": (b'{"prompt": "' + b"y" * (10 * 1024 * 1024) + b'"}', "line is longer than 4194304 bytes"),
+    "raw NUL byte": (b'{"prompt": "a\x00b"}', "invalid JSON"),
+    "escaped NUL": (b'{"prompt": "a\\u0000b"}', "NUL characters"),
+    "invalid UTF-8": (b'{"prompt": "caf\xe9"}', "invalid UTF-8 at byte 15"),
+    "duplicate custom_id": (b'{"custom_id": "same", "prompt": "again"}', "duplicate custom_id 'same' (first used on line 1)"),
+    "over the context": (b'{"prompt": "' + b"word " * 200 + b'"}', "max_model_len is 64"),
+    "not an object": (b'"just a string"', "a line must be a JSON object"),
+    "unknown model": (b'{"custom_id": "g", "method": "POST", "url": "/v1/completions", '
+                      b'"body": {"model": "gpt-4o", "prompt": "x"}}', "unknown model 'gpt-4o'"),
+}
+
+
+@pytest.mark.parametrize("broker_url", ["redis"], indirect=True)
+def test_each_hostile_line_gets_an_error_naming_it(tmp_path: Path, service_env: dict, start_worker,
+                                                  db_engine: Engine) -> None:
+    env = {**service_env, "DEEPBATCH_MAX_MODEL_LEN": "64"}
+    path = tmp_path / "hostile.jsonl"
+    expected: dict[int, str] = {}
+    with path.open("wb") as stream:
+        stream.write(b'{"custom_id": "same", "prompt": "first"}\n')
+        for line_no, (line, fragment) in enumerate(HOSTILE_LINES.values(), start=2):
+            stream.write(line + b"\n" + GOOD + b"\n")
+            expected[2 * line_no - 2] = fragment
+    good_lines = 1 + len(HOSTILE_LINES)
+    worker = start_worker(**env)
+    job_id = deepbatch("submit", str(path), env=env).stdout.strip()
+    wait_until(lambda: job_progress(db_engine, job_id)["status"] == "completed", timeout=120,
+               message=f"the hostile job to complete; worker log:\n{worker.log_text()[-2000:]}")
+
+    with db_engine.connect() as connection:
+        failed = dict(connection.execute(text(
+            "SELECT line_no, error_message FROM requests WHERE job_id = :j AND state = 'failed'"), {"j": job_id}).all())
+        succeeded = connection.execute(text(
+            "SELECT count(*) FROM requests WHERE job_id = :j AND state = 'succeeded'"), {"j": job_id}).scalar()
+    assert succeeded == good_lines
+    assert set(failed) == set(expected)
+    for line_no, fragment in expected.items():
+        assert failed[line_no].startswith(f"line {line_no}: ") and fragment in failed[line_no], (line_no, failed[line_no])
+
+    output = tmp_path / "out.jsonl"
+    deepbatch("results", job_id, "-o", str(output), env=env)
+    errors = [json.loads(line) for line in (tmp_path / "out.errors.jsonl").read_text().splitlines()]
+    assert sorted(error["error"]["line"] for error in errors) == sorted(expected)
+
+
+def test_an_empty_file_makes_an_empty_completed_job(tmp_path: Path, service_env: dict, db_engine: Engine) -> None:
+    path = tmp_path / "empty.jsonl"
+    path.write_bytes(b"")
+    job_id = deepbatch("submit", str(path), env=service_env).stdout.strip()
+    with db_engine.connect() as connection:
+        row = connection.execute(text("SELECT status, total FROM job_progress WHERE job_id = :j"), {"j": job_id}).one()
+    assert tuple(row) == ("completed", 0)

@@ -1,0 +1,42 @@
+"""At-least-once delivery, exactly-once effect: every message delivered twice still gives one result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, text
+
+from schema.settings import Settings
+from tests.conftest import deepbatch, wait_until
+from tests.integration.prompt_files import write_prompt_file
+from worker.app import make_celery_app, publish_requests, queue_length
+
+pytestmark = pytest.mark.integration
+
+
+def test_duplicate_messages_produce_no_second_result(
+    tmp_path: Path, service_env: dict, broker_url: str, queue_name: str, start_worker, db_engine: Engine
+) -> None:
+    prompt_file = write_prompt_file(tmp_path / "prompts.jsonl", total_lines=20, broken={})
+    job_id = deepbatch("submit", str(prompt_file.path), env=service_env).stdout.strip()
+    with db_engine.connect() as connection:
+        request_ids = list(connection.execute(
+            text("SELECT id FROM requests WHERE job_id = :j ORDER BY id"), {"j": job_id}).scalars())
+    app = make_celery_app(Settings(broker_url=broker_url, queue_name=queue_name))
+    publish_requests(app, request_ids)  # every request now has two messages in the queue
+    assert queue_length(app, queue_name) == 40
+
+    worker = start_worker()
+    wait_until(lambda: queue_length(app, queue_name) == 0, timeout=180,
+               message=f"the queue to drain; worker log:\n{worker.log_text()[-2000:]}")
+    worker.stop()  # a warm shutdown finishes the messages in hand
+
+    with db_engine.connect() as connection:
+        counts = connection.execute(text(
+            "SELECT count(*) FILTER (WHERE state = 'succeeded'), "
+            "(SELECT count(*) FROM results WHERE job_id = :j), "
+            "(SELECT count(*) FROM audit_events WHERE job_id = :j AND event = 'succeeded'), "
+            "(SELECT count(*) FROM audit_events WHERE job_id = :j AND event = 'started') "
+            "FROM requests WHERE job_id = :j"), {"j": job_id}).one()
+    assert tuple(counts) == (20, 20, 20, 20)

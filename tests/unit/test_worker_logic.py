@@ -1,0 +1,42 @@
+"""The worker's pure helpers: sampling from a request body, retry backoff, settings URLs."""
+
+from __future__ import annotations
+
+import pytest
+
+from schema.settings import Settings
+from worker.engine.types import InvalidSamplingError
+from worker.runtime import backoff_seconds, sampling_from_body
+
+
+def test_sampling_uses_openai_defaults_and_the_request_values() -> None:
+    assert sampling_from_body({"prompt": "x"}, 16).temperature == 1.0
+    sampling = sampling_from_body({"max_tokens": 5, "temperature": 0, "stop": "\n", "seed": 3}, 16)
+    assert (sampling.max_tokens, sampling.greedy, sampling.stop, sampling.seed) == (5, True, ("\n",), 3)
+    assert sampling_from_body({"max_completion_tokens": 9}, 16).max_tokens == 9
+    assert sampling_from_body({}, 16).max_tokens == 16
+
+
+def test_invalid_sampling_is_a_permanent_error() -> None:
+    with pytest.raises(InvalidSamplingError):
+        sampling_from_body({"top_p": 0}, 16)
+
+
+def test_backoff_grows_exponentially_and_is_capped() -> None:
+    assert all(0 <= backoff_seconds(1, 2.0, 300) <= 2.0 for _ in range(100))
+    assert max(backoff_seconds(4, 2.0, 300) for _ in range(200)) > 8.0
+    assert all(backoff_seconds(30, 2.0, 300) <= 300 for _ in range(100))
+
+
+@pytest.mark.parametrize("url", ["postgresql://u@h/db", "postgres://u@h/db", "postgresql+psycopg://u@h/db"])
+def test_database_url_gets_the_psycopg_driver(url: str) -> None:
+    assert Settings(database_url=url).sqlalchemy_url == "postgresql+psycopg://u@h/db"
+
+
+def test_a_non_postgres_url_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="DATABASE_URL"):
+        _ = Settings(database_url="mysql://x").sqlalchemy_url
+
+
+def test_worker_threads_default_to_twice_the_batch() -> None:
+    assert Settings(max_batch_size=8).worker_threads == 16
