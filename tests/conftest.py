@@ -8,10 +8,16 @@ database and each test its own queue, so runs never see each other's rows or mes
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
 import uuid
+
+# Without a GPU, Triton kernels run under Triton's interpreter (tests/engine/test_paged_kernel.py). Triton
+# reads this when it is first imported, which importing transformers already does: so it is set first.
+if shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import pytest
+import triton.runtime.interpreter as triton_interpreter
 
 from worker.engine.engine import LLMEngine
 from worker.engine.tokenizer import load_tokenizer
@@ -35,3 +36,15 @@ def make_engine(tokenizer) -> Iterator[Callable[..., LLMEngine]]:
     for engine in engines:
         engine.shutdown()
 
+
+@pytest.fixture(autouse=True)
+def interpreter_scalars(monkeypatch):
+    """Triton's interpreter keeps scalars as one-element arrays and turns them into loop bounds with
+    int(), which numpy 2 refuses for arrays of one dimension; take the element instead."""
+    original = triton_interpreter._patch_lang_tensor
+
+    def patched(tensor, scope) -> None:
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    monkeypatch.setattr(triton_interpreter, "_patch_lang_tensor", patched)

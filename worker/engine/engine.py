@@ -11,6 +11,7 @@ the loop carries on with the rest.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -50,7 +51,7 @@ def choose_num_kv_blocks(config: EngineConfig, bytes_per_block: int, device: tor
     if device.type == "cuda":
         free_bytes, total_bytes = torch.cuda.mem_get_info(device)
         budget = free_bytes - (1 - config.gpu_memory_utilization) * total_bytes
-        return max(blocks_per_sequence, int(budget // bytes_per_block))
+        return max(blocks_per_sequence, int(budget // bytes_per_block) - 1)  # one spare block for padding
     wanted = config.max_batch_size * blocks_per_sequence
     return max(blocks_per_sequence, min(wanted, CPU_KV_CACHE_BYTES // bytes_per_block))
 
@@ -81,6 +82,9 @@ class LLMEngine:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.model, self.hf_config = load_model(config.model, config.seed, self.device, self.dtype)
+        if self.device.type == "cuda":  # what loading held (a random model's reference copy) goes back first
+            gc.collect()
+            torch.cuda.empty_cache()
         block_size = config.kv_block_size
         bytes_per_block = self.model.kv_cache_bytes_per_token(self.dtype) * block_size
         num_blocks = choose_num_kv_blocks(config, bytes_per_block, self.device)
@@ -88,7 +92,7 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len, num_blocks * block_size)
         self.block_manager = BlockManager(num_blocks, block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_batch_size, config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, block_size, num_blocks, self.device, self.dtype)
+        self.runner = self._make_runner(num_blocks)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
         self.eos_token_ids = eos_token_ids_of(self.hf_config, self.tokenizer)
         self._incoming: list[Sequence] = []
@@ -97,6 +101,19 @@ class LLMEngine:
         self._last_batch_size = 0
         self._thread = threading.Thread(target=self._run_loop, name="deepbatch-engine", daemon=True)
         self._thread.start()
+
+    def _make_runner(self, num_blocks: int) -> ModelRunner:
+        """The paged-kernel runner on a GPU (CUDA graphs for decode); the dense torch runner on the CPU."""
+        use_paged_kernel = self.config.use_paged_kernel
+        if use_paged_kernel is None:
+            use_paged_kernel = self.device.type == "cuda"
+        if not use_paged_kernel:
+            return ModelRunner(self.model, self.config.kv_block_size, num_blocks, self.device, self.dtype)
+        from worker.engine.gpu_runner import GpuModelRunner
+
+        return GpuModelRunner(self.model, self.config.kv_block_size, num_blocks, self.device, self.dtype,
+                              self.config.max_batch_size, self.max_model_len,
+                              use_cuda_graphs=self.config.use_cuda_graphs and self.device.type == "cuda")
 
     # ---- the public interface (any thread) ----
 

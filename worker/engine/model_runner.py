@@ -3,9 +3,9 @@
 A step's new tokens are flattened into one list (decodes first, then prefill chunks) with their
 positions and KV-cache slots; `AttentionMetadata` tells each attention layer which cache slots every
 sequence reads. Index arithmetic is done with tensor ops rather than per-token Python loops, so the
-per-step Python work grows with the number of sequences, not of tokens. This is the CPU/eager path;
-a GPU path (CUDA graphs for decode, paged kernels) can subclass `ModelRunner` and override
-`forward` without changing the batch layout.
+per-step Python work grows with the number of sequences, not of tokens. This is the CPU path, which
+gathers the cache into dense tensors; the GPU path (worker/engine/cuda_runner.py) subclasses it with
+the paged-attention kernel and CUDA graphs.
 """
 
 from __future__ import annotations
@@ -42,14 +42,19 @@ class ModelRunner:
     def execute(self, scheduled: list[ScheduledSequence]) -> tuple[list[Sequence], list[int]]:
         """Runs the step; returns the sequences that got a next token, and those tokens."""
         batch = self.prepare_batch(scheduled)
-        hidden = self.forward(batch)
         if not batch.sampled_sequences:
+            self.forward(batch)
             return [], []
-        logits = self.model.compute_logits(hidden[batch.sample_token_indices])
+        logits = self.sampled_logits(batch)
         return batch.sampled_sequences, self.sampler.sample(logits, batch.sampled_sequences)
 
     def forward(self, batch: StepBatch) -> torch.Tensor:
         return self.model(batch.input_ids, batch.positions, batch.metadata)
+
+    def sampled_logits(self, batch: StepBatch) -> torch.Tensor:
+        """Logits [sampled sequences, vocab] of the step's last token of each sequence that gets a next token."""
+        hidden = self.forward(batch)
+        return self.model.compute_logits(hidden[batch.sample_token_indices])
 
     def prepare_batch(self, scheduled: list[ScheduledSequence]) -> StepBatch:
         decodes = [item for item in scheduled if item.num_new_tokens == 1]

@@ -68,6 +68,8 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # None: sized from free memory
     gpu_memory_utilization: float = 0.85
     enable_prefix_caching: bool = True
+    use_paged_kernel: bool | None = None  # None: on a GPU. True on the CPU needs TRITON_INTERPRET=1 (tests)
+    use_cuda_graphs: bool = True  # decode steps replayed from CUDA graphs (GPU only)
 
 
 class EngineError(Exception):

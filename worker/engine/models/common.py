@@ -5,14 +5,14 @@ new token's KV goes in the paged cache (`slot_mapping`) and, per attention group
 sequence reads. Sequences are split into a decode group (one new token each) and a prefill group (several),
 so that a step mixing a long prompt with many decodes does not pad every decode to the prompt's length.
 The CPU path gathers the cache slots into dense tensors and calls torch's scaled_dot_product_attention;
-a GPU path may replace `attend` with a paged kernel without touching the model files.
+the GPU path (`paged_groups`) runs a Triton kernel that reads the cache through the block tables.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -43,9 +43,39 @@ class AttentionGroup:
 
 
 @dataclass
+class PagedGroup:
+    """Sequences of one step attended by one launch of the paged-attention kernel (the GPU path).
+
+    Per sequence (int32, on the device): where its new tokens start in the step's flat tokens, how
+    many there are, how many positions its context holds once they are in, and its block table
+    [sequences, most blocks]. `max_query_len` (a host int) sizes the launch grid.
+    """
+
+    query_starts: torch.Tensor
+    query_lens: torch.Tensor
+    context_lens: torch.Tensor
+    block_tables: torch.Tensor
+    max_query_len: int
+
+
+@dataclass
 class AttentionMetadata:
+    """How a step's new tokens meet the cache: the dense `groups` (CPU) or the kernel's `paged_groups` (GPU)."""
+
     slot_mapping: torch.Tensor  # [tokens] flat cache slot where each new token's KV is written
-    groups: list[AttentionGroup]
+    groups: list[AttentionGroup] = field(default_factory=list)
+    paged_groups: list[PagedGroup] = field(default_factory=list)
+    block_size: int = 16
+
+    @property
+    def uses_paged_kernel(self) -> bool:
+        return bool(self.paged_groups)
+
+
+def uses_fused_kernels(tensor: torch.Tensor) -> bool:
+    """16-bit activations on the GPU take the fused Triton kernels (worker/engine/kernels/fused.py); the CPU
+    and float32 keep transformers' op-for-op torch code."""
+    return tensor.is_cuda and tensor.dtype in (torch.bfloat16, torch.float16)
 
 
 class RMSNorm(nn.Module):
@@ -57,11 +87,23 @@ class RMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if uses_fused_kernels(hidden_states) and hidden_states.dim() == 2:
+            return self.add_and_norm(hidden_states, None)[0]
         input_dtype = hidden_states.dtype
         hidden_states = hidden_states.to(torch.float32)
         variance = hidden_states.pow(2).mean(-1, keepdim=True)
         hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
         return self.weight * hidden_states.to(input_dtype)
+
+    def add_and_norm(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(residual + hidden), residual + hidden): the pre-norm block's residual add, fused on the GPU."""
+        if uses_fused_kernels(hidden):
+            from worker.engine.kernels.fused import add_rms_norm
+
+            return add_rms_norm(hidden, residual, self.weight, self.variance_epsilon)
+        if residual is not None:
+            hidden = residual + hidden
+        return self(hidden), hidden
 
 
 class RotaryEmbedding(nn.Module):
@@ -96,12 +138,16 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """Rotates x [tokens, heads, rotary_dim].
+    """Rotates x [tokens, heads, rotary_dim] (on the GPU in 16 bits: in place, by one fused kernel).
 
     interleaved: pairs are (x0, x1), (x2, x3), ... (DeepSeek); the result is laid out as
     [rotated evens, rotated odds], as transformers' DeepSeek-V3 does. Otherwise pairs are (x_i, x_{i+d/2})
     (Llama's rotate_half). Queries and keys get the same layout, so their dot products are unchanged.
     """
+    if uses_fused_kernels(x):
+        from worker.engine.kernels.fused import rotate_
+
+        return rotate_(x, cos, sin, interleaved)
     cos = cos[:, None, :]
     sin = sin[:, None, :]
     if interleaved:
@@ -112,17 +158,40 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
 
 
 class GatedMLP(nn.Module):
-    """down(act(gate(x)) * up(x)), the feed-forward of Llama, Qwen2 and DeepSeek's dense layers."""
+    """down(act(gate(x)) * up(x)), the feed-forward of Llama, Qwen2 and DeepSeek's dense layers.
+
+    gate and up are one packed projection (one matrix product instead of two); checkpoints keep them
+    apart and the loader fills the packed rows (`packed_projections`).
+    """
 
     def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str, bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
         self.act_fn = ACT2FN[hidden_act]
+        self.is_silu = hidden_act == "silu"
+        self.packed_projections = packed_rows(gate_up_proj=[("gate_proj", intermediate_size),
+                                                            ("up_proj", intermediate_size)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        gate_up = self.gate_up_proj(x)
+        if self.is_silu and uses_fused_kernels(gate_up) and gate_up.dim() == 2:
+            from worker.engine.kernels.fused import silu_and_mul
+
+            return self.down_proj(silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.down_proj(self.act_fn(gate) * up)
+
+
+def packed_rows(**packed: list[tuple[str, int]]) -> dict[str, tuple[str, int, int]]:
+    """Where each checkpoint projection lives in a packed one: {name: (packed name, first row, rows)}."""
+    where = {}
+    for packed_name, shards in packed.items():
+        first_row = 0
+        for name, rows in shards:
+            where[name] = (packed_name, first_row, rows)
+            first_row += rows
+    return where
 
 
 def write_kv_cache(cache: torch.Tensor, slot_mapping: torch.Tensor, new_entries: torch.Tensor) -> None:
@@ -164,6 +233,32 @@ def attend_each_group(
     return output
 
 
+def attend_paged(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor | None,
+    metadata: AttentionMetadata,
+    scale: float,
+    key_dim_a: int,
+    value_dim: int,
+) -> torch.Tensor:
+    """Attention of query [tokens, heads, dim] over the paged cache, one kernel launch per paged group.
+
+    key_cache / value_cache: [blocks, block_size, kv_heads, dim] views; value_cache None means the
+    values are the keys' first `value_dim` dimensions (MLA's latent). `key_dim_a` splits the key
+    dimensions into two power-of-two parts (MLA: latent | rope); the whole dimension otherwise.
+    """
+    from worker.engine.kernels.paged_attention import paged_attention  # needs Triton: GPU only
+
+    output = query.new_empty(query.shape[0], query.shape[1], value_dim)
+    for group in metadata.paged_groups:
+        paged_attention(
+            query, key_cache, value_cache, output, group.block_tables, group.query_starts, group.query_lens,
+            group.context_lens, group.max_query_len, scale, metadata.block_size, key_dim_a, value_dim,
+        )
+    return output
+
+
 class DecoderLayer(nn.Module):
     """Pre-norm residual block: attention then feed-forward (Llama, Qwen2 and DeepSeek alike)."""
 
@@ -175,10 +270,15 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(hidden_size, eps)
 
     def forward(
-        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, metadata: AttentionMetadata
-    ) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, metadata)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        self, hidden: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+        metadata: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this block's output, the residual stream before it is added): each add is left to the next
+        norm, which fuses it on the GPU. residual None: the first block, whose input is the stream."""
+        normed, residual = self.input_layernorm.add_and_norm(hidden, residual)
+        hidden = self.self_attn(normed, cos, sin, metadata)
+        normed, residual = self.post_attention_layernorm.add_and_norm(hidden, residual)
+        return self.mlp(normed), residual
 
 
 class DecoderStack(nn.Module):
@@ -214,12 +314,17 @@ class PagedCausalLM(nn.Module):
         """Final hidden states [tokens, hidden] of the step's new tokens."""
         hidden = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(positions, hidden.dtype)
+        residual = None
         for layer in self.model.layers:
-            hidden = layer(hidden, cos, sin, metadata)
-        return self.model.norm(hidden)
+            hidden, residual = layer(hidden, residual, cos, sin, metadata)
+        return self.model.norm.add_and_norm(hidden, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
+
+    def supports_cuda_graphs(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether a decode step runs without asking the host anything, so a CUDA graph can hold it."""
+        return True
 
     def attention_modules(self) -> list[nn.Module]:
         return [layer.self_attn for layer in self.model.layers]
@@ -229,6 +334,8 @@ class PagedCausalLM(nn.Module):
         return sum(math.prod(module.kv_cache_entry_shape) * element_size for module in self.attention_modules())
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device) -> None:
+        """`num_blocks` blocks for sequences plus one spare (block `num_blocks`) that no sequence owns: the
+        padding rows of a captured decode step write and read there."""
         for module in self.attention_modules():
-            shape = (num_blocks, block_size, *module.kv_cache_entry_shape)
+            shape = (num_blocks + 1, block_size, *module.kv_cache_entry_shape)
             module.kv_cache = torch.zeros(shape, dtype=dtype, device=device)

@@ -32,6 +32,7 @@ from worker.engine.models.common import (
     apply_rotary,
     attend,
     attend_each_group,
+    attend_paged,
     gather_kv_cache,
     write_kv_cache,
 )
@@ -98,9 +99,30 @@ class MultiHeadLatentAttention(nn.Module):
         query_rope = apply_rotary(query_rope, cos, sin, self.interleaved_rope)
         key_rope = apply_rotary(key_rope[:, None, :], cos, sin, self.interleaved_rope)[:, 0, :]
         write_kv_cache(self.kv_cache, metadata.slot_mapping, torch.cat((latent, key_rope), dim=-1))
-        query = torch.cat((query_nope, query_rope), dim=-1)
-        output = attend_each_group(query, metadata, self._attend_group, self.v_head_dim)
-        return self.o_proj(output.view(num_tokens, -1))
+        if metadata.uses_paged_kernel:
+            output = self._attend_paged(query_nope, query_rope, metadata)
+        else:
+            query = torch.cat((query_nope, query_rope), dim=-1)
+            output = attend_each_group(query, metadata, self._attend_group, self.v_head_dim)
+        return self.o_proj(output.reshape(num_tokens, -1))
+
+    def _up_projections(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b_proj's key half [heads, nope, lora] and value half [heads, v, lora]."""
+        up_projection = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, -1)
+        key_up, value_up = up_projection.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
+        return key_up, value_up
+
+    def _attend_paged(self, query_nope: torch.Tensor, query_rope: torch.Tensor,
+                      metadata: AttentionMetadata) -> torch.Tensor:
+        """The absorbed form for every query, decode and prefill alike, in the paged kernel: the latent
+        cache is read once per sequence for all heads, and never decompressed."""
+        key_up, value_up = self._up_projections()
+        query_latent = torch.bmm(query_nope.transpose(0, 1), key_up).transpose(0, 1)  # [tokens, heads, lora]
+        absorbed_query = torch.cat((query_latent, query_rope), dim=-1)
+        latent_cache = self.kv_cache[:, :, None, :]  # one shared "head": [blocks, block_size, 1, lora + rope]
+        latent_output = attend_paged(absorbed_query, latent_cache, None, metadata, self.scaling,
+                                     self.kv_lora_rank, self.kv_lora_rank)
+        return torch.bmm(latent_output.transpose(0, 1), value_up.transpose(1, 2)).transpose(0, 1)
 
     def _attend_group(self, group_query: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
         cached = gather_kv_cache(self.kv_cache, group.key_slots)  # [sequences, context, lora + rope]
@@ -124,8 +146,7 @@ class MultiHeadLatentAttention(nn.Module):
         self, query: torch.Tensor, cached: torch.Tensor, attend_mask: torch.Tensor
     ) -> torch.Tensor:
         """Attends in latent space: one shared latent 'head' serves as key and value for every query head."""
-        up_projection = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, -1)
-        key_up, value_up = up_projection.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
+        key_up, value_up = self._up_projections()
         query_nope, query_rope = query.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         query_latent = torch.einsum("sqhn,hnl->sqhl", query_nope, key_up)
         absorbed_query = torch.cat((query_latent, query_rope), dim=-1)
@@ -189,14 +210,20 @@ class TopKRouter(nn.Module):
         return weights * self.routed_scaling_factor, expert_ids
 
 
+def has_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
+    """torch's grouped GEMM runs on the CPU, and on the GPU in bfloat16 (Hopper's grouped kernels)."""
+    return hasattr(torch, "_grouped_mm") and (device.type == "cpu" or dtype == torch.bfloat16)
+
+
 def grouped_matmul(rows: torch.Tensor, weights: torch.Tensor, rows_per_expert: torch.Tensor) -> torch.Tensor:
     """rows [N, in] sorted by expert times weights [experts, in, out] → [N, out], one GEMM per group.
 
-    torch's grouped GEMM does this in one call; where it is missing, rows are padded into a dense
-    [experts, most rows, in] block for one batched matmul.
+    torch's grouped GEMM does this in one call, with no host synchronisation (so a CUDA graph can hold
+    it); where it is missing, rows are padded into a dense [experts, most rows, in] block for one
+    batched matmul, which needs the largest group's size on the host.
     """
-    if hasattr(torch, "_grouped_mm"):
-        offsets = torch.cumsum(rows_per_expert, dim=0).to(torch.int32)
+    if has_grouped_mm(rows.device, rows.dtype):
+        offsets = torch.cumsum(rows_per_expert, dim=0, dtype=torch.int32)
         return torch._grouped_mm(rows, weights, offs=offsets)
     num_experts = weights.shape[0]
     expert_of_row = torch.repeat_interleave(torch.arange(num_experts, device=rows.device), rows_per_expert)
@@ -228,7 +255,9 @@ class RoutedExperts(nn.Module):
         flat_expert_ids = expert_ids.flatten()
         pair_order = torch.argsort(flat_expert_ids, stable=True)
         token_of_pair = pair_order // top_k
-        rows_per_expert = torch.bincount(flat_expert_ids, minlength=self.gate_up_proj.shape[0])
+        # Counted with index_add_ rather than bincount, which asks the host for the largest id.
+        rows_per_expert = torch.zeros(self.gate_up_proj.shape[0], dtype=torch.int64, device=hidden.device)
+        rows_per_expert.index_add_(0, flat_expert_ids, torch.ones_like(flat_expert_ids))
         gate_up = grouped_matmul(hidden[token_of_pair], self.gate_up_proj.transpose(1, 2), rows_per_expert)
         gate, up = gate_up.chunk(2, dim=-1)
         expert_output = grouped_matmul(self.act_fn(gate) * up, self.down_proj.transpose(1, 2), rows_per_expert)
@@ -276,6 +305,11 @@ class DeepseekForCausalLM(PagedCausalLM):
                 DecoderLayer(MultiHeadLatentAttention(hf_config), mlp, hf_config.hidden_size, hf_config.rms_norm_eps)
             )
         super().__init__(hf_config, layers, rotary_dim=hf_config.qk_rope_head_dim)
+
+    def supports_cuda_graphs(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """The MoE layers' fallback without grouped GEMM asks the host for group sizes: no graphs then."""
+        has_experts = self.config.num_hidden_layers > self.config.first_k_dense_replace
+        return not has_experts or has_grouped_mm(device, dtype)
 
     @staticmethod
     def checkpoint_expert_target(name: str) -> tuple[str, int, str] | None:

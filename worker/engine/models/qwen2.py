@@ -19,7 +19,9 @@ from worker.engine.models.common import (
     apply_rotary,
     attend,
     attend_each_group,
+    attend_paged,
     gather_kv_cache,
+    packed_rows,
     write_kv_cache,
 )
 
@@ -29,7 +31,8 @@ def head_dim_of(hf_config: PretrainedConfig) -> int:
 
 
 class GroupedQueryAttention(nn.Module):
-    """Caches each token's key and value per KV head: entry shape [2, kv_heads, head_dim]."""
+    """Caches each token's key and value per KV head: entry shape [2, kv_heads, head_dim]. The query, key
+    and value projections are one packed matrix product (`qkv_proj`)."""
 
     def __init__(self, hf_config: PretrainedConfig):
         super().__init__()
@@ -41,9 +44,10 @@ class GroupedQueryAttention(nn.Module):
         qkv_bias = True if is_qwen2 else bool(getattr(hf_config, "attention_bias", False))
         output_bias = False if is_qwen2 else bool(getattr(hf_config, "attention_bias", False))
         hidden_size = hf_config.hidden_size
-        self.q_proj = nn.Linear(hidden_size, self.num_heads * self.head_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        query_rows, key_value_rows = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = nn.Linear(hidden_size, query_rows + 2 * key_value_rows, bias=qkv_bias)
+        self.packed_projections = packed_rows(
+            qkv_proj=[("q_proj", query_rows), ("k_proj", key_value_rows), ("v_proj", key_value_rows)])
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden_size, bias=output_bias)
         self.kv_cache_entry_shape = (2, self.num_kv_heads, self.head_dim)
         self.kv_cache: torch.Tensor | None = None
@@ -52,13 +56,20 @@ class GroupedQueryAttention(nn.Module):
         self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, metadata: AttentionMetadata
     ) -> torch.Tensor:
         num_tokens = hidden.shape[0]
-        query = self.q_proj(hidden).view(num_tokens, self.num_heads, self.head_dim)
-        key = self.k_proj(hidden).view(num_tokens, self.num_kv_heads, self.head_dim)
-        value = self.v_proj(hidden).view(num_tokens, self.num_kv_heads, self.head_dim)
+        query, key, value = self.qkv_proj(hidden).split(
+            [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim],
+            dim=-1)
+        query = query.view(num_tokens, self.num_heads, self.head_dim)
+        key = key.view(num_tokens, self.num_kv_heads, self.head_dim)
+        value = value.view(num_tokens, self.num_kv_heads, self.head_dim)
         query = apply_rotary(query, cos, sin, interleaved=False)
         key = apply_rotary(key, cos, sin, interleaved=False)
         write_kv_cache(self.kv_cache, metadata.slot_mapping, torch.stack((key, value), dim=1))
-        output = attend_each_group(query, metadata, self._attend_group, self.head_dim)
+        if metadata.uses_paged_kernel:
+            key_cache, value_cache = self.kv_cache[:, :, 0], self.kv_cache[:, :, 1]
+            output = attend_paged(query, key_cache, value_cache, metadata, self.scaling, self.head_dim, self.head_dim)
+        else:
+            output = attend_each_group(query, metadata, self._attend_group, self.head_dim)
         return self.o_proj(output.view(num_tokens, -1))
 
     def _attend_group(self, group_query: torch.Tensor, group: AttentionGroup) -> torch.Tensor:

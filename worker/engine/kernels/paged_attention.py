@@ -1,0 +1,190 @@
+"""Attention over the paged KV cache on the GPU: one Triton kernel for decode, prefill and MLA.
+
+Why our own kernel: torch's fused attention needs keys and values contiguous per sequence, which a
+paged cache is not, and gathering them into dense tensors every layer costs more memory traffic than
+the attention itself. This kernel walks each sequence's block table instead.
+
+One program handles `BLOCK_T` query tokens of one sequence for all the query heads that share one
+key/value head (GQA's group; for MLA every head shares the single latent "head"), so each key block is
+read once for the whole group. The rows of its tiles are (token, head-in-group) pairs. Keys are read
+in tiles of `BLOCK_N` positions through the block table, with an online softmax (FlashAttention's
+recurrence). The query dimension may come in two parts (`DIM_A` + `DIM_B`): MLA's absorbed query is
+512 latent + 64 rope dimensions, and Triton tiles must be powers of two. With `VALUE_IS_KEY_PREFIX`
+the values are the first `DIM_V` dimensions of the keys (MLA's latent), so they are not loaded twice.
+
+Queries are causal over the whole context: token t of a sequence whose context after this step holds
+`context_len` positions (cached prefix + new tokens) sees positions up to `context_len - query_len + t`.
+That one rule serves decode (one new token), chunked prefill and prefix-cache hits alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2_E = 1.4426950408889634
+
+
+# The block-table width changes from step to step; specialising on it would compile a variant per width.
+@triton.jit(do_not_specialize=["stride_block_table"])
+def _paged_attention_kernel(
+    query, stride_query_token, stride_query_head,
+    key_cache, stride_key_block, stride_key_slot, stride_key_head,
+    value_cache, stride_value_block, stride_value_slot, stride_value_head,
+    output, stride_output_token, stride_output_head,
+    block_tables, stride_block_table,
+    query_starts, query_lens, context_lens,
+    scale_log2,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, DIM_A: tl.constexpr, DIM_B: tl.constexpr, DIM_V: tl.constexpr,
+    PAD_A: tl.constexpr, PAD_B: tl.constexpr, PAD_V: tl.constexpr,
+    VALUE_IS_KEY_PREFIX: tl.constexpr, PRECISION: tl.constexpr,
+):
+    sequence = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    first_token = tl.program_id(2) * BLOCK_T
+    query_len = tl.load(query_lens + sequence)
+    if first_token >= query_len:
+        return
+    context_len = tl.load(context_lens + sequence)
+    query_start = tl.load(query_starts + sequence)
+
+    rows = tl.arange(0, BLOCK_T * GROUP_PAD)
+    token = first_token + rows // GROUP_PAD
+    head = kv_head * GROUP + rows % GROUP_PAD
+    row_is_real = (token < query_len) & (rows % GROUP_PAD < GROUP)
+    query_position = context_len - query_len + token  # causal limit of each row
+    query_rows = query + (query_start + token)[:, None] * stride_query_token + head[:, None] * stride_query_head
+
+    # Tiles are powers of two of at least 16 (PAD_*, for the tensor cores); dimensions past the real ones
+    # load as zeros.
+    dims_a = tl.arange(0, PAD_A)
+    query_a = tl.load(query_rows + dims_a[None, :], mask=row_is_real[:, None] & (dims_a[None, :] < DIM_A), other=0.0)
+    if DIM_B > 0:
+        dims_b = tl.arange(0, PAD_B)
+        query_b = tl.load(query_rows + DIM_A + dims_b[None, :],
+                          mask=row_is_real[:, None] & (dims_b[None, :] < DIM_B), other=0.0)
+    dims_v = tl.arange(0, PAD_V)
+
+    row_max = tl.full([BLOCK_T * GROUP_PAD], float("-inf"), tl.float32)
+    row_sum = tl.zeros([BLOCK_T * GROUP_PAD], tl.float32)
+    accumulator = tl.zeros([BLOCK_T * GROUP_PAD, PAD_V], tl.float32)
+    # Keys past the last real query's position are masked for every row: stop there.
+    last_token = tl.minimum(first_token + BLOCK_T, query_len) - 1
+    key_end = context_len - query_len + last_token + 1
+    block_table = block_tables + sequence * stride_block_table
+    for key_start in range(0, key_end, BLOCK_N):
+        positions = key_start + tl.arange(0, BLOCK_N)
+        position_is_real = positions < key_end
+        # int64: a cache of tens of GB holds more elements than int32 offsets reach
+        block_ids = tl.load(block_table + positions // PAGE_SIZE, mask=position_is_real, other=0).to(tl.int64)
+        slots = positions % PAGE_SIZE
+        key_rows = key_cache + block_ids * stride_key_block + slots * stride_key_slot + kv_head * stride_key_head
+        key_a = tl.load(key_rows[None, :] + dims_a[:, None],
+                        mask=position_is_real[None, :] & (dims_a[:, None] < DIM_A), other=0.0)
+        scores = tl.dot(query_a, key_a, input_precision=PRECISION)
+        if DIM_B > 0:
+            key_b = tl.load(key_rows[None, :] + DIM_A + dims_b[:, None],
+                            mask=position_is_real[None, :] & (dims_b[:, None] < DIM_B), other=0.0)
+            scores += tl.dot(query_b, key_b, input_precision=PRECISION)
+        visible = (positions[None, :] <= query_position[:, None]) & position_is_real[None, :]
+        scores = tl.where(visible, scores * scale_log2, float("-inf"))
+
+        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+        correction = tl.exp2(row_max - new_max)
+        probabilities = tl.exp2(scores - new_max[:, None])
+        row_sum = row_sum * correction + tl.sum(probabilities, axis=1)
+        if VALUE_IS_KEY_PREFIX:  # PAD_V == PAD_A: the zero-padded key tile is the value tile
+            values = tl.trans(key_a)
+        else:
+            value_rows = (value_cache + block_ids * stride_value_block + slots * stride_value_slot
+                          + kv_head * stride_value_head)
+            values = tl.load(value_rows[:, None] + dims_v[None, :],
+                             mask=position_is_real[:, None] & (dims_v[None, :] < DIM_V), other=0.0)
+        accumulator = accumulator * correction[:, None] + tl.dot(
+            probabilities.to(values.dtype), values, input_precision=PRECISION)
+        row_max = new_max
+
+    accumulator = accumulator / row_sum[:, None]
+    output_rows = output + (query_start + token)[:, None] * stride_output_token + head[:, None] * stride_output_head
+    tl.store(output_rows + dims_v[None, :], accumulator.to(output.dtype.element_ty),
+             mask=row_is_real[:, None] & (dims_v[None, :] < DIM_V))
+
+
+def next_power_of_two(value: int) -> int:
+    return 1 << (value - 1).bit_length()
+
+
+@dataclass(frozen=True)
+class LaunchShape:
+    tokens: int  # query tokens per program
+    block_n: int  # key positions per tile
+    warps: int
+    stages: int  # software-pipelining depth of the key loop
+
+
+def launch_shape(group: int, value_dim: int, is_decode: bool) -> LaunchShape:
+    """The launch for a head layout: the fastest of bench/paged_attention.py's sweep on an H100. Tiles need
+    at least 16 rows for the tensor cores; MLA's 512-wide accumulator limits how many query rows fit in
+    registers, so its prefill programs take fewer tokens."""
+    group_pad = next_power_of_two(group)
+    if is_decode:
+        return LaunchShape(tokens=max(1, 16 // group_pad), block_n=64, warps=4, stages=2)
+    if value_dim > 256:
+        return LaunchShape(tokens=max(1, 64 // group_pad), block_n=64, warps=8, stages=2)
+    return LaunchShape(tokens=max(1, 128 // group_pad), block_n=32, warps=8, stages=2)
+
+
+def paged_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor | None,
+    output: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_starts: torch.Tensor,
+    query_lens: torch.Tensor,
+    context_lens: torch.Tensor,
+    max_query_len: int,
+    scale: float,
+    page_size: int,
+    dim_a: int,
+    value_dim: int,
+    launch: LaunchShape | None = None,
+) -> None:
+    """Attention of `query` [tokens, heads, dim] over the paged cache, written into `output` [tokens, heads, dv].
+
+    key_cache / value_cache: [blocks, page_size, kv_heads, dim] views (any strides but a contiguous
+    last dimension). value_cache None: values are the first `value_dim` key dimensions (MLA).
+    The per-sequence tensors are int32 on the query's device; `max_query_len` sizes the grid.
+    """
+    if value_cache is None and value_dim != dim_a:
+        raise ValueError(f"values that are the keys' prefix need value_dim == dim_a, got {value_dim} and {dim_a}")
+    num_sequences = query_starts.shape[0]
+    if num_sequences == 0:
+        return
+    num_kv_heads = key_cache.shape[2]
+    group = query.shape[1] // num_kv_heads
+    dim_b = query.shape[2] - dim_a
+    launch = launch or launch_shape(group, value_dim, is_decode=max_query_len == 1)
+    values = key_cache if value_cache is None else value_cache
+    grid = (num_sequences, num_kv_heads, triton.cdiv(max_query_len, launch.tokens))
+    _paged_attention_kernel[grid](
+        query, query.stride(0), query.stride(1),
+        key_cache, key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        values, values.stride(0), values.stride(1), values.stride(2),
+        output, output.stride(0), output.stride(1),
+        block_tables, block_tables.stride(0),
+        query_starts, query_lens, context_lens,
+        scale * LOG2_E,
+        GROUP=group, GROUP_PAD=next_power_of_two(group), BLOCK_T=launch.tokens, BLOCK_N=launch.block_n,
+        PAGE_SIZE=page_size, DIM_A=dim_a, DIM_B=dim_b, DIM_V=value_dim,
+        PAD_A=max(16, next_power_of_two(dim_a)), PAD_B=max(16, next_power_of_two(dim_b)) if dim_b else 0,
+        PAD_V=max(16, next_power_of_two(value_dim)),
+        VALUE_IS_KEY_PREFIX=value_cache is None,
+        # float32 runs check the engine against transformers: full-precision products, not tf32.
+        PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        num_warps=launch.warps, num_stages=launch.stages,
+    )
