@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 
 from worker.engine.block_manager import BlockManager, PrefixMatch
 from worker.engine.configs import builtin_config
+from worker.engine.loader import random_reference_model
 from worker.engine.model_runner import ModelRunner
 from worker.engine.scheduler import ScheduledSequence
 from worker.engine.sequence import Sequence
@@ -15,15 +16,15 @@ from worker.engine.types import SamplingParams
 ARCHITECTURES = ["tiny-deepseek-v3", "tiny-deepseek-v2", "tiny-qwen2", "tiny-llama"]
 
 
-def reference_model(model_name: str, seed: int = 0) -> PreTrainedModel:
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(builtin_config(model_name)).eval()
+def reference_model(model_name: str, seed: int = 0, device: str = "cpu") -> PreTrainedModel:
+    """transformers' model with the weights the engine's loader draws for `model_name` on `device`."""
+    return random_reference_model(builtin_config(model_name), seed, torch.device(device), torch.float32)
 
 
 def reference_greedy(model: PreTrainedModel, prompt_token_ids: list[int], max_new_tokens: int) -> list[int]:
     """transformers' greedy continuation of one prompt (no padding, EOS ignored)."""
     output = model.generate(
-        torch.tensor([prompt_token_ids]),
+        torch.tensor([prompt_token_ids], device=model.device),
         max_new_tokens=max_new_tokens,
         do_sample=False,
         eos_token_id=None,

@@ -17,8 +17,9 @@ MAX_NEW_TOKENS = 8
 MIXED_LENGTHS = [3, 21, 40, 9, 17]
 
 
-def assert_matches_reference(model_name: str, prompts: list[list[int]], completions) -> None:
-    reference = reference_model(model_name)
+def assert_matches_reference(model_name: str, prompts: list[list[int]], completions, device: str = "cpu") -> None:
+    """transformers' greedy tokens, from the same random weights drawn on the engine's device."""
+    reference = reference_model(model_name, device=device)
     for prompt, completion in zip(prompts, completions):
         assert completion.token_ids == reference_greedy(reference, prompt, len(completion.token_ids))
         assert completion.finish_reason == "length"

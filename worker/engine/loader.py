@@ -1,11 +1,12 @@
 """Builds an engine model and fills its weights: from a local HF safetensors checkpoint, or at random.
 
-Parameter names follow transformers, so a `save_pretrained` directory loads as is. Routed experts are
-the one exception: checkpoints store them per expert (`experts.<e>.gate_proj.weight`), the engine as
-stacked tensors (`experts.gate_up_proj`), and the loader stacks them. Built-in names get the random
-weights transformers' `from_config` draws under `torch.manual_seed(seed)`, so the reference engine and
-this one run the very same model. Loading goes through safetensors directly rather than
-`from_pretrained` so that no second copy of the model is ever built.
+Parameter names follow transformers, so a `save_pretrained` directory loads as is, with two exceptions
+the loader maps: routed experts, which checkpoints store per expert (`experts.<e>.gate_proj.weight`)
+and the engine as stacked tensors (`experts.gate_up_proj`); and projections the engine packs into one
+matrix product (q/k/v into `qkv_proj`, gate/up into `gate_up_proj`), which fill rows of the packed one.
+Built-in names get the random weights transformers' `from_config` draws under `torch.manual_seed(seed)`
+on the engine's device, so the reference engine and this one run the very same model. Checkpoints load
+through safetensors directly rather than `from_pretrained`, so that no second copy of the model is built.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def load_model(
     """The engine model for a built-in name or a checkpoint directory, on `device` in `dtype`."""
     hf_config = builtin_config(model_name)
     if hf_config is not None:
-        named_tensors: Iterable[tuple[str, torch.Tensor]] = random_named_tensors(hf_config, seed)
+        named_tensors: Iterable[tuple[str, torch.Tensor]] = random_named_tensors(hf_config, seed, device, dtype)
     else:
         if not Path(model_name).is_dir():
             raise ValueError(f"model {model_name!r} is neither a built-in name nor a checkpoint directory")
@@ -57,11 +58,23 @@ def empty_model(hf_config: PretrainedConfig, device: torch.device, dtype: torch.
     return model
 
 
-def random_named_tensors(hf_config: PretrainedConfig, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
-    """transformers' random initialisation under `seed` (the reference engine draws the same weights)."""
+def random_reference_model(hf_config: PretrainedConfig, seed: int, device: torch.device,
+                           dtype: torch.dtype) -> nn.Module:
+    """transformers' own model with its random initialisation under `seed`, drawn on `device` in `dtype`.
+
+    The engine's built-in weights, the reference engine's and the benchmark's baseline all come from
+    here, so they run the same model. Drawing on the device itself keeps a 16B-parameter benchmark
+    model from a slow float32 detour through host memory.
+    """
     torch.manual_seed(seed)
-    reference = AutoModelForCausalLM.from_config(hf_config)
-    yield from reference.state_dict().items()
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(hf_config, dtype=dtype).eval()
+
+
+def random_named_tensors(hf_config: PretrainedConfig, seed: int, device: torch.device,
+                         dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """The reference model's random weights, by name; the reference is dropped once they are copied."""
+    yield from random_reference_model(hf_config, seed, device, dtype).state_dict().items()
 
 
 def checkpoint_named_tensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -95,19 +108,27 @@ def is_ignorable(name: str, hf_config: PretrainedConfig) -> bool:
 def load_named_tensors(model: nn.Module, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
     """Copies checkpoint tensors into the model; raises when one is unknown or a model tensor is missing."""
     targets = model.state_dict(keep_vars=True)
+    packed_counts = packed_piece_counts(model)
     pieces_loaded: dict[str, int] = {}
     unexpected: list[str] = []
     expert_target = getattr(model, "checkpoint_expert_target", lambda name: None)
     for name, tensor in named_tensors:
         stacked = expert_target(name)
+        packed = packed_target(model, name) if name not in targets else None
         if stacked is not None and stacked[0] in targets:
             stacked_name, expert_index, projection = stacked
             copy_expert_slice(targets[stacked_name], expert_index, projection, tensor)
             pieces_loaded[stacked_name] = pieces_loaded.get(stacked_name, 0) + 1
+        elif packed is not None and packed[0] in targets:
+            packed_name, first_row, rows = packed
+            target = targets[packed_name][first_row : first_row + rows]
+            check_shape(name, target, tensor)
+            target.copy_(tensor)
+            pieces_loaded[packed_name] = pieces_loaded.get(packed_name, 0) + 1
         elif name in targets:
             check_shape(name, targets[name], tensor)
             targets[name].copy_(tensor)
-            pieces_loaded[name] = pieces_loaded.get(name, 0) + expected_pieces(name, targets[name])
+            pieces_loaded[name] = pieces_loaded.get(name, 0) + expected_pieces(name, targets[name], packed_counts)
         elif not is_ignorable(name, model.config):
             unexpected.append(name)
     if unexpected:
@@ -115,14 +136,44 @@ def load_named_tensors(model: nn.Module, named_tensors: Iterable[tuple[str, torc
     missing = [
         name
         for name, target in targets.items()
-        if pieces_loaded.get(name, 0) < expected_pieces(name, target) and not is_tied_head(model, name)
+        if pieces_loaded.get(name, 0) < expected_pieces(name, target, packed_counts) and not is_tied_head(model, name)
     ]
     if missing:
         raise ValueError(f"model tensors missing from the checkpoint: {missing[:5]} ({len(missing)} in all)")
 
 
-def expected_pieces(name: str, target: torch.Tensor) -> int:
-    """How many checkpoint tensors fill `name`: one per expert and projection for stacked experts."""
+def packed_target(model: nn.Module, name: str) -> tuple[str, int, int] | None:
+    """For a checkpoint projection the model packs with others (`...self_attn.q_proj.weight` into
+    `qkv_proj`): the packed tensor's name and the rows it fills; None for every other name."""
+    prefix, _, tensor_kind = name.rpartition(".")
+    module_path, _, projection = prefix.rpartition(".")
+    try:
+        module = model.get_submodule(module_path)
+    except AttributeError:
+        return None
+    where = getattr(module, "packed_projections", {}).get(projection)
+    if where is None:
+        return None
+    packed_name, first_row, rows = where
+    return f"{module_path}.{packed_name}.{tensor_kind}", first_row, rows
+
+
+def packed_piece_counts(model: nn.Module) -> dict[str, int]:
+    """How many checkpoint tensors fill each packed weight and bias."""
+    counts: dict[str, int] = {}
+    for module_path, module in model.named_modules():
+        for packed_name, _, _ in getattr(module, "packed_projections", {}).values():
+            for tensor_kind in ("weight", "bias"):
+                key = f"{module_path}.{packed_name}.{tensor_kind}"
+                counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def expected_pieces(name: str, target: torch.Tensor, packed_counts: dict[str, int] | None = None) -> int:
+    """How many checkpoint tensors fill `name`: one per expert and projection for stacked experts, one
+    per projection for packed ones."""
+    if packed_counts and name in packed_counts:
+        return packed_counts[name]
     if name.endswith("experts.gate_up_proj"):
         return 2 * target.shape[0]
     if name.endswith("experts.down_proj"):

@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from worker.engine.configs import builtin_config
 from worker.engine.device import resolve_device, resolve_dtype
+from worker.engine.loader import random_reference_model
 from worker.engine.tokenizer import PromptEncoder, load_tokenizer
 from worker.engine.types import (
     Completion,
@@ -35,8 +36,7 @@ def load_hf_model(config: EngineConfig, device: torch.device, dtype: torch.dtype
         hf_config = AutoConfig.from_pretrained(config.model)
         model = AutoModelForCausalLM.from_pretrained(config.model, config=hf_config, dtype=dtype)
     else:
-        torch.manual_seed(config.seed)
-        model = AutoModelForCausalLM.from_config(hf_config)
+        model = random_reference_model(hf_config, config.seed, device, dtype)
     return model.to(device=device, dtype=dtype).eval()
 
 
