@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from worker.engine.sampler import Sampler, apply_top_k_top_p
+from worker.engine.sampler import Sampler, apply_top_k_top_p, sample_by_inverse_transform
 from worker.engine.sequence import Sequence
 from worker.engine.types import SamplingParams
 
@@ -60,3 +60,17 @@ def test_sampling_respects_top_k():
     logits[0, 10] = logits[0, 20] = 1.0
     sequence = sequence_with(temperature=5.0, top_k=2, seed=1)
     assert {Sampler().sample(logits, [sequence])[0] for _ in range(40)} == {10, 20}
+
+
+def test_inverse_transform_never_picks_a_zero_probability_token():
+    probabilities = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0]] * 4)
+    uniforms = torch.tensor([0.0, 0.49999, 0.5, 1.0 - 1e-12], dtype=torch.float64)
+    assert sample_by_inverse_transform(probabilities, uniforms).tolist() == [1, 1, 3, 3]
+
+
+def test_sampled_frequencies_follow_the_distribution():
+    target = torch.tensor([0.1, 0.6, 0.3])
+    sequences = [sequence_with(temperature=1.0, seed=seed) for seed in range(3000)]
+    tokens = Sampler().sample(target.log().expand(len(sequences), -1).clone(), sequences)
+    frequencies = torch.bincount(torch.tensor(tokens), minlength=3).float() / len(tokens)
+    torch.testing.assert_close(frequencies, target, atol=0.03, rtol=0)

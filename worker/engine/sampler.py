@@ -1,8 +1,11 @@
 """Turns each sequence's logits into its next token: greedy, or temperature + top-k + top-p sampling.
 
-Every sampling request draws from its own torch.Generator (seeded from `seed`, or at random when none
-is given), so a seeded request produces the same tokens whatever else shares its batch. Greedy rows
-are one batched argmax; only sampled rows pay for the sort that top-k/top-p need.
+Sampling draws by inverse transform: each sampled row needs one uniform number, taken from the
+sequence's own `random.Random` (seeded from `seed`, or at random when none is given), and the token is
+where that number falls in the row's cumulative distribution. So a seeded request produces the same
+tokens whatever else shares its batch, and the whole batch is sampled with a handful of tensor ops
+rather than a random-generator call per row. Greedy rows are one batched argmax; only rows that ask
+for top-k/top-p pay for the sort those need.
 """
 
 from __future__ import annotations
@@ -31,18 +34,32 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     return torch.full_like(logits, float("-inf")).scatter(-1, sorted_token_ids, sorted_logits)
 
 
+def sample_by_inverse_transform(probabilities: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """The token of each row [rows, vocab] where its uniform number [rows] falls in the cumulative distribution.
+
+    The target is scaled by the row's own total and kept strictly below it, so rounding in float32
+    cannot push a draw past the last token, and a token of probability zero is never chosen (the first
+    cumulative sum above the target belongs to a token that adds something).
+    """
+    cumulative = probabilities.cumsum(dim=-1)
+    totals = cumulative[:, -1:]
+    just_below_totals = torch.nextafter(totals, torch.zeros_like(totals))
+    targets = torch.minimum(uniforms[:, None].to(cumulative.dtype) * totals, just_below_totals)
+    return torch.searchsorted(cumulative, targets, right=True)[:, 0]
+
+
 class Sampler:
     def sample(self, logits: torch.Tensor, sequences: list[Sequence]) -> list[int]:
         """One next token per row of logits [sequences, vocab]."""
-        logits = logits.float()
         token_ids = logits.argmax(dim=-1)
         sampled_rows = [row for row, sequence in enumerate(sequences) if not sequence.sampling.greedy]
         if sampled_rows:
             row_sequences = [sequences[row] for row in sampled_rows]
-            probabilities = self.probabilities(logits[sampled_rows], row_sequences)
-            for row_index, (row, sequence) in enumerate(zip(sampled_rows, row_sequences)):
-                generator = self.generator_of(sequence, logits.device)
-                token_ids[row] = torch.multinomial(probabilities[row_index], 1, generator=generator)[0]
+            rows = torch.tensor(sampled_rows, device=logits.device)
+            probabilities = self.probabilities(logits[rows].float(), row_sequences)
+            uniforms = torch.tensor([self.generator_of(sequence).random() for sequence in row_sequences],
+                                    device=logits.device)
+            token_ids[rows] = sample_by_inverse_transform(probabilities, uniforms)
         return token_ids.tolist()
 
     @staticmethod
@@ -50,15 +67,15 @@ class Sampler:
         device = logits.device
         temperatures = torch.tensor([s.sampling.temperature for s in sequences], device=device)
         logits = logits / temperatures[:, None]
-        top_k = torch.tensor([s.sampling.top_k for s in sequences], device=device)
-        top_p = torch.tensor([s.sampling.top_p for s in sequences], device=device)
-        if bool((top_k > 0).any()) or bool((top_p < 1).any()):
-            logits = apply_top_k_top_p(logits, top_k, top_p)
+        top_k = [s.sampling.top_k for s in sequences]
+        top_p = [s.sampling.top_p for s in sequences]
+        if any(k > 0 for k in top_k) or any(p < 1 for p in top_p):
+            logits = apply_top_k_top_p(logits, torch.tensor(top_k, device=device), torch.tensor(top_p, device=device))
         return logits.softmax(dim=-1)
 
     @staticmethod
-    def generator_of(sequence: Sequence, device: torch.device) -> torch.Generator:
+    def generator_of(sequence: Sequence) -> random.Random:
         if sequence.random_generator is None:
             seed = sequence.sampling.seed if sequence.sampling.seed is not None else random.getrandbits(63)
-            sequence.random_generator = torch.Generator(device=device).manual_seed(seed)
+            sequence.random_generator = random.Random(seed)
         return sequence.random_generator

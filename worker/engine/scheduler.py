@@ -69,16 +69,23 @@ class Scheduler:
             sequence = self.running[index]
             num_new_tokens = min(sequence.num_uncomputed_tokens, token_budget)
             target_tokens = sequence.num_computed_tokens + num_new_tokens
-            while not self.block_manager.can_grow(sequence, target_tokens) and self.running[-1] is not sequence:
-                plan.preempted.append(self._preempt(self.running[-1]))
-            if not self.block_manager.can_grow(sequence, target_tokens):
-                plan.preempted.append(self._preempt(sequence))
+            if not self._make_room(sequence, target_tokens, plan):
                 break
             self.block_manager.grow(sequence, target_tokens)
             plan.scheduled.append(ScheduledSequence(sequence, num_new_tokens))
             token_budget -= num_new_tokens
             index += 1
         return token_budget
+
+    def _make_room(self, sequence: Sequence, target_tokens: int, plan: StepPlan) -> bool:
+        """Preempts the latest admitted sequences until `sequence` can grow to `target_tokens` tokens;
+        False when that took `sequence` itself."""
+        while not self.block_manager.can_grow(sequence, target_tokens):
+            victim = self.running[-1]
+            plan.preempted.append(self._preempt(victim))
+            if victim is sequence:
+                return False
+        return True
 
     def _admit_waiting(self, plan: StepPlan, token_budget: int) -> None:
         while self.waiting and token_budget > 0 and len(self.running) < self.max_batch_size:
