@@ -2,36 +2,53 @@
 
 The baseline runs left-padded batches of `--hf-batch-size` prompts through `generate` with the KV cache;
 the engine gets every prompt at once and batches them continuously. Both decode greedily and ignore EOS,
-so each produces exactly `--max-tokens` tokens per prompt; the figure of merit is output tokens per second.
-Results go to bench/results/engine-<device>-<model>.json.
+so each produces exactly `--max-tokens` tokens per prompt; the figure of merit is output tokens per
+second, prefill included. Both run the same random weights (transformers' initialisation under
+`--seed`, drawn on the device). Results go to bench/results/engine-<device>-<model>[-<dtype>].json.
+
+Greedy agreement with the baseline is reported for the whole output, the first 32 tokens and the first
+token; in 16 bits, random weights give nearly flat logits whose ties rounding flips, so the first
+`--float32-check-prompts` prompts also decode with the same weights in float32, and the report says how
+often the engine and transformers each keep the first 32 float32 tokens.
+
+Also reported: GPU memory, the KV cache's capacity in tokens, a breakdown of the engine's steps, and
+the fraction of the memory-bandwidth roofline its decode steps reach: every decode step must read the
+weights (all but the input embedding) once plus the KV cache of every context position in the batch;
+those bytes over the decode steps' time, against a device-to-device copy measured in the same run.
 
     python bench/engine.py                       # the tiny DeepSeek-V3 on the CPU
-    python bench/engine.py --model /path/to/checkpoint --device cuda --num-prompts 512
-    python bench/engine.py --model shape-r1-distill-qwen-1.5b --device cuda --num-prompts 512 \
-        --min-prompt-len 64 --max-prompt-len 512 --max-tokens 256 --hf-batch-size 256 --max-batch-size 256
+    python bench/engine.py --model shape-r1-distill-qwen-1.5b --device cuda --num-prompts 512 \\
+        --min-prompt-len 64 --max-prompt-len 512 --max-tokens 256 --hf-batch-size 256 --max-batch-size 512
+    python bench/engine.py --model shape-deepseek-v2-lite --device cuda --num-prompts 512 \\
+        --min-prompt-len 64 --max-prompt-len 512 --max-tokens 128 --hf-batch-size 128 --max-batch-size 512
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import gc
 import json
 import platform
 import re
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from worker.engine.configs import builtin_config  # noqa: E402
 from worker.engine.device import resolve_device, resolve_dtype  # noqa: E402
 from worker.engine.engine import LLMEngine  # noqa: E402
+from worker.engine.loader import random_reference_model  # noqa: E402
 from worker.engine.types import EngineConfig, SamplingParams  # noqa: E402
 
 RESULTS_DIRECTORY = Path(__file__).resolve().parent / "results"
+GIB = 2**30
 
 
 def parse_arguments() -> argparse.Namespace:
@@ -41,11 +58,18 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--min-prompt-len", type=int, default=16)
     parser.add_argument("--max-prompt-len", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--hf-batch-size", type=int, default=32)
+    parser.add_argument("--hf-batch-size", type=int, default=128)
     parser.add_argument("--max-batch-size", type=int, default=64, help="the engine's max_batch_size")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192, help="the engine's step token budget")
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly (to measure the graphs)")
+    parser.add_argument("--skip-transformers", action="store_true",
+                        help="engine figures only, no baseline and no ratio (quick looks while tuning)")
+    parser.add_argument("--float32-check-prompts", type=int, default=64,
+                        help="how many prompts also decode in float32, to put 16-bit agreement in context (0: none)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=Path, help="JSON file; default bench/results/engine-<device>-<model>.json")
     return parser.parse_args()
 
 
@@ -58,14 +82,46 @@ def random_prompts(arguments: argparse.Namespace, vocab_size: int) -> list[list[
 
 
 def load_reference(model: str, seed: int, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
-    """The same weights the engine loads: `from_config` under the seed, or the checkpoint."""
+    """The same weights the engine loads: the random reference under the seed, or the checkpoint."""
     hf_config = builtin_config(model)
     if hf_config is None:
-        reference = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
-    else:
-        torch.manual_seed(seed)
-        reference = AutoModelForCausalLM.from_config(hf_config)
-    return reference.to(device=device, dtype=dtype).eval()
+        return AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device).eval()
+    return random_reference_model(hf_config, seed, device, dtype)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def release_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    return round(torch.cuda.max_memory_allocated(device) / GIB, 2) if device.type == "cuda" else 0.0
+
+
+def copy_bandwidth(device: torch.device) -> float | None:
+    """Bytes per second of a large device-to-device copy (read + write), the decode roofline's ceiling."""
+    if device.type != "cuda":
+        return None
+    source = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    for _ in range(3):
+        target.copy_(source)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        target.copy_(source)
+    end.record()
+    end.synchronize()
+    seconds = start.elapsed_time(end) / 1000
+    del source, target
+    return 2 * 20 * (1 << 30) / seconds
 
 
 @torch.inference_mode()
@@ -73,6 +129,7 @@ def run_transformers(
     reference: PreTrainedModel, prompts: list[list[int]], max_tokens: int, batch_size: int, device: torch.device
 ) -> tuple[float, list[list[int]]]:
     outputs: list[list[int]] = []
+    synchronize(device)
     started = time.perf_counter()
     for first in range(0, len(prompts), batch_size):
         batch = prompts[first : first + batch_size]
@@ -87,65 +144,177 @@ def run_transformers(
             max_new_tokens=max_tokens, do_sample=False, eos_token_id=None, pad_token_id=0,
         )
         outputs.extend(generated[:, longest:].tolist())
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     return time.perf_counter() - started, outputs
 
 
-def run_engine(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> tuple[float, list[list[int]]]:
-    sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+def float32_greedy(reference: PreTrainedModel, prompts: list[list[int]], max_tokens: int,
+                   device: torch.device) -> list[list[int]]:
+    """The first greedy tokens of the same weights upcast to float32 (the rounding-free answer)."""
+    upcast = copy.deepcopy(reference).float()
+    _, outputs = run_transformers(upcast, prompts, max_tokens, len(prompts), device)
+    del upcast
+    return outputs
+
+
+@dataclass
+class StepLog:
+    """What each engine step computed and how long it took (the sampler's token copy ends each step)."""
+
+    seconds: list[float] = field(default_factory=list)
+    decode_only: list[bool] = field(default_factory=list)
+    sequences: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    context_positions: list[int] = field(default_factory=list)
+
+    def attach(self, engine: LLMEngine) -> None:
+        execute = engine.runner.execute
+
+        def timed_execute(scheduled):
+            started = time.perf_counter()
+            result = execute(scheduled)
+            self.seconds.append(time.perf_counter() - started)
+            self.decode_only.append(all(item.num_new_tokens == 1 for item in scheduled))
+            self.sequences.append(len(scheduled))
+            self.tokens.append(sum(item.num_new_tokens for item in scheduled))
+            self.context_positions.append(
+                sum(item.sequence.num_computed_tokens + item.num_new_tokens for item in scheduled))
+            return result
+
+        engine.runner.execute = timed_execute
+
+    def summary(self, weight_bytes: int, kv_bytes_per_token: int, bandwidth: float | None) -> dict:
+        decode = [index for index, only in enumerate(self.decode_only) if only]
+        other = [index for index, only in enumerate(self.decode_only) if not only]
+        decode_seconds = sum(self.seconds[index] for index in decode)
+        decode_bytes = sum(weight_bytes + kv_bytes_per_token * self.context_positions[index] for index in decode)
+        summary = {
+            "steps": len(self.seconds),
+            "prefill_steps": len(other),
+            "prefill_steps_seconds": round(sum(self.seconds[index] for index in other), 3),
+            "prefill_tokens": sum(self.tokens[index] for index in other),
+            "decode_steps": len(decode),
+            "decode_steps_seconds": round(decode_seconds, 3),
+            "decode_step_mean_ms": round(1000 * decode_seconds / max(len(decode), 1), 2),
+            "decode_mean_batch": round(sum(self.sequences[index] for index in decode) / max(len(decode), 1), 1),
+            "decode_tokens_per_s": round(sum(self.sequences[index] for index in decode) / max(decode_seconds, 1e-9), 1),
+        }
+        if bandwidth and decode_seconds:
+            summary["decode_bytes_per_s"] = round(decode_bytes / decode_seconds / 1e12, 3)
+            summary["decode_bandwidth_roofline_fraction"] = round(decode_bytes / decode_seconds / bandwidth, 3)
+        return summary
+
+
+def engine_weight_bytes(engine: LLMEngine) -> int:
+    """Bytes a decode step reads of the weights: all but the input embedding (only a row per token)."""
+    embedding = engine.model.model.embed_tokens.weight
+    return sum(parameter.numel() * parameter.element_size() for parameter in engine.model.parameters()
+               if parameter is not embedding or engine.model.lm_head.weight is embedding)
+
+
+def run_engine(arguments: argparse.Namespace, device: torch.device, dtype: torch.dtype,
+               prompts: list[list[int]]) -> dict:
+    engine = LLMEngine(EngineConfig(
+        model=arguments.model, device=str(device), dtype=str(dtype).removeprefix("torch."), seed=arguments.seed,
+        max_batch_size=arguments.max_batch_size, max_wait_ms=5.0,
+        max_num_batched_tokens=arguments.max_num_batched_tokens,
+        max_model_len=arguments.max_prompt_len + arguments.max_tokens + 1,
+        use_cuda_graphs=not arguments.no_cuda_graphs,
+    ))
     engine.generate(prompts[:4], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
+    steps = StepLog()
+    steps.attach(engine)
+    sampling = SamplingParams(max_tokens=arguments.max_tokens, ignore_eos=True)
+    synchronize(device)
     started = time.perf_counter()
     completions = engine.generate(prompts, sampling)
-    return time.perf_counter() - started, [completion.token_ids for completion in completions]
+    seconds = time.perf_counter() - started
+    kv_bytes_per_token = engine.model.kv_cache_bytes_per_token(engine.dtype)
+    result = {
+        "seconds": seconds,
+        "outputs": [completion.token_ids for completion in completions],
+        "kv_cache_capacity_tokens": engine.block_manager.num_blocks * engine.config.kv_block_size,
+        "kv_cache_gib": round(engine.block_manager.num_blocks * engine.config.kv_block_size * kv_bytes_per_token
+                              / GIB, 2),
+        "preemptions": engine.scheduler.num_preemptions,
+        "peak_gpu_memory_gib": peak_memory_gib(device),
+        "steps": steps.summary(engine_weight_bytes(engine), kv_bytes_per_token, arguments.bandwidth),
+        "weight_gib": round(sum(p.numel() * p.element_size() for p in engine.model.parameters()) / GIB, 2),
+    }
+    engine.shutdown()
+    return result
 
 
 def main() -> None:
     arguments = parse_arguments()
     device = resolve_device(arguments.device)
     dtype = resolve_dtype(arguments.dtype, device)
-    engine = LLMEngine(EngineConfig(
-        model=arguments.model, device=str(device), dtype=str(dtype).removeprefix("torch."), seed=arguments.seed,
-        max_batch_size=arguments.max_batch_size, max_wait_ms=5.0,
-        max_model_len=arguments.max_prompt_len + arguments.max_tokens + 1,
-    ))
-    prompts = random_prompts(arguments, engine.hf_config.vocab_size)
-    engine_seconds, engine_outputs = run_engine(engine, prompts, arguments.max_tokens)
-    kv_cache_tokens = engine.block_manager.num_blocks * engine.config.kv_block_size
-    engine_peak_bytes = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-    engine.shutdown()
-    del engine
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    reference = load_reference(arguments.model, arguments.seed, device, dtype)
-    run_transformers(reference, prompts[:2], 2, arguments.hf_batch_size, device)  # warm-up
-    hf_seconds, hf_outputs = run_transformers(reference, prompts, arguments.max_tokens, arguments.hf_batch_size, device)
+    arguments.bandwidth = copy_bandwidth(device)
+    hf_config = builtin_config(arguments.model) or AutoConfig.from_pretrained(arguments.model)
+    prompts = random_prompts(arguments, hf_config.vocab_size)
     output_tokens = arguments.num_prompts * arguments.max_tokens
-    agreeing = sum(ours == theirs for ours, theirs in zip(engine_outputs, hf_outputs))
-    # bf16 rounding can flip a late token; the first 32 say whether the model computes the same function.
-    agreeing_first_32 = sum(ours[:32] == theirs[:32] for ours, theirs in zip(engine_outputs, hf_outputs))
-    result = {
-        "model": arguments.model, "device": str(device), "dtype": str(dtype), "torch": torch.__version__,
-        "host": platform.node(), "cpu_threads": torch.get_num_threads(),
+    result: dict = {
+        "model": arguments.model, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": str(dtype), "torch": torch.__version__, "host": platform.node(),
+        "cpu_threads": torch.get_num_threads(),
         "num_prompts": arguments.num_prompts, "prompt_len": [arguments.min_prompt_len, arguments.max_prompt_len],
         "max_tokens": arguments.max_tokens, "hf_batch_size": arguments.hf_batch_size,
         "engine_max_batch_size": arguments.max_batch_size,
-        "transformers_seconds": round(hf_seconds, 3), "engine_seconds": round(engine_seconds, 3),
-        "transformers_tokens_per_s": round(output_tokens / hf_seconds, 1),
-        "engine_tokens_per_s": round(output_tokens / engine_seconds, 1),
-        "speedup": round(hf_seconds / engine_seconds, 2),
-        "greedy_outputs_identical": f"{agreeing}/{arguments.num_prompts}",
-        "greedy_first_32_tokens_identical": f"{agreeing_first_32}/{arguments.num_prompts}",
-        "engine_kv_cache_capacity_tokens": kv_cache_tokens,
-        "engine_peak_gpu_memory_gib": round(engine_peak_bytes / 2**30, 2),
-        "transformers_peak_gpu_memory_gib": round(
-            torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0, 2),
+        "engine_max_num_batched_tokens": arguments.max_num_batched_tokens,
+        "engine_cuda_graphs": device.type == "cuda" and not arguments.no_cuda_graphs,
+        "measured_copy_bandwidth_tb_s": round(arguments.bandwidth / 1e12, 3) if arguments.bandwidth else None,
     }
+    hf_outputs = float32_outputs = None
+    if not arguments.skip_transformers:
+        # The baseline first, while the GPU is empty; its weights are drawn again by the engine's loader.
+        reference = load_reference(arguments.model, arguments.seed, device, dtype)
+        run_transformers(reference, prompts[:2], 2, arguments.hf_batch_size, device)  # warm-up
+        hf_seconds, hf_outputs = run_transformers(reference, prompts, arguments.max_tokens,
+                                                  arguments.hf_batch_size, device)
+        result.update(transformers_seconds=round(hf_seconds, 3),
+                      transformers_tokens_per_s=round(output_tokens / hf_seconds, 1),
+                      transformers_peak_gpu_memory_gib=peak_memory_gib(device))
+        if arguments.float32_check_prompts and dtype != torch.float32:
+            float32_outputs = float32_greedy(reference, prompts[: arguments.float32_check_prompts],
+                                             min(32, arguments.max_tokens), device)
+        del reference
+        release_memory(device)
+    engine = run_engine(arguments, device, dtype, prompts)
+    result.update(
+        engine_seconds=round(engine["seconds"], 3),
+        engine_tokens_per_s=round(output_tokens / engine["seconds"], 1),
+    )
+    if hf_outputs is not None:
+        result["speedup"] = round(result["transformers_seconds"] / engine["seconds"], 2)
+        outputs = engine["outputs"]
+        result["greedy_outputs_identical"] = f"{sum(a == b for a, b in zip(outputs, hf_outputs))}/{len(outputs)}"
+        # bf16 rounding can flip a late token; the first 32 say whether the model computes the same function.
+        result["greedy_first_32_tokens_identical"] = (
+            f"{sum(a[:32] == b[:32] for a, b in zip(outputs, hf_outputs))}/{len(outputs)}")
+        result["greedy_first_token_identical"] = (
+            f"{sum(a[:1] == b[:1] for a, b in zip(outputs, hf_outputs))}/{len(outputs)}")
+    if float32_outputs is not None:
+        # How far 16-bit rounding alone moves greedy decoding: transformers' own 16-bit run against the same
+        # weights in float32, beside the engine's. The engine should stray no further than transformers does.
+        count = len(float32_outputs)
+        result["float32_check_prompts"] = count
+        checked = len(float32_outputs[0])
+        result["first_tokens_identical_to_float32"] = {
+            "tokens": checked,
+            "transformers": sum(a[:checked] == b for a, b in zip(hf_outputs, float32_outputs)),
+            "engine": sum(a[:checked] == b for a, b in zip(engine["outputs"], float32_outputs)),
+        }
+    result.update({f"engine_{key}": value for key, value in engine.items() if key not in ("seconds", "outputs")})
     print(json.dumps(result, indent=2))
-    RESULTS_DIRECTORY.mkdir(parents=True, exist_ok=True)
+    output = arguments.output or default_output(arguments, device, dtype)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def default_output(arguments: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Path:
     model_label = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(arguments.model).name or arguments.model)
-    (RESULTS_DIRECTORY / f"engine-{device.type}-{model_label}.json").write_text(json.dumps(result, indent=2) + "\n")
+    suffix = "" if dtype == resolve_dtype("auto", device) else "-" + str(dtype).removeprefix("torch.")
+    return RESULTS_DIRECTORY / f"engine-{device.type}-{model_label}{suffix}.json"
 
 
 if __name__ == "__main__":
