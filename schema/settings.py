@@ -28,7 +28,7 @@ class Settings(BaseSettings):
     # Model and engine.
     model: str = "tiny-deepseek-v3"  # a built-in name or a local checkpoint directory
     model_aliases: str = ""  # comma-separated: more names a line's `model` may give for the served model
-    engine: str = Field(default="deepbatch", pattern=r"^(deepbatch|reference|[\w.]+:\w+)$")
+    engine: str = Field(default="deepbatch", pattern=r"^(deepbatch|[\w.]+:\w+)$")
     device: str = "auto"
     dtype: str = "auto"
     seed: int = 0
@@ -37,6 +37,8 @@ class Settings(BaseSettings):
     max_num_batched_tokens: PositiveInt = 4096
     max_model_len: PositiveInt = 4096
     default_max_tokens: PositiveInt = 256
+    gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1)  # share of the GPU the engine may fill
+    cuda_graphs: bool = True  # replay decode steps from CUDA graphs (GPU only)
 
     # Delivery and retries.
     max_attempts: PositiveInt = 3

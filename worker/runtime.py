@@ -46,16 +46,13 @@ def engine_config(settings: Settings) -> EngineConfig:
         model=settings.model, device=settings.device, dtype=settings.dtype, seed=settings.seed,
         max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms,
         max_num_batched_tokens=settings.max_num_batched_tokens, max_model_len=settings.max_model_len,
+        gpu_memory_utilization=settings.gpu_memory_utilization, use_cuda_graphs=settings.cuda_graphs,
     )
 
 
 def build_engine(settings: Settings) -> Engine:
-    """`deepbatch`, `reference`, or `package.module:factory` — a callable taking an EngineConfig."""
+    """`deepbatch`, or `package.module:factory` — a callable taking an EngineConfig."""
     config = engine_config(settings)
-    if settings.engine == "reference":
-        from worker.engine.reference import ReferenceEngine
-
-        return ReferenceEngine(config)
     if settings.engine == "deepbatch":
         from worker.engine.engine import build_engine as build_deepbatch_engine
 

@@ -1,7 +1,8 @@
 """Engines for the chaos tests, loaded by workers through DEEPBATCH_ENGINE=tests.chaos.engines:<factory>.
 
-They wrap the real reference engine and misbehave on request: a prompt containing FAIL_TRANSIENTLY
-fails with a transient error while the file named by DEEPBATCH_TEST_FAIL_MARKER exists.
+They wrap the real engine and misbehave on request: a prompt containing FAIL_TRANSIENTLY fails with a
+transient error while the file named by DEEPBATCH_TEST_FAIL_MARKER exists; one containing KILL_WORKER
+kills the worker process.
 """
 
 from __future__ import annotations
@@ -10,16 +11,16 @@ import os
 from concurrent.futures import Future
 from pathlib import Path
 
-from worker.engine.reference import ReferenceEngine
+from worker.engine.engine import LLMEngine
 from worker.engine.types import EngineConfig, SamplingParams, TransientEngineError
 
 FAIL_TRANSIENTLY = "FAIL_TRANSIENTLY"
 
 
-class FlakyEngine(ReferenceEngine):
+class FlakyEngine(LLMEngine):
     def submit(self, prompt_token_ids: list[int], sampling: SamplingParams) -> Future:
         marker = os.environ.get("DEEPBATCH_TEST_FAIL_MARKER")
-        if marker and Path(marker).exists() and FAIL_TRANSIENTLY in self.encoder.decode(prompt_token_ids):
+        if marker and Path(marker).exists() and FAIL_TRANSIENTLY in self.tokenizer.decode(prompt_token_ids):
             future: Future = Future()
             future.set_exception(TransientEngineError("injected: CUDA out of memory"))
             return future
@@ -30,11 +31,11 @@ def flaky_engine(config: EngineConfig) -> FlakyEngine:
     return FlakyEngine(config)
 
 
-class PoisonEngine(ReferenceEngine):
+class PoisonEngine(LLMEngine):
     """A prompt containing KILL_WORKER takes the whole worker process down, as a segfaulting kernel would."""
 
     def submit(self, prompt_token_ids: list[int], sampling: SamplingParams) -> Future:
-        if "KILL_WORKER" in self.encoder.decode(prompt_token_ids):
+        if "KILL_WORKER" in self.tokenizer.decode(prompt_token_ids):
             os._exit(137)
         return super().submit(prompt_token_ids, sampling)
 

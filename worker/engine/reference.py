@@ -1,6 +1,8 @@
 """A reference engine on transformers' `generate`, with simple dynamic batching.
 
-It is the oracle the fast engine is tested against and a fallback (`DEEPBATCH_ENGINE=reference`).
+It is the oracle the fast engine is tested against, not a worker engine: transformers cannot batch
+continuously, and its paged cache cannot hold DeepSeek's MLA. (A worker can still run it, as any engine,
+with `DEEPBATCH_ENGINE=worker.engine.reference:ReferenceEngine`.)
 A background thread gathers requests for up to `max_wait_ms` (at most `max_batch_size`), groups
 those with the same sampling parameters, and runs one left-padded `generate` per group with the KV cache.
 """
