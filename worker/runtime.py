@@ -30,7 +30,7 @@ from worker.app import celery_app, publish_dead_letters
 from worker.engine.types import Completion, EngineConfig, PermanentEngineError, SamplingParams, TransientEngineError
 from worker.isolation import IsolationLock
 from worker.reconcile import Maintenance
-from worker.store import WORKER_LOST, ClaimedRequest, DeadRequest, RequestStore
+from worker.store import ClaimedRequest, DeadRequest, RequestStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -150,6 +150,10 @@ class WorkerRuntime:
         if claim is None:
             metrics.requests_finished.labels("skipped").inc()
             return "skipped", None  # nothing queued (a duplicate message), or a live worker holds it
+        if isinstance(claim, DeadRequest):  # its worker died during its last attempt: a poison request
+            self._announce_dead(claim)
+            metrics.requests_finished.labels("dead").inc()
+            return "dead", None
         if claim.attempt == 1:
             metrics.queue_wait.observe(claim.queued_seconds)
         with self.in_flight_lock:
@@ -168,8 +172,6 @@ class WorkerRuntime:
         return outcome, claim
 
     def _attempt(self, claim: ClaimedRequest) -> str:
-        if claim.attempt > claim.max_attempts:  # its earlier workers died holding it: a poison request
-            return self._transient(claim, WORKER_LOST, f"worker lost on each of {claim.max_attempts} attempts")
         cached = self._db(lambda: self.store.cached_result(claim.cache_key)) if claim.cache_key else None
         if cached is not None:
             source, completion = cached
@@ -198,10 +200,13 @@ class WorkerRuntime:
         if state.value == "queued":
             metrics.retries.inc()
             return "retry"
-        metrics.dead_letters.inc()
-        letter = DeadRequest(claim.id, claim.job_id, claim.attempt, f"{code}: {message}")
-        publish_dead_letters(celery_app, self.settings, [asdict(letter)])
+        self._announce_dead(DeadRequest(claim.id, claim.job_id, claim.attempt, f"{code}: {message}"))
         return "dead"
+
+    def _announce_dead(self, letter: DeadRequest) -> None:
+        """Counts a request this worker dead-lettered and copies it to the broker's dead-letter queue."""
+        metrics.dead_letters.inc()
+        publish_dead_letters(celery_app, self.settings, [asdict(letter)])
 
 
 _runtime: WorkerRuntime | None = None

@@ -64,6 +64,10 @@ def _dead_letter(session: Session, request_id: int, job_id: str, attempts: int, 
     return DeadRequest(request_id, job_id, attempts, error)
 
 
+def lost_worker_message(row: Any) -> str:
+    return f"lease expired: worker {row.worker} stopped during attempt {row.attempt}"
+
+
 CLAIMED_COLUMNS = (Request.id, Request.job_id, Request.line_no, Request.custom_id, Request.url, Request.body,
                    Request.attempt, Request.max_attempts, Request.cache_key,
                    func.extract("epoch", func.now() - Request.created_at).label("queued_seconds"))
@@ -80,17 +84,25 @@ class RequestStore:
                      to_state: str, detail: str | None = None) -> None:
         _audit(session, claim.id, claim.job_id, event, from_state, to_state, claim.attempt, self.worker, detail)
 
-    def claim(self, request_id: int) -> ClaimedRequest | None:
+    def claim(self, request_id: int) -> ClaimedRequest | DeadRequest | None:
         """This request: queued → running (attempt + 1), or a running one whose lease expired (its worker
-        died). Anything else (a final row, or one a live worker holds) is left alone and None returned."""
+        died). Anything else (a final row, or one a live worker holds) is left alone and None returned.
+
+        A worker that died during the last attempt leaves nothing to run: the request is dead-lettered,
+        as `reclaim_expired` would, and its DeadRequest returned, whichever of the two gets there first.
+        """
         lease_expired = (Request.state == RequestState.running) & (Request.lease_expires_at < func.now())
         with self.sessions.begin() as session:
-            previous_state = session.scalar(
-                select(Request.state)
+            row = session.execute(
+                select(Request.id, Request.state, Request.job_id, Request.attempt, Request.max_attempts, Request.worker)
                 .where(Request.id == request_id, (Request.state == RequestState.queued) | lease_expired)
                 .with_for_update()
-            )
-            return self._start(session, request_id, previous_state) if previous_state else None
+            ).first()
+            if row is None:
+                return None
+            if row.state is RequestState.running and row.attempt >= row.max_attempts:
+                return self._bury_lost(session, row)
+            return self._start(session, request_id, row.state)
 
     def claim_next(self) -> ClaimedRequest | None:
         """The most urgent queued request of this queue (highest job priority, then oldest): queued → running.
@@ -226,17 +238,21 @@ class RequestStore:
             ).all()
             requeued, dead = [], []
             for row in expired:
-                lost = f"lease expired: worker {row.worker} stopped during attempt {row.attempt}"
                 if row.attempt < row.max_attempts:
+                    lost = lost_worker_message(row)
                     self._move(session, row.id, RequestState.queued, error_code=WORKER_LOST, error_message=lost)
                     _audit(session, row.id, row.job_id, "requeued", "running", "queued", row.attempt, self.worker, lost)
                     requeued.append(row.id)
                 else:
-                    self._move(session, row.id, RequestState.dead, error_code=WORKER_LOST, error_message=lost)
-                    dead.append(_dead_letter(session, row.id, row.job_id, row.attempt, f"{WORKER_LOST}: {lost}"))
-                    _audit(session, row.id, row.job_id, "dead_lettered", "running", "dead", row.attempt,
-                           self.worker, lost)
+                    dead.append(self._bury_lost(session, row))
             return requeued, dead
+
+    def _bury_lost(self, session: Session, row: Any) -> DeadRequest:
+        """running → dead for a request whose worker died during its last attempt (a poison request)."""
+        lost = lost_worker_message(row)
+        self._move(session, row.id, RequestState.dead, error_code=WORKER_LOST, error_message=lost)
+        _audit(session, row.id, row.job_id, "dead_lettered", "running", "dead", row.attempt, self.worker, lost)
+        return _dead_letter(session, row.id, row.job_id, row.attempt, f"{WORKER_LOST}: {lost}")
 
     @staticmethod
     def _move(session: Session, request_id: int, to_state: RequestState, **values: Any) -> None:
@@ -311,7 +327,8 @@ class RequestStore:
                 statement.values(state=RequestState.queued, attempt=0).returning(Request.id, Request.job_id)
             ).all()
             for row in rows:
-                _audit(session, row.id, row.job_id, "requeued", "dead", "queued", 0, self.worker, "from the dead-letter queue")
+                _audit(session, row.id, row.job_id, "requeued", "dead", "queued", 0, self.worker,
+                       "from the dead-letter queue")
             if rows:
                 session.execute(delete(DeadLetter).where(DeadLetter.request_id.in_([row.id for row in rows])))
             return [row.id for row in rows]

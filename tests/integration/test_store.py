@@ -62,14 +62,37 @@ def test_an_expired_lease_is_taken_over_and_the_old_attempt_cannot_finish(
     sessions: sessionmaker, request_id: int
 ) -> None:
     stale = store(sessions, "dead-host:1").claim(request_id)
-    with sessions.begin() as session:
-        session.execute(update(Request).where(Request.id == request_id)
-                        .values(lease_expires_at=Request.lease_expires_at - timedelta(hours=1)))
+    expire_lease(sessions, request_id)
     fresh = store(sessions, "host:2").claim(request_id)
     assert fresh is not None and fresh.attempt == 2
     assert store(sessions, "dead-host:1").succeed(stale, completion(), "m") is False
     assert store(sessions, "host:2").succeed(fresh, completion(), "m") is True
     assert ("started", "running", "running", 2) in events(sessions, request_id)
+
+
+def expire_lease(sessions: sessionmaker, request_id: int) -> None:
+    with sessions.begin() as session:
+        session.execute(update(Request).where(Request.id == request_id)
+                        .values(lease_expires_at=Request.lease_expires_at - timedelta(hours=1)))
+
+
+def test_a_worker_lost_on_the_last_attempt_dead_letters_the_request_instead_of_running_it(
+    sessions: sessionmaker, request_id: int
+) -> None:
+    """max_attempts is 2: the second claimant died too, so the next claim buries the request at attempt 2."""
+    store(sessions, "dead-host:1").claim(request_id)
+    expire_lease(sessions, request_id)
+    assert store(sessions, "dead-host:2").claim(request_id).attempt == 2
+    expire_lease(sessions, request_id)
+    buried = store(sessions, "host:3").claim(request_id)
+    assert (buried.request_id, buried.attempts) == (request_id, 2)
+    assert "stopped during attempt 2" in buried.error
+    with sessions() as session:
+        row = session.execute(text("SELECT state, attempt FROM requests WHERE id = :r"), {"r": request_id}).one()
+        letters = session.scalar(text("SELECT count(*) FROM dead_letters WHERE request_id = :r"), {"r": request_id})
+    assert (tuple(row), letters) == (("dead", 2), 1)
+    assert events(sessions, request_id)[-1] == ("dead_lettered", "running", "dead", 2)
+    assert store(sessions, "host:4").claim(request_id) is None
 
 
 def test_transient_errors_retry_then_dead_letter(sessions: sessionmaker, request_id: int) -> None:
