@@ -1,0 +1,151 @@
+"""The whole system against its engine alone: how much of the engine's throughput a job gets end to end.
+
+Runs `deepbatch run`'s path in-process (embedded PostgreSQL and Redis unless DATABASE_URL / BROKER_URL are
+set, migrations, one worker process, submit, wait), then the engine alone on the same prompts in this
+process, and prints both completion-token rates and their ratio. While the job runs it samples how many
+requests Postgres holds as running, which says whether the worker keeps the engine's batch full.
+Writes bench/results/system-<device>-<model>.json.
+
+    python bench/system.py                                   # the tiny DeepSeek-V3 on the CPU
+    python bench/system.py --model shape-r1-distill-qwen-1.5b --prompts 4096 --max-tokens 128 --max-batch-size 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+RESULTS_DIRECTORY = Path(__file__).resolve().parent / "results"
+WORDS = ("river moon bread prime volcano engine table garden window music number planet ocean forest winter "
+         "summer city language history science light shadow stone glass paper story question answer").split()
+
+
+def parse_arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny-deepseek-v3")
+    parser.add_argument("--prompts", type=int, default=256)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--data-dir", type=Path, default=Path("/tmp/deepbatch-bench-system"))
+    return parser.parse_args()
+
+
+def write_prompts(path: Path, count: int, max_tokens: int) -> None:
+    """Plain greedy prompts of 20-200 words (no two alike, so the result cache never answers)."""
+    generator = random.Random(0)
+    with path.open("w") as stream:
+        for _ in range(count):
+            words = " ".join(generator.choice(WORDS) for _ in range(generator.randint(20, 200)))
+            stream.write(json.dumps({"prompt": words, "max_tokens": max_tokens, "temperature": 0}) + "\n")
+
+
+class RunningSampler(threading.Thread):
+    """Samples `SELECT count(*) ... state = 'running'` every half second while the job runs."""
+
+    def __init__(self, sessions, job_id: str):
+        super().__init__(daemon=True)
+        self.sessions, self.job_id, self.samples, self.stopped = sessions, job_id, [], threading.Event()
+
+    def run(self) -> None:
+        from sqlalchemy import text
+
+        while not self.stopped.wait(0.5):
+            with self.sessions() as session:
+                self.samples.append(session.scalar(text(
+                    "SELECT count(*) FROM requests WHERE job_id = :job AND state = 'running'"), {"job": self.job_id}))
+
+
+def run_system(arguments: argparse.Namespace, prompts_path: Path) -> dict:
+    from sqlalchemy import text
+
+    from producer.cli import start_worker_process, stop_worker_process, submit_with_progress, wait_for_job
+    from producer.embedded import embedded_services
+    from schema.db import session_factory
+    from schema.migrate import upgrade
+    from schema.settings import get_settings
+
+    base = get_settings()
+    with embedded_services(base.data_dir, base.database_url, base.broker_url) as urls:
+        settings = base.model_copy(update={"database_url": urls.database_url, "broker_url": urls.broker_url})
+        upgrade(settings.sqlalchemy_url)
+        worker = start_worker_process(settings, arguments.data_dir / "worker.log")
+        started = time.perf_counter()
+        job_id = submit_with_progress(prompts_path, settings)
+        submitted = time.perf_counter()
+        sessions = session_factory(settings.sqlalchemy_url, pool_size=2)
+        sampler = RunningSampler(sessions, job_id)
+        sampler.start()
+        progress = wait_for_job(settings, job_id, worker, poll_seconds=0.2)
+        done = time.perf_counter()
+        sampler.stopped.set()
+        stop_worker_process(worker)
+        with sessions() as session:
+            first_start, last_success, completion_tokens = session.execute(text("""
+                SELECT (SELECT min(created_at) FROM audit_events WHERE job_id = :job AND event = 'started'),
+                       (SELECT max(created_at) FROM audit_events WHERE job_id = :job AND event = 'succeeded'),
+                       (SELECT sum(completion_tokens) FROM results WHERE job_id = :job)"""), {"job": job_id}).one()
+    window = (last_success - first_start).total_seconds()
+    samples = sampler.samples or [0]
+    return {
+        "status": progress.status, "succeeded": progress.succeeded, "submit_seconds": round(submitted - started, 2),
+        "submit_to_done_seconds": round(done - started, 2), "first_start_to_last_result_seconds": round(window, 2),
+        "completion_tokens": int(completion_tokens), "tokens_per_s": round(int(completion_tokens) / window, 1),
+        "running_requests_mean": round(sum(samples) / len(samples), 1), "running_requests_max": max(samples),
+    }
+
+
+def run_engine_alone(arguments: argparse.Namespace, prompts_path: Path) -> dict:
+    from worker.engine.engine import LLMEngine
+    from worker.engine.tokenizer import PromptEncoder, load_tokenizer
+    from worker.runtime import engine_config
+    from schema.settings import get_settings
+
+    encoder = PromptEncoder(load_tokenizer(arguments.model))
+    lines = [json.loads(line) for line in prompts_path.read_text().splitlines()]
+    prompts = [encoder.encode_prompt(line["prompt"]) for line in lines]
+    from worker.engine.types import SamplingParams
+
+    engine = LLMEngine(engine_config(get_settings()))
+    engine.generate(prompts[:4], SamplingParams(max_tokens=4))  # warm-up
+    started = time.perf_counter()
+    completions = engine.generate(prompts, SamplingParams(max_tokens=arguments.max_tokens))
+    seconds = time.perf_counter() - started
+    engine.shutdown()
+    tokens = sum(completion.completion_tokens for completion in completions)
+    return {"seconds": round(seconds, 2), "completion_tokens": tokens, "tokens_per_s": round(tokens / seconds, 1)}
+
+
+def main() -> None:
+    arguments = parse_arguments()
+    arguments.data_dir.mkdir(parents=True, exist_ok=True)
+    os.environ.update(DEEPBATCH_MODEL=arguments.model, DEEPBATCH_MAX_BATCH_SIZE=str(arguments.max_batch_size),
+                      DEEPBATCH_DATA_DIR=str(arguments.data_dir), DEEPBATCH_METRICS_PORT="0",
+                      DEEPBATCH_MAX_MODEL_LEN="1024", DEEPBATCH_MAX_NUM_BATCHED_TOKENS="8192")
+    prompts_path = arguments.data_dir / "prompts.jsonl"
+    write_prompts(prompts_path, arguments.prompts, arguments.max_tokens)
+    system = run_system(arguments, prompts_path)
+    engine = run_engine_alone(arguments, prompts_path)
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    result = {"model": arguments.model, "device": device, "prompts": arguments.prompts,
+              "max_tokens": arguments.max_tokens, "max_batch_size": arguments.max_batch_size,
+              "system": system, "engine_alone": engine,
+              "system_share_of_engine_throughput": round(system["tokens_per_s"] / engine["tokens_per_s"], 3)}
+    print(json.dumps(result, indent=2))
+    RESULTS_DIRECTORY.mkdir(parents=True, exist_ok=True)
+    label = re.sub(r"[^A-Za-z0-9]+", "-", f"{device}-{arguments.model}").strip("-").lower()
+    (RESULTS_DIRECTORY / f"system-{label}.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
