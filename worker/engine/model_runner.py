@@ -4,7 +4,7 @@ A step's new tokens are flattened into one list (decodes first, then prefill chu
 positions and KV-cache slots; `AttentionMetadata` tells each attention layer which cache slots every
 sequence reads. Index arithmetic is done with tensor ops rather than per-token Python loops, so the
 per-step Python work grows with the number of sequences, not of tokens. This is the CPU path, which
-gathers the cache into dense tensors; the GPU path (worker/engine/cuda_runner.py) subclasses it with
+gathers the cache into dense tensors; the GPU path (worker/engine/gpu_runner.py) subclasses it with
 the paged-attention kernel and CUDA graphs.
 """
 
