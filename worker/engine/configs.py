@@ -23,90 +23,34 @@ DEEPSEEK_BOS_ID = 0
 DEEPSEEK_EOS_ID = 1
 
 
+# What every tiny built-in shares: DeepSeek's vocabulary and special tokens, and laptop-sized layers.
+TINY_COMMON: dict[str, Any] = dict(
+    vocab_size=DEEPSEEK_VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    num_attention_heads=4, max_position_embeddings=4096, bos_token_id=DEEPSEEK_BOS_ID, eos_token_id=DEEPSEEK_EOS_ID,
+)
+# DeepSeek's MLA and MoE at the same scale: 8 routed experts (2 per token), one shared, the first layer dense.
+TINY_DEEPSEEK: dict[str, Any] = dict(
+    TINY_COMMON, num_key_value_heads=4, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+    n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16,
+    v_head_dim=16,
+)
+
+
 def tiny_deepseek_v3_config(**overrides: Any) -> DeepseekV3Config:
-    values: dict[str, Any] = dict(
-        vocab_size=DEEPSEEK_VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=128,
-        moe_intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        n_routed_experts=8,
-        num_experts_per_tok=2,
-        n_group=2,
-        topk_group=1,
-        n_shared_experts=1,
-        first_k_dense_replace=1,
-        kv_lora_rank=16,
-        q_lora_rank=32,
-        qk_rope_head_dim=8,
-        qk_nope_head_dim=16,
-        v_head_dim=16,
-        max_position_embeddings=4096,
-        bos_token_id=DEEPSEEK_BOS_ID,
-        eos_token_id=DEEPSEEK_EOS_ID,
-    )
-    values.update(overrides)
-    return DeepseekV3Config(**values)
+    return DeepseekV3Config(**{**TINY_DEEPSEEK, "n_group": 2, "topk_group": 1, "q_lora_rank": 32, **overrides})
 
 
 def tiny_deepseek_v2_config(**overrides: Any) -> DeepseekV2Config:
-    values: dict[str, Any] = dict(
-        vocab_size=DEEPSEEK_VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=128,
-        moe_intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        n_routed_experts=8,
-        num_experts_per_tok=2,
-        n_shared_experts=1,
-        first_k_dense_replace=1,
-        kv_lora_rank=16,
-        q_lora_rank=None,  # V2-Lite has no query compression
-        qk_rope_head_dim=8,
-        qk_nope_head_dim=16,
-        v_head_dim=16,
-        max_position_embeddings=4096,
-        bos_token_id=DEEPSEEK_BOS_ID,
-        eos_token_id=DEEPSEEK_EOS_ID,
-    )
-    values.update(overrides)
-    return DeepseekV2Config(**values)
+    # q_lora_rank None: V2-Lite has no query compression.
+    return DeepseekV2Config(**{**TINY_DEEPSEEK, "q_lora_rank": None, **overrides})
 
 
 def tiny_qwen2_config(**overrides: Any) -> Qwen2Config:
-    values: dict[str, Any] = dict(
-        vocab_size=DEEPSEEK_VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        bos_token_id=DEEPSEEK_BOS_ID,
-        eos_token_id=DEEPSEEK_EOS_ID,
-    )
-    values.update(overrides)
-    return Qwen2Config(**values)
+    return Qwen2Config(**{**TINY_COMMON, "num_key_value_heads": 2, **overrides})
 
 
 def tiny_llama_config(**overrides: Any) -> LlamaConfig:
-    values: dict[str, Any] = dict(
-        vocab_size=DEEPSEEK_VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        bos_token_id=DEEPSEEK_BOS_ID,
-        eos_token_id=DEEPSEEK_EOS_ID,
-    )
-    values.update(overrides)
-    return LlamaConfig(**values)
+    return LlamaConfig(**{**TINY_COMMON, "num_key_value_heads": 2, **overrides})
 
 
 def r1_distill_qwen_1_5b_shape() -> Qwen2Config:
