@@ -93,8 +93,8 @@ class BlockManager:
         self.grow(sequence, num_tokens)
 
     def can_grow(self, sequence: Sequence, num_tokens: int) -> bool:
-        fresh_needed = -(-num_tokens // self.block_size) - len(sequence.block_table)
-        return fresh_needed <= 0 or fresh_needed <= len(self.free_block_ids)
+        fresh_needed = self.blocks_for_tokens(num_tokens) - len(sequence.block_table)
+        return fresh_needed <= 0 or fresh_needed <= self.num_free_blocks
 
     def grow(self, sequence: Sequence, num_tokens: int) -> None:
         """Appends fresh blocks until the sequence's block table covers `num_tokens` tokens."""

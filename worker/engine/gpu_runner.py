@@ -63,9 +63,14 @@ class HostLayout:
         return np.concatenate([padded_to_16_bytes(getattr(self, name).ravel()) for name in self.FIELDS])
 
 
+def padded_length(size: int) -> int:
+    """int32 elements a field of `size` takes in the packed step: a whole number of 16 bytes."""
+    return size + -size % 4
+
+
 def padded_to_16_bytes(array: np.ndarray) -> np.ndarray:
     array = array.astype(np.int32, copy=False)
-    return np.pad(array, (0, -array.size % 4))
+    return np.pad(array, (0, padded_length(array.size) - array.size))
 
 
 def decode_layout(sequences: list[Sequence], rows: int, width: int, block_size: int, padding_block: int) -> HostLayout:
@@ -126,7 +131,7 @@ class DeviceLayout:
         for name in HostLayout.FIELDS:
             array = getattr(layout, name)
             self.views[name] = packed[offset : offset + array.size].view(array.shape)
-            offset += array.size + -array.size % 4
+            offset += padded_length(array.size)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.views[name]
@@ -201,7 +206,7 @@ class GpuModelRunner(ModelRunner):
         """The smallest captured batch size that holds this step, if it is a pure decode step."""
         if not self.graphs or not all(is_decode(item) for item in scheduled):
             return None
-        return next((size for size in sorted(self.graphs) if size >= len(scheduled)), None)
+        return next((size for size in self.graphs if size >= len(scheduled)), None)
 
     @torch.inference_mode()
     def _replay(self, sequences: list[Sequence], graph_size: int) -> torch.Tensor:
@@ -250,5 +255,6 @@ class GpuModelRunner(ModelRunner):
                 logits = self._graph_forward(size)
             pool = graph.pool()
             self.graphs[size] = DecodeGraph(graph, logits)
+        self.graphs = dict(sorted(self.graphs.items()))  # smallest first, for _graph_size_for
         torch.cuda.synchronize(self.device)
         log.info("captured decode CUDA graphs for batch sizes %s", sizes)
