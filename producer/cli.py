@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -27,7 +28,6 @@ from producer.export import export_job
 from producer.submit import submit_file
 from schema.db import session_factory
 from schema.settings import Settings, get_settings
-from worker.store import RequestStore
 
 cli = typer.Typer(help="DeepBatch: bulk LLM inference on your own GPUs.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -218,7 +218,8 @@ def cancel(job_id: Annotated[str, typer.Argument(help="the job id")]) -> None:
         raise fail(f"no job {job_id!r}")
     if progress.done:
         raise fail(f"job {job_id} is already {progress.status}; there is nothing to cancel")
-    cancelled = worker_store(settings).cancel_job(job_id)
+    with session_factory(settings.sqlalchemy_url, pool_size=1).begin() as session:
+        cancelled = queries.cancel_job(session, job_id, cli_identity())
     console.print(f"job {job_id}: {cancelled} queued requests cancelled; running ones will finish")
 
 
@@ -303,12 +304,16 @@ def run(
         print_progress(progress)
 
 
-def worker_store(settings: Settings) -> RequestStore:
-    from worker.runtime import worker_identity
+def cli_identity() -> str:
+    """Who the audit log names for what this command changes."""
+    return f"cli@{socket.gethostname()}:{os.getpid()}"
+
+
+def cli_transitions(settings: Settings):  # -> worker.transitions.Transitions, imported late: the CLI starts fast
+    from worker.transitions import Transitions
 
     sessions = session_factory(settings.sqlalchemy_url, pool_size=1)
-    return RequestStore(sessions, f"cli@{worker_identity()}", timedelta(seconds=settings.lease_s),
-                        settings.queue_name)
+    return Transitions(sessions, cli_identity(), timedelta(seconds=settings.lease_s), settings.queue_name)
 
 
 @cli.command()
@@ -320,7 +325,7 @@ def reconcile(
     from worker.reconcile import reconcile as reconcile_once
 
     settings = configured_settings()  # also expires the queued requests of jobs past their window
-    report = reconcile_once(worker_store(settings), make_celery_app(settings), settings, force=force)
+    report = reconcile_once(cli_transitions(settings), make_celery_app(settings), settings, force=force)
     console.print(f"{len(report.requeued)} re-queued from expired leases, {len(report.dead)} dead-lettered, "
                   f"{len(report.republished)} queued requests re-published, {report.expired} expired")
 
@@ -336,7 +341,9 @@ def dlq_list(
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """List dead-lettered requests with their attempts and last error."""
-    letters = worker_store(configured_settings()).dead_letters(job_id, limit)
+    settings = configured_settings()
+    with session_factory(settings.sqlalchemy_url, pool_size=1)() as session:
+        letters = queries.dead_letters(session, job_id, limit)
     if as_json:
         print(json.dumps(letters, default=str))
         return
@@ -355,11 +362,12 @@ def dlq_requeue(
     job_id: Annotated[Optional[str], typer.Option("--job", help="only this job")] = None,
 ) -> None:
     """Send dead requests back to the queue with a fresh set of attempts."""
-    from worker.app import make_celery_app, publish_requests
+    from worker.app import make_celery_app, publish_slices
 
     settings = configured_settings()
-    requeued = worker_store(settings).requeue_dead(request_ids or None, job_id)
-    publish_requests(make_celery_app(settings), requeued)
+    with session_factory(settings.sqlalchemy_url, pool_size=1).begin() as session:
+        requeued = queries.requeue_dead(session, settings.queue_name, cli_identity(), request_ids or None, job_id)
+    publish_slices(make_celery_app(settings), requeued, settings.slice_size)
     console.print(f"{len(requeued)} requests re-queued")
 
 
@@ -369,7 +377,8 @@ def dlq_purge(job_id: Annotated[Optional[str], typer.Option("--job", help="only 
     from worker.app import dead_letter_queue, make_celery_app
 
     settings = configured_settings()
-    purged = worker_store(settings).purge_dead_letters(job_id)
+    with session_factory(settings.sqlalchemy_url, pool_size=1).begin() as session:
+        purged = queries.purge_dead_letters(session, job_id)
     if job_id is None:
         app = make_celery_app(settings)
         with app.connection_for_write() as connection:

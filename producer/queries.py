@@ -1,4 +1,5 @@
-"""All of the producer's SQL: creating jobs, inserting request rows, progress and result export."""
+"""All of the producer's SQL: creating jobs, inserting request rows, progress, result export, and the
+job-level operations of the CLI (cancel, expiry, dead letters, lost messages)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import RowMapping, func, insert, select, text, update
+from sqlalchemy import RowMapping, delete, func, insert, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
 from producer.reader import ReadLine
 from schema.cache import result_cache_key
-from schema.tables import AuditEvent, Job, Request, RequestState, Result
+from schema.tables import AuditEvent, DeadLetter, Job, Request, RequestState, Result
 
 
 def new_job_id() -> str:
@@ -204,3 +205,86 @@ def export_rows(session: Session, job_id: str, states: Sequence[RequestState]) -
         .execution_options(yield_per=1000)
     )
     yield from session.execute(statement).mappings()
+
+
+# ---- job-level operations: cancel, expiry, dead letters, lost messages (the CLI's admin SQL) ----
+# Request states change only through worker.transitions.move: a guarded UPDATE plus its audit events.
+
+
+def cancel_job(session: Session, job_id: str, actor: str) -> int | None:
+    """Mark the job cancelled and move its queued requests to cancelled; running ones finish.
+
+    Returns how many requests were cancelled, or None if there is no such job.
+    """
+    from worker.transitions import move
+
+    found = session.execute(update(Job).where(Job.id == job_id)
+                            .values(cancel_requested_at=func.coalesce(Job.cancel_requested_at, func.now()))).rowcount
+    if not found:
+        return None
+    reason = "the job was cancelled"
+    return len(move(session, Request.job_id == job_id, RequestState.queued, RequestState.cancelled, "cancelled",
+                    actor, reason, error_message=reason))
+
+
+def expire_overdue(session: Session, actor: str) -> int:
+    """Queued requests of jobs whose completion window has closed become expired; finished ones stay."""
+    from worker.transitions import move
+
+    overdue_jobs = select(Job.id).where(Job.expires_at < func.now())
+    reason = "the job's completion window closed before this request ran"
+    return len(move(session, Request.job_id.in_(overdue_jobs), RequestState.queued, RequestState.expired, "expired",
+                    actor, reason, error_message=reason))
+
+
+def queued_request_ids(session: Session, queue: str, older_than: timedelta,
+                       job_id: str | None = None) -> tuple[list[int], list[int]]:
+    """The queue's requests queued and untouched for `older_than`, to re-publish if the broker lost them:
+    (suspects, which run alone; the others)."""
+    statement = select(Request.id, Request.error_code).where(
+        Request.queue == queue, Request.state == RequestState.queued, Request.updated_at < func.now() - older_than,
+    ).order_by(Request.priority.desc(), Request.id)
+    if job_id is not None:
+        statement = statement.where(Request.job_id == job_id)
+    suspects, others = [], []
+    for request_id, error_code in session.execute(statement):
+        (suspects if error_code == "worker_lost" else others).append(request_id)
+    return suspects, others
+
+
+def dead_letters(session: Session, job_id: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+    statement = (
+        select(DeadLetter.request_id, DeadLetter.job_id, Request.line_no, Request.custom_id,
+               DeadLetter.attempts, DeadLetter.last_error, DeadLetter.created_at)
+        .join(Request, Request.id == DeadLetter.request_id)
+        .order_by(DeadLetter.created_at).limit(limit)
+    )
+    if job_id is not None:
+        statement = statement.where(DeadLetter.job_id == job_id)
+    return [dict(row) for row in session.execute(statement).mappings()]
+
+
+def requeue_dead(session: Session, queue: str, actor: str, request_ids: Sequence[int] | None = None,
+                 job_id: str | None = None) -> list[int]:
+    """dead → queued with a fresh set of attempts; the dead-letter record goes, its history stays audited."""
+    from worker.transitions import move
+
+    which = Request.queue == queue
+    if request_ids is not None:
+        which = which & Request.id.in_(request_ids)
+    if job_id is not None:
+        which = which & (Request.job_id == job_id)
+    rows = move(session, which, RequestState.dead, RequestState.queued, "requeued", actor,
+                "from the dead-letter queue", attempt=0, retry_after=None)
+    requeued = [row.id for row in rows]
+    if requeued:
+        session.execute(delete(DeadLetter).where(DeadLetter.request_id.in_(requeued)))
+    return requeued
+
+
+def purge_dead_letters(session: Session, job_id: str | None = None) -> int:
+    """Forget dead-letter records (the requests stay dead, their history audited)."""
+    statement = delete(DeadLetter)
+    if job_id is not None:
+        statement = statement.where(DeadLetter.job_id == job_id)
+    return session.execute(statement).rowcount

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from producer import queries
 from producer.reader import ReadLine, read_file
 from schema.settings import Settings
-from worker.app import publish_requests
+from worker.app import publish_slices
 
 
 def chunked(lines: Iterable[ReadLine], size: int) -> Iterator[list[ReadLine]]:
@@ -49,7 +49,7 @@ def submit_file(
     for chunk in chunked(lines, settings.insert_chunk_size):
         with sessions.begin() as session:
             outcome = queries.insert_chunk(session, job_id, chunk, options)
-        publish_requests(app, outcome.queued_request_ids)
+        publish_slices(app, outcome.queued_request_ids, settings.slice_size)
         total_lines += len(chunk)
         if on_chunk:
             on_chunk(total_lines)

@@ -7,11 +7,46 @@ A purge deletes the oldest rows past the retention and leaves an anchor, so the 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import text
+from sqlalchemy import bindparam, text
+from sqlalchemy.dialects.postgresql import ARRAY, BIGINT, INTEGER, TEXT
 from sqlalchemy.orm import Session
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    """One event of a request's (or a job's) history, as `append_events` writes it."""
+
+    job_id: str
+    event: str
+    request_id: int | None = None
+    from_state: str | None = None
+    to_state: str | None = None
+    attempt: int | None = None
+    worker: str | None = None
+    detail: str | None = None
+
+
+# One INSERT for a whole batch, whatever its size (no bind-parameter limit), so the batch is sealed as one.
+APPEND_EVENTS = text("""
+    INSERT INTO audit_events (job_id, request_id, event, from_state, to_state, attempt, worker, detail)
+    SELECT * FROM unnest(:job_id, :request_id, :event, :from_state, :to_state, :attempt, :worker, :detail)
+""").bindparams(
+    bindparam("job_id", type_=ARRAY(TEXT)), bindparam("request_id", type_=ARRAY(BIGINT)),
+    bindparam("event", type_=ARRAY(TEXT)), bindparam("from_state", type_=ARRAY(TEXT)),
+    bindparam("to_state", type_=ARRAY(TEXT)), bindparam("attempt", type_=ARRAY(INTEGER)),
+    bindparam("worker", type_=ARRAY(TEXT)), bindparam("detail", type_=ARRAY(TEXT)),
+)
+
+
+def append_events(session: Session, rows: Sequence[AuditRow]) -> None:
+    """Append `rows` to the audit log in one statement (no commit)."""
+    if not rows:
+        return
+    session.execute(APPEND_EVENTS, {name: [getattr(row, name) for row in rows] for name in AuditRow.__dataclass_fields__})
 
 RECOMPUTED_CHAIN = text("""
     SELECT chain_seq, prev_hash, hash,

@@ -28,7 +28,7 @@ class Settings(BaseSettings):
     # Model and engine.
     model: str = "tiny-deepseek-v3"  # a built-in name or a local checkpoint directory
     model_aliases: str = ""  # comma-separated: more names a line's `model` may give for the served model
-    engine: str = Field(default="deepbatch", pattern=r"^(deepbatch|[\w.]+:\w+)$")
+    engine: str = Field(default="deepbatch", pattern=r"^(deepbatch|null|[\w.]+:\w+)$")
     device: str = "auto"
     dtype: str = "auto"
     seed: int = 0
@@ -51,7 +51,12 @@ class Settings(BaseSettings):
     database_retry_s: PositiveFloat = 600.0  # how long a worker waits out a lost Postgres before giving up a write
     audit_retention_days: PositiveInt = 180  # `deepbatch audit purge` deletes older audit events
     consumer_timeout_ms: PositiveInt = 3 * 3600 * 1000  # RabbitMQ: an unacked message older than this closes the channel
-    worker_threads: PositiveInt | None = None  # None: 2 × max_batch_size, so the batch stays full
+    # The pipeline: slices of requests in, batches of results out (README: Throughput).
+    slice_size: PositiveInt = 256  # request ids per broker message
+    target_queue_depth: PositiveInt | None = None  # requests a worker keeps in its engine; None: 2 × max_batch_size
+    flush_interval_ms: float = Field(default=5.0, gt=0)  # the recorder writes finished requests at least this often
+    flush_max_results: PositiveInt = 1024  # ... or as soon as this many are waiting
+    worker_threads: PositiveInt | None = None  # slices in flight; None: enough to keep target_queue_depth
 
     # Flower (`deepbatch flower`): basic auth is required unless --no-auth is given.
     flower_user: str | None = None
@@ -66,9 +71,12 @@ class Settings(BaseSettings):
     max_line_bytes: PositiveInt = 4 * 1024 * 1024  # far above any context window; a longer line is an error
 
     @model_validator(mode="after")
-    def _default_threads(self) -> Settings:
+    def _derived_defaults(self) -> Settings:
+        if self.target_queue_depth is None:
+            self.target_queue_depth = 2 * self.max_batch_size
         if self.worker_threads is None:
-            self.worker_threads = 2 * self.max_batch_size
+            # One slice drains its tail while the next ones fill the engine up to its target depth.
+            self.worker_threads = max(2, -(-self.target_queue_depth // self.slice_size) + 1)
         return self
 
     @property

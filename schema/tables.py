@@ -116,6 +116,8 @@ class Request(Base):
     queue: Mapped[str] = mapped_column(Text, server_default=text("'deepbatch'"))  # likewise
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
+    # A retried request waits out its backoff queued; only the worker retrying it claims it before then.
+    retry_after: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = created_at_column()
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()

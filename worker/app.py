@@ -1,8 +1,10 @@
 """The Celery app: broker, queues, acknowledgement, prefetch and dead-letter wiring, all from the settings.
 
-Work is acknowledged late (after the result is in Postgres) and re-queued if the worker dies, so the
-broker never forgets a request a worker was holding. The pool is threads: CUDA does not survive
-Celery's prefork, and one engine per process batches what all threads submit.
+A message carries a *slice* of request ids (DEEPBATCH_SLICE_SIZE), never one request: per-request
+messages cost a worker more than the engine spends on a short request. Work is acknowledged late (after
+the slice's results are in Postgres) and re-queued if the worker dies, so the broker never forgets a slice
+a worker was holding. The pool is threads, one per slice in flight: CUDA does not survive Celery's
+prefork, and one engine per process batches what all slices submit.
 
 RabbitMQ: the work queue is a durable quorum queue with a delivery limit; messages over it go to the
 dead-letter exchange, as do requests Postgres declares dead. Redis: the same exchange and queue names,
@@ -12,6 +14,7 @@ emulated by kombu; `visibility_timeout` must exceed the longest batch or message
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from amqp.exceptions import ChannelError
@@ -20,7 +23,7 @@ from kombu import Exchange, Queue
 
 from schema.settings import Settings, get_settings
 
-PROCESS_REQUEST_TASK = "deepbatch.process_request"
+PROCESS_SLICE_TASK = "deepbatch.process_slice"
 
 
 def is_redis(broker_url: str) -> bool:
@@ -76,7 +79,7 @@ def make_celery_app(settings: Settings | None = None) -> Celery:
         accept_content=["json"],
         worker_pool="threads",
         worker_concurrency=settings.worker_threads,
-        # Each thread holds one message; together they keep the engine's batch full.
+        # Each thread holds one slice; together they keep the engine's queue at its target depth.
         worker_prefetch_multiplier=1,
         worker_send_task_events=True,
         # No 'task-sent' event per message: it doubles the cost of publishing (0.86 → 0.49 ms a message
@@ -90,13 +93,22 @@ def make_celery_app(settings: Settings | None = None) -> Celery:
     return app
 
 
-def publish_requests(app: Celery, request_ids: list[int]) -> None:
-    """One connection, one producer, one message per request id."""
-    if not request_ids:
-        return
+def slices(request_ids: Sequence[int], slice_size: int) -> list[list[int]]:
+    return [list(request_ids[start:start + slice_size]) for start in range(0, len(request_ids), slice_size)]
+
+
+def publish_slices(app: Celery, request_ids: Sequence[int], slice_size: int, isolate: bool = False) -> int:
+    """Publish `request_ids` as messages of up to `slice_size` ids, on one connection; returns the count.
+
+    `isolate`: each id alone in its message, to be run with nothing else in the engine (worker/isolation.py).
+    """
+    messages = [[request_id] for request_id in request_ids] if isolate else slices(request_ids, slice_size)
+    if not messages:
+        return 0
     with app.producer_or_acquire() as producer:
-        for request_id in request_ids:
-            app.send_task(PROCESS_REQUEST_TASK, args=[request_id], producer=producer)
+        for message in messages:
+            app.send_task(PROCESS_SLICE_TASK, args=[message], kwargs={"isolate": isolate}, producer=producer)
+    return len(messages)
 
 
 def publish_dead_letters(app: Celery, settings: Settings, letters: list[dict[str, Any]]) -> None:

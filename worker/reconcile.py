@@ -1,11 +1,12 @@
 """Rebuilding the broker's view from Postgres, the source of truth.
 
 Also where completion windows are enforced: queued requests of an overdue job become `expired`.
-Two kinds of loss are repaired: requests held by a worker that died (lease expired: re-queued, or
-dead-lettered after the last attempt) and messages the broker lost (a Redis restarted without
-persistence, a purged queue): when the queue is empty but Postgres still holds queued requests that
-nobody touched for a while, their messages are published again. Duplicates are harmless: the claim in
-Postgres lets only one through.
+Two kinds of loss are repaired: requests held by a worker that died (lease expired: re-queued as
+suspects, each in a message of its own to run alone, or dead-lettered after the last attempt) and
+messages the broker lost (a Redis restarted without persistence, a purged queue): when the queue is
+empty but Postgres still holds queued requests that nobody touched for a while, they are published again
+as slices. Duplicates are harmless: a slice is a right to claim, and the claim in Postgres lets each
+request through once.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from datetime import timedelta
 
 from celery import Celery
 
+from producer import queries
 from schema.settings import Settings
-from worker.app import publish_dead_letters, publish_requests, queue_length
-from worker.store import DeadRequest, RequestStore
+from worker.app import publish_dead_letters, publish_slices, queue_length
+from worker.transitions import DeadRequest, Transitions
 
 log = logging.getLogger(__name__)
 
@@ -33,52 +35,59 @@ class ReconcileReport:
     expired: int = 0
 
 
-def reconcile(store: RequestStore, app: Celery, settings: Settings, quiet_for: timedelta = timedelta(0),
+def reconcile(transitions: Transitions, app: Celery, settings: Settings, quiet_for: timedelta = timedelta(0),
               force: bool = False) -> ReconcileReport:
     """Repair both kinds of loss once.
 
     Queued requests untouched for `quiet_for` are re-published when the queue is empty (or always, with
     `force`); the quiet period spares requests that are about to be published or retried anyway.
     """
-    expired = store.expire_overdue()
-    requeued, dead = store.reclaim_expired()
-    publish_requests(app, requeued)
+    with transitions.sessions.begin() as session:
+        expired = queries.expire_overdue(session, transitions.worker)
+    requeued, dead = transitions.reclaim_expired()
+    publish_slices(app, requeued, settings.slice_size, isolate=True)
     publish_dead_letters(app, settings, [asdict(letter) for letter in dead])
     republished: list[int] = []
     if force or queue_length(app, settings.queue_name) == 0:
-        republished = [rid for rid in store.queued_request_ids(quiet_for) if rid not in requeued]
-        publish_requests(app, republished)
+        with transitions.sessions() as session:
+            suspects, others = queries.queued_request_ids(session, settings.queue_name, quiet_for)
+        suspects = [request_id for request_id in suspects if request_id not in set(requeued)]
+        publish_slices(app, suspects, settings.slice_size, isolate=True)
+        publish_slices(app, others, settings.slice_size)
+        republished = suspects + others
     return ReconcileReport(requeued, dead, republished, expired)
 
 
 class Maintenance(threading.Thread):
     """A worker's background duty: renew its leases often (and call `on_tick`), reconcile now and then."""
 
-    def __init__(self, store: RequestStore, app: Celery, settings: Settings,
-                 in_flight: Callable[[], list[int]], on_tick: Callable[[], None] = lambda: None):
+    def __init__(self, transitions: Transitions, app: Celery, settings: Settings,
+                 held: Callable[[], list[int]], on_tick: Callable[[], None] = lambda: None):
         super().__init__(name="deepbatch-maintenance", daemon=True)
-        self.store, self.app, self.settings, self.in_flight = store, app, settings, in_flight
+        self.transitions, self.app, self.settings, self.held = transitions, app, settings, held
         self.on_tick = on_tick
         self.stopped = threading.Event()
 
     def run(self) -> None:
-        renew_every = self.settings.lease_s / 3
-        reconcile_every = self.settings.reconcile_interval_s
+        tick = min(self.settings.lease_s / 3, self.settings.reconcile_interval_s)
         since_reconcile = 0.0
-        while not self.stopped.wait(min(renew_every, reconcile_every)):
+        while not self.stopped.wait(tick):
             try:
-                self.store.renew_leases(self.in_flight())
+                self.transitions.renew_leases(self.held())
                 self.on_tick()
-                since_reconcile += min(renew_every, reconcile_every)
-                if since_reconcile >= reconcile_every:
+                since_reconcile += tick
+                if since_reconcile >= self.settings.reconcile_interval_s:
                     since_reconcile = 0.0
-                    quiet_for = timedelta(seconds=self.settings.reconcile_interval_s)
-                    report = reconcile(self.store, self.app, self.settings, quiet_for)
-                    if report.requeued or report.dead or report.republished or report.expired:
-                        log.warning("reconciled: %d requeued, %d dead-lettered, %d re-published, %d expired",
-                                    len(report.requeued), len(report.dead), len(report.republished), report.expired)
+                    self._reconcile()
             except Exception:  # noqa: BLE001 - a lost database or broker must not kill the thread
                 log.exception("maintenance failed; trying again at the next tick")
+
+    def _reconcile(self) -> None:
+        quiet_for = timedelta(seconds=self.settings.reconcile_interval_s)
+        report = reconcile(self.transitions, self.app, self.settings, quiet_for)
+        if report.requeued or report.dead or report.republished or report.expired:
+            log.warning("reconciled: %d requeued, %d dead-lettered, %d re-published, %d expired",
+                        len(report.requeued), len(report.dead), len(report.republished), report.expired)
 
     def stop(self) -> None:
         self.stopped.set()

@@ -1,25 +1,26 @@
-"""The Celery task: a thin adapter. A message carries only a request id; Postgres holds the request,
-and `WorkerRuntime.process` does the claim → engine → record (see worker/runtime.py)."""
+"""The Celery task: a thin adapter. A message carries a slice of request ids; Postgres holds the requests,
+and the feeder (worker/feeder.py) claims, generates and records them."""
 
 from __future__ import annotations
 
 from celery.signals import worker_init, worker_shutdown
 
-from worker.app import PROCESS_REQUEST_TASK, celery_app
-from worker.runtime import get_runtime, shutdown_runtime
+from worker.app import PROCESS_SLICE_TASK, celery_app
+from worker.runtime import get_feeder, shutdown
 
 
-@celery_app.task(name=PROCESS_REQUEST_TASK)
-def process_request(request_id: int) -> str:
-    return get_runtime().process(request_id)
+@celery_app.task(name=PROCESS_SLICE_TASK)
+def process_slice(request_ids: list[int], isolate: bool = False) -> dict[str, int]:
+    """Returns what became of the requests this slice claimed: {"succeeded": n, "retried": n, ...}."""
+    return get_feeder().run_slice(request_ids, isolate)
 
 
 @worker_init.connect
 def load_engine_at_start(**_: object) -> None:
     """Load the model before the first message, so a bad model setting stops the worker at once."""
-    get_runtime()
+    get_feeder()
 
 
 @worker_shutdown.connect
 def stop_engine(**_: object) -> None:
-    shutdown_runtime()
+    shutdown()

@@ -1,4 +1,4 @@
-"""At-least-once delivery, exactly-once effect: every message delivered twice still gives one result."""
+"""At-least-once delivery, exactly-once effect: every request published twice still gives one result."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from sqlalchemy import Engine, text
 from schema.settings import Settings
 from tests.conftest import deepbatch, wait_until
 from tests.integration.prompt_files import write_prompt_file
-from worker.app import make_celery_app, publish_requests, queue_length
+from worker.app import make_celery_app, publish_slices, queue_length
 
 pytestmark = pytest.mark.integration
 
@@ -24,8 +24,8 @@ def test_duplicate_messages_produce_no_second_result(
         request_ids = list(connection.execute(
             text("SELECT id FROM requests WHERE job_id = :j ORDER BY id"), {"j": job_id}).scalars())
     app = make_celery_app(Settings(broker_url=broker_url, queue_name=queue_name))
-    publish_requests(app, request_ids)  # every request now has two messages in the queue
-    assert queue_length(app, queue_name) == 40
+    publish_slices(app, request_ids, 7)  # every request is now in two slices: the producer's, and one of these
+    assert queue_length(app, queue_name) == 1 + 3
 
     worker = start_worker()
     wait_until(lambda: queue_length(app, queue_name) == 0, timeout=180,

@@ -6,7 +6,8 @@ import pytest
 
 from schema.settings import Settings
 from worker.engine.types import InvalidSamplingError
-from worker.runtime import backoff_seconds, sampling_from_body
+from worker.feeder import sampling_from_body
+from worker.retries import backoff_seconds
 
 
 def test_sampling_uses_openai_defaults_and_the_request_values() -> None:
@@ -38,5 +39,7 @@ def test_a_non_postgres_url_is_refused_by_name() -> None:
         _ = Settings(database_url="mysql://x").sqlalchemy_url
 
 
-def test_worker_threads_default_to_twice_the_batch() -> None:
-    assert Settings(max_batch_size=8).worker_threads == 16
+def test_the_pipeline_defaults_follow_the_batch_size() -> None:
+    settings = Settings(max_batch_size=256)
+    assert (settings.target_queue_depth, settings.slice_size, settings.worker_threads) == (512, 256, 3)
+    assert Settings(max_batch_size=8).worker_threads == 2  # one slice drains while the next fills

@@ -64,11 +64,21 @@ class PromptEncoder:
         return [bos_id, *token_ids] if bos_id is not None else token_ids
 
     def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        return self.tokenizer.encode(self.render_chat(messages), add_special_tokens=False)
+
+    def render_chat(self, messages: Sequence[ChatMessage]) -> str:
         if self.has_chat_template:
-            rendered = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-        else:
-            rendered = deepseek_chat_prompt(messages)
-        return self.tokenizer.encode(rendered, add_special_tokens=False)
+            return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        return deepseek_chat_prompt(messages)
+
+    def encode_many(self, prompts: Sequence[str | Sequence[ChatMessage]]) -> list[list[int]]:
+        """Completion prompts (strings) and chats (message lists) in one tokenizer call, which a fast
+        tokenizer spreads over its own threads; the same ids as `encode_prompt` / `encode_chat` each."""
+        bos_id = self.tokenizer.bos_token_id
+        texts = [prompt if isinstance(prompt, str) else self.render_chat(prompt) for prompt in prompts]
+        encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        return [[bos_id, *token_ids] if isinstance(prompt, str) and bos_id is not None else list(token_ids)
+                for prompt, token_ids in zip(prompts, encoded)]
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)

@@ -1,0 +1,62 @@
+"""The one retry policy: what an error means for a request, how long a retry waits, and when to give up.
+
+Permanent errors (the request itself is at fault: a prompt longer than the context, invalid sampling
+parameters) fail the request at once. Anything else is transient (out of memory, a lost device, an
+unexpected exception): the request is re-queued with exponential backoff and full jitter while attempts
+remain, and dead-lettered after the last. A lost database connection is waited out, not counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from sqlalchemy.exc import DBAPIError
+
+from schema.settings import Settings
+from schema.tables import RequestState
+from worker.engine.types import PermanentEngineError, TransientEngineError
+from worker.transitions import ClaimedRequest, Failure
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def backoff_seconds(attempt: int, base: float, cap: float) -> float:
+    """Exponential backoff with full jitter: uniform in [0, min(cap, base × 2^(attempt-1))]."""
+    return random.uniform(0, min(cap, base * 2 ** (attempt - 1)))
+
+
+def failure_for(claim: ClaimedRequest, error: BaseException, settings: Settings) -> Failure:
+    """What becomes of `claim` after `error`: failed, queued again (with its backoff) or dead."""
+    if isinstance(error, PermanentEngineError):
+        return Failure(claim, RequestState.failed, type(error).__name__, f"line {claim.line_no}: {error}")
+    code = type(error).__name__ if isinstance(error, TransientEngineError) else "internal_error"
+    message = f"{type(error).__name__}: {error}"
+    if claim.attempt >= claim.max_attempts:
+        return Failure(claim, RequestState.dead, code, message)
+    delay = backoff_seconds(claim.attempt, settings.retry_backoff_s, settings.retry_backoff_max_s)
+    return Failure(claim, RequestState.queued, code, message, retry_after_s=delay)
+
+
+def is_connection_loss(error: DBAPIError) -> bool:
+    return error.connection_invalidated or "connection" in str(error.orig).lower()
+
+
+def with_database_retry(operation: Callable[[], T], settings: Settings) -> T:
+    """Run a database operation, waiting out a lost connection (a Postgres restart) with backoff."""
+    deadline = time.monotonic() + settings.database_retry_s
+    attempt = 0
+    while True:
+        try:
+            return operation()
+        except DBAPIError as error:
+            attempt += 1
+            if not is_connection_loss(error) or time.monotonic() > deadline:
+                raise
+            delay = backoff_seconds(attempt, 0.5, 10.0)
+            log.warning("database unavailable (%s); retrying in %.1fs", type(error.orig).__name__, delay)
+            time.sleep(delay)
