@@ -4,10 +4,11 @@ Runs `deepbatch run`'s path in-process (embedded PostgreSQL and Redis unless DAT
 set, migrations, one worker process, submit, wait), then the engine alone on the same prompts in this
 process, and prints both completion-token rates and their ratio. While the job runs it samples how many
 requests Postgres holds as running, which says whether the worker keeps the engine's batch full.
-Writes bench/results/system-<device>-<model>.json.
+Each `--max-tokens` value is one job and one engine-alone run; all go into one JSON,
+bench/results/system-<device>-<model>.json. The result cache is off, so every request runs.
 
     python bench/system.py                                   # the tiny DeepSeek-V3 on the CPU
-    python bench/system.py --model shape-r1-distill-qwen-1.5b --prompts 4096 --max-tokens 128 --max-batch-size 256
+    python bench/system.py --model shape-r1-distill-qwen-1.5b --prompts 4096 --max-tokens 128 8 --max-batch-size 256
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny-deepseek-v3")
     parser.add_argument("--prompts", type=int, default=256)
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, nargs="+", default=[32])
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--data-dir", type=Path, default=Path("/tmp/deepbatch-bench-system"))
     return parser.parse_args()
@@ -64,7 +65,7 @@ class RunningSampler(threading.Thread):
                     "SELECT count(*) FROM requests WHERE job_id = :job AND state = 'running'"), {"job": self.job_id}))
 
 
-def run_system(arguments: argparse.Namespace, prompts_path: Path) -> dict:
+def run_system(arguments: argparse.Namespace, prompts_path: Path, max_tokens: int) -> dict:
     from sqlalchemy import text
 
     from producer.cli import start_worker_process, stop_worker_process, submit_with_progress, wait_for_job
@@ -77,9 +78,9 @@ def run_system(arguments: argparse.Namespace, prompts_path: Path) -> dict:
     with embedded_services(base.data_dir, base.database_url, base.broker_url) as urls:
         settings = base.model_copy(update={"database_url": urls.database_url, "broker_url": urls.broker_url})
         upgrade(settings.sqlalchemy_url)
-        worker = start_worker_process(settings, arguments.data_dir / "worker.log")
+        worker = start_worker_process(settings, arguments.data_dir / f"worker-{max_tokens}.log")
         started = time.perf_counter()
-        job_id = submit_with_progress(prompts_path, settings)
+        job_id = submit_with_progress(prompts_path, settings, use_result_cache=False)
         submitted = time.perf_counter()
         sessions = session_factory(settings.sqlalchemy_url, pool_size=2)
         sampler = RunningSampler(sessions, job_id)
@@ -99,11 +100,12 @@ def run_system(arguments: argparse.Namespace, prompts_path: Path) -> dict:
         "status": progress.status, "succeeded": progress.succeeded, "submit_seconds": round(submitted - started, 2),
         "submit_to_done_seconds": round(done - started, 2), "first_start_to_last_result_seconds": round(window, 2),
         "completion_tokens": int(completion_tokens), "tokens_per_s": round(int(completion_tokens) / window, 1),
+        "requests_per_s": round(progress.succeeded / window, 1),
         "running_requests_mean": round(sum(samples) / len(samples), 1), "running_requests_max": max(samples),
     }
 
 
-def run_engine_alone(arguments: argparse.Namespace, prompts_path: Path) -> dict:
+def run_engine_alone(arguments: argparse.Namespace, prompts_path: Path, max_tokens: int) -> dict:
     from worker.engine.engine import LLMEngine
     from worker.engine.tokenizer import PromptEncoder, load_tokenizer
     from worker.runtime import engine_config
@@ -117,11 +119,12 @@ def run_engine_alone(arguments: argparse.Namespace, prompts_path: Path) -> dict:
     engine = LLMEngine(engine_config(get_settings()))
     engine.generate(prompts[:4], SamplingParams(max_tokens=4))  # warm-up
     started = time.perf_counter()
-    completions = engine.generate(prompts, SamplingParams(max_tokens=arguments.max_tokens))
+    completions = engine.generate(prompts, SamplingParams(max_tokens=max_tokens))
     seconds = time.perf_counter() - started
     engine.shutdown()
     tokens = sum(completion.completion_tokens for completion in completions)
-    return {"seconds": round(seconds, 2), "completion_tokens": tokens, "tokens_per_s": round(tokens / seconds, 1)}
+    return {"seconds": round(seconds, 2), "completion_tokens": tokens, "tokens_per_s": round(tokens / seconds, 1),
+            "requests_per_s": round(len(completions) / seconds, 1)}
 
 
 def main() -> None:
@@ -130,18 +133,20 @@ def main() -> None:
     os.environ.update(DEEPBATCH_MODEL=arguments.model, DEEPBATCH_MAX_BATCH_SIZE=str(arguments.max_batch_size),
                       DEEPBATCH_DATA_DIR=str(arguments.data_dir), DEEPBATCH_METRICS_PORT="0",
                       DEEPBATCH_MAX_MODEL_LEN="1024", DEEPBATCH_MAX_NUM_BATCHED_TOKENS="8192")
-    prompts_path = arguments.data_dir / "prompts.jsonl"
-    write_prompts(prompts_path, arguments.prompts, arguments.max_tokens)
-    system = run_system(arguments, prompts_path)
-    engine = run_engine_alone(arguments, prompts_path)
+    runs = []
+    for max_tokens in arguments.max_tokens:
+        prompts_path = arguments.data_dir / f"prompts-{max_tokens}.jsonl"
+        write_prompts(prompts_path, arguments.prompts, max_tokens)
+        system = run_system(arguments, prompts_path, max_tokens)
+        engine = run_engine_alone(arguments, prompts_path, max_tokens)
+        runs.append({"max_tokens": max_tokens, "system": system, "engine_alone": engine,
+                     "system_share_of_engine_throughput": round(system["tokens_per_s"] / engine["tokens_per_s"], 3)})
+        print(json.dumps(runs[-1], indent=2), flush=True)
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     result = {"model": arguments.model, "device": device, "prompts": arguments.prompts,
-              "max_tokens": arguments.max_tokens, "max_batch_size": arguments.max_batch_size,
-              "system": system, "engine_alone": engine,
-              "system_share_of_engine_throughput": round(system["tokens_per_s"] / engine["tokens_per_s"], 3)}
-    print(json.dumps(result, indent=2))
+              "max_batch_size": arguments.max_batch_size, "runs": runs}
     RESULTS_DIRECTORY.mkdir(parents=True, exist_ok=True)
     label = re.sub(r"[^A-Za-z0-9]+", "-", f"{device}-{arguments.model}").strip("-").lower()
     (RESULTS_DIRECTORY / f"system-{label}.json").write_text(json.dumps(result, indent=2) + "\n")

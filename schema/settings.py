@@ -75,8 +75,8 @@ class Settings(BaseSettings):
         if self.target_queue_depth is None:
             self.target_queue_depth = 2 * self.max_batch_size
         if self.worker_threads is None:
-            # One slice drains its tail while the next ones fill the engine up to its target depth.
-            self.worker_threads = max(2, -(-self.target_queue_depth // self.slice_size) + 1)
+            # Enough slices to fill the target depth, plus two draining their tails meanwhile.
+            self.worker_threads = -(-self.target_queue_depth // self.slice_size) + 2
         return self
 
     @property

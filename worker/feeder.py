@@ -119,7 +119,7 @@ class Feeder:
     def _claim_budget(self, budget: int, tracker: SliceTracker) -> None:
         """Claim up to `budget` requests, a batch whenever the engine has room, until none are queued."""
         while budget > 0:
-            room = self._wait_for_room()
+            room = self._wait_for_room(budget)
             claims = self._db(lambda: self.transitions.claim_next(min(budget, room)))
             if not claims:
                 return
@@ -133,10 +133,13 @@ class Feeder:
             tracker.counts["dead"] += len(dead)
         self._start(claims, tracker)
 
-    def _wait_for_room(self) -> int:
+    def _wait_for_room(self, wanted: int) -> int:
+        """Waits until the engine can take a worthwhile batch: all of `wanted`, or a quarter of the target
+        depth — not one request at a time as each finishes, which would cost a claim per request."""
         target = self.settings.target_queue_depth or 1
+        worthwhile = min(wanted, max(1, target // 4))
         with self.room:
-            self.room.wait_for(lambda: self.in_engine < target)
+            self.room.wait_for(lambda: target - self.in_engine >= worthwhile)
             return target - self.in_engine
 
     def _db(self, operation: Any) -> Any:

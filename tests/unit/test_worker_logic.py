@@ -41,5 +41,5 @@ def test_a_non_postgres_url_is_refused_by_name() -> None:
 
 def test_the_pipeline_defaults_follow_the_batch_size() -> None:
     settings = Settings(max_batch_size=256)
-    assert (settings.target_queue_depth, settings.slice_size, settings.worker_threads) == (512, 256, 3)
-    assert Settings(max_batch_size=8).worker_threads == 2  # one slice drains while the next fills
+    assert (settings.target_queue_depth, settings.slice_size, settings.worker_threads) == (512, 256, 4)
+    assert Settings(max_batch_size=8).worker_threads == 3
