@@ -40,3 +40,17 @@ def test_duplicate_messages_produce_no_second_result(
             "(SELECT count(*) FROM audit_events WHERE job_id = :j AND event = 'started') "
             "FROM requests WHERE job_id = :j"), {"j": job_id}).one()
     assert tuple(counts) == (20, 20, 20, 20)
+
+
+def test_reconcile_rebuilds_lost_messages_as_slices(
+    tmp_path: Path, service_env: dict, broker_url: str, queue_name: str, db_engine: Engine
+) -> None:
+    env = {**service_env, "DEEPBATCH_SLICE_SIZE": "100"}
+    prompt_file = write_prompt_file(tmp_path / "prompts.jsonl", total_lines=450, broken={})
+    deepbatch("submit", str(prompt_file.path), env=env)
+    app = make_celery_app(Settings(broker_url=broker_url, queue_name=queue_name))
+    assert queue_length(app, queue_name) == 5
+    with app.connection_for_write() as connection:
+        connection.default_channel.queue_purge(queue_name)  # the broker loses every message
+    assert "450 queued requests re-published" in deepbatch("reconcile", env=env).stderr
+    assert queue_length(app, queue_name) == 5  # as slices of 100, not 450 messages
