@@ -13,9 +13,9 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    CheckConstraint,
     DateTime,
     Enum,
-    FetchedValue,
     ForeignKey,
     Index,
     Integer,
@@ -142,9 +142,9 @@ class Result(Base):
 class AuditEvent(Base):
     """Append-only: one row per state transition of a request (or per job-level event).
 
-    A trigger (migration 0002) chains the rows: `chain_seq` counts them, `hash` covers the row and the
-    previous row's hash, so an edited or deleted row breaks the chain (`deepbatch audit verify`).
-    Another trigger refuses UPDATE and DELETE outside the retention purge.
+    Each INSERT statement is sealed as one (migration 0007): its rows share a `seal_id`, and an AuditSeal
+    chains a digest of them to the previous seal, so an edited or deleted row breaks the chain
+    (`deepbatch audit verify`). Another trigger refuses UPDATE and DELETE outside the retention purge.
     """
 
     __tablename__ = "audit_events"
@@ -159,18 +159,52 @@ class AuditEvent(Base):
     worker: Mapped[str | None] = mapped_column(Text)
     detail: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = created_at_column()
-    chain_seq: Mapped[int] = mapped_column(BigInteger, unique=True, server_default=FetchedValue())
-    prev_hash: Mapped[str] = mapped_column(String(64), server_default=FetchedValue())
-    hash: Mapped[str] = mapped_column(String(64), server_default=FetchedValue())
+    # A statement trigger draws the statement's seal number before its first row; this default reads it.
+    seal_id: Mapped[int] = mapped_column(BigInteger, server_default=text("currval('audit_seal_ids'::regclass)"))
+
+
+class AuditSeal(Base):
+    """One INSERT statement's events, sealed: their count and digest, chained to the previous seal's hash.
+
+    Written only by the statement trigger of migration 0007; append-only (the retention purge deletes whole
+    seals). `chain_seq` is the contiguous order of the chain; `id` is the statement's seal number, which
+    its events carry as `seal_id` (drawn when the statement starts, so ids and chain order may differ).
+    """
+
+    __tablename__ = "audit_seals"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    chain_seq: Mapped[int] = mapped_column(BigInteger, unique=True)
+    row_count: Mapped[int] = mapped_column(Integer)
+    first_event_id: Mapped[int] = mapped_column(BigInteger)  # the id range the purge deletes by
+    last_event_id: Mapped[int] = mapped_column(BigInteger)
+    digest: Mapped[str] = mapped_column(String(64))  # sha256 over the events' texts, in id order
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))  # over all the fields above
+    created_at: Mapped[datetime] = created_at_column()
+
+
+class AuditChainHead(Base):
+    """The last seal's position and hash, in one row: its row lock serialises sealers, one per statement.
+
+    It also shows a truncated tail: seals deleted from the end leave the head pointing past them.
+    """
+
+    __tablename__ = "audit_chain_head"
+    __table_args__ = (CheckConstraint("id = 1", name="one_row"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False, server_default=text("1"))
+    chain_seq: Mapped[int] = mapped_column(BigInteger)
+    hash: Mapped[str] = mapped_column(String(64))
 
 
 class AuditAnchor(Base):
-    """Where the audit chain resumes after a retention purge deleted its oldest rows."""
+    """Where the audit chain resumes after a retention purge deleted its oldest seals."""
 
     __tablename__ = "audit_anchors"
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
-    chain_seq: Mapped[int] = mapped_column(BigInteger, unique=True)  # the last purged row's
+    chain_seq: Mapped[int] = mapped_column(BigInteger, unique=True)  # the last purged seal's
     hash: Mapped[str] = mapped_column(String(64))  # and its hash
     purged_before: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = created_at_column()
