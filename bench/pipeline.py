@@ -119,6 +119,15 @@ def job_counts(database_url: str, job_id: str) -> dict:
     return dict(zip(("finished", "succeeded", "total", "first_claim", "last_result", "results"), row))
 
 
+def wait_for_job(database_url: str, job_id: str, count: int, worker: subprocess.Popen, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while (counts := job_counts(database_url, job_id))["finished"] < count:
+        if worker.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the worker stopped or timed out at {counts}")
+        time.sleep(0.5)
+    return counts
+
+
 def run_pipeline(source: Path, broker_url: str, server_url: str, prompts: Path, count: int, env_extra: dict,
                  timeout: float, profile: Path | None = None) -> dict:
     """Migrate, submit, run one worker to the end, stop it; what the clock and the database say."""
@@ -136,13 +145,11 @@ def run_pipeline(source: Path, broker_url: str, server_url: str, prompts: Path, 
             command = ["py-spy", "record", "--threads", "--format", "raw", "-o", str(profile), "--", *command]
         worker = subprocess.Popen(command, env=env,
                                   cwd=source, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while (counts := job_counts(database_url, job_id))["finished"] < count:
-            if worker.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the worker stopped or timed out at {counts}")
-            time.sleep(0.5)
-        worker.send_signal(signal.SIGINT)  # a warm shutdown; py-spy writes its profile on SIGINT
-        _, _, usage = os.wait4(worker.pid, 0)
+        try:
+            counts = wait_for_job(database_url, job_id, count, worker, timeout)
+        finally:  # a warm shutdown; py-spy writes its profile on SIGINT
+            worker.send_signal(signal.SIGINT)
+            _, _, usage = os.wait4(worker.pid, 0)
         purge_queue(env)
     window = (counts["last_result"] - counts["first_claim"]).total_seconds()
     return {"requests": count, "succeeded": counts["succeeded"], "results": counts["results"],

@@ -99,7 +99,7 @@ class Feeder:
         self.held: dict[int, tuple[SliceTracker, float]] = {}  # claimed, not yet recorded: slice, claim time
         self.held_lock = threading.Lock()
         self.room = threading.Condition()
-        self.in_engine = 0  # submitted to the engine, not yet finished
+        self.in_engine = 0  # submitted to the engine and not yet finished, or reserved for a claim under way
         self.recorder = Recorder(transitions, settings, self._on_recorded)
         self.recorder.start()
 
@@ -119,12 +119,16 @@ class Feeder:
     def _claim_budget(self, budget: int, tracker: SliceTracker) -> None:
         """Claim up to `budget` requests, a batch whenever the engine has room, until none are queued."""
         while budget > 0:
-            room = self._wait_for_room(budget)
-            claims = self._db(lambda: self.transitions.claim_next(min(budget, room)))
+            reserved = self._reserve_room(budget)
+            claims = []
+            try:
+                claims = self._db(lambda: self.transitions.claim_next(reserved))
+            finally:
+                self._release_room(reserved - len(claims))  # the claimed keep their place
             if not claims:
                 return
             budget -= len(claims)
-            self._start(claims, tracker)
+            self._start(claims, tracker, room_reserved=True)
 
     def _claim_ids(self, request_ids: Sequence[int], tracker: SliceTracker) -> None:
         claims, dead = self._db(lambda: self.transitions.claim_ids(request_ids))
@@ -133,23 +137,36 @@ class Feeder:
             tracker.counts["dead"] += len(dead)
         self._start(claims, tracker)
 
-    def _wait_for_room(self, wanted: int) -> int:
-        """Waits until the engine can take a worthwhile batch: all of `wanted`, or a quarter of the target
-        depth — not one request at a time as each finishes, which would cost a claim per request."""
+    def _reserve_room(self, wanted: int) -> int:
+        """Waits until the engine can take a worthwhile batch — all of `wanted`, or a quarter of the target
+        depth, not one request at a time as each finishes — and reserves it, so that slices claiming at the
+        same moment do not overfill the engine together."""
         target = self.settings.target_queue_depth or 1
         worthwhile = min(wanted, max(1, target // 4))
         with self.room:
             self.room.wait_for(lambda: target - self.in_engine >= worthwhile)
-            return target - self.in_engine
+            reserved = min(wanted, target - self.in_engine)
+            self.in_engine += reserved
+            return reserved
+
+    def _release_room(self, reserved: int) -> None:
+        """Gives back room (a negative count takes it: requests claimed by id, outside any reservation)."""
+        if not reserved:
+            return
+        with self.room:
+            self.in_engine -= reserved
+            self.room.notify_all()
 
     def _db(self, operation: Any) -> Any:
         return with_database_retry(operation, self.settings)
 
     # ---- into the engine ----
 
-    def _start(self, claims: list[ClaimedRequest], tracker: SliceTracker) -> None:
+    def _start(self, claims: list[ClaimedRequest], tracker: SliceTracker, room_reserved: bool = False) -> None:
         if not claims:
             return
+        if not room_reserved:
+            self._release_room(-len(claims))
         tracker.add(len(claims))
         now = time.monotonic()
         with self.held_lock:
@@ -158,6 +175,7 @@ class Feeder:
             if claim.attempt == 1:
                 metrics.queue_wait.observe(claim.queued_seconds)
         hits = self._db(lambda: self.transitions.cached_successes(claims))
+        self._release_room(len(hits))  # answered without the engine
         for hit in hits:
             self.recorder.put(hit)
         hit_ids = {hit.claim.id for hit in hits}
@@ -169,8 +187,6 @@ class Feeder:
             encoded = self.encoder.encode_many(prompts)
         except Exception:  # noqa: BLE001 - find the culprits one by one; the rest go on
             encoded = [self._encode_one(prompt) for prompt in prompts]
-        with self.room:
-            self.in_engine += len(claims)
         for claim, prompt_token_ids in zip(claims, encoded):
             try:
                 if isinstance(prompt_token_ids, Exception):
