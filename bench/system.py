@@ -18,6 +18,7 @@ import json
 import os
 import random
 import re
+import subprocess
 import sys
 import threading
 import time
@@ -37,6 +38,7 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, nargs="+", default=[32])
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--data-dir", type=Path, default=Path("/tmp/deepbatch-bench-system"))
+    parser.add_argument("--engine-alone", type=Path, help=argparse.SUPPRESS)  # the child process's part
     return parser.parse_args()
 
 
@@ -127,8 +129,20 @@ def run_engine_alone(arguments: argparse.Namespace, prompts_path: Path, max_toke
             "requests_per_s": round(len(completions) / seconds, 1)}
 
 
+def engine_alone_in_child(arguments: argparse.Namespace, prompts_path: Path, max_tokens: int) -> dict:
+    """The engine alone in a process of its own, which gives the GPU back when it ends: the next job's worker
+    sizes its KV cache from the memory it finds free."""
+    command = [sys.executable, __file__, "--engine-alone", str(prompts_path), "--model", arguments.model,
+               "--max-tokens", str(max_tokens), "--max-batch-size", str(arguments.max_batch_size)]
+    completed = subprocess.run(command, check=True, capture_output=True, text=True)
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     arguments = parse_arguments()
+    if arguments.engine_alone is not None:
+        print(json.dumps(run_engine_alone(arguments, arguments.engine_alone, arguments.max_tokens[0])))
+        return
     arguments.data_dir.mkdir(parents=True, exist_ok=True)
     os.environ.update(DEEPBATCH_MODEL=arguments.model, DEEPBATCH_MAX_BATCH_SIZE=str(arguments.max_batch_size),
                       DEEPBATCH_DATA_DIR=str(arguments.data_dir), DEEPBATCH_METRICS_PORT="0",
@@ -138,7 +152,7 @@ def main() -> None:
         prompts_path = arguments.data_dir / f"prompts-{max_tokens}.jsonl"
         write_prompts(prompts_path, arguments.prompts, max_tokens)
         system = run_system(arguments, prompts_path, max_tokens)
-        engine = run_engine_alone(arguments, prompts_path, max_tokens)
+        engine = engine_alone_in_child(arguments, prompts_path, max_tokens)
         runs.append({"max_tokens": max_tokens, "system": system, "engine_alone": engine,
                      "system_share_of_engine_throughput": round(system["tokens_per_s"] / engine["tokens_per_s"], 3)})
         print(json.dumps(runs[-1], indent=2), flush=True)

@@ -54,7 +54,7 @@ class Settings(BaseSettings):
     # The pipeline: slices of requests in, batches of results out (README: Throughput).
     slice_size: PositiveInt = 256  # request ids per broker message
     target_queue_depth: PositiveInt | None = None  # requests a worker keeps in its engine; None: 2 × max_batch_size
-    flush_interval_ms: float = Field(default=5.0, gt=0)  # the recorder writes finished requests at least this often
+    flush_interval_ms: float = Field(default=50.0, gt=0)  # the recorder writes finished requests at least this often
     flush_max_results: PositiveInt = 1024  # ... or as soon as this many are waiting
     worker_threads: PositiveInt | None = None  # slices in flight; None: enough to keep target_queue_depth
 
