@@ -171,6 +171,7 @@ class Feeder:
         now = time.monotonic()
         with self.held_lock:
             self.held.update((claim.id, (tracker, now)) for claim in claims)
+        metrics.in_flight.inc(len(claims))
         for claim in claims:
             if claim.attempt == 1:
                 metrics.queue_wait.observe(claim.queued_seconds)
@@ -233,6 +234,7 @@ class Feeder:
         now = time.monotonic()
         with self.held_lock:
             held = [self.held.pop(outcome.claim.id, None) for outcome in batch]
+        metrics.in_flight.dec(sum(holder is not None for holder in held))
         dead = []
         for outcome, holder in zip(batch, held):
             name = outcome_name(outcome) if outcome.claim.id in recorded else "lost"

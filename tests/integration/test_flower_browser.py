@@ -70,7 +70,7 @@ def test_flower_requires_a_login_and_shows_workers_and_queue(tmp_path: Path, flo
                                                              broker_url: str, queue_name: str, browser) -> None:
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"n{n}", "max_tokens": 32}) + "\n" for n in range(400)))
-    deepbatch("submit", str(prompts), env=flower_env)
+    deepbatch("submit", str(prompts), env={**flower_env, "DEEPBATCH_SLICE_SIZE": "4"})  # 100 slices
     worker = start_worker(DEEPBATCH_WORKER_THREADS="1", DEEPBATCH_MAX_BATCH_SIZE="1")  # a slow drain
     log = (tmp_path / "flower.log").open("wb")
     flower = subprocess.Popen([sys.executable, "-m", "producer.cli", "flower"], env=flower_env, cwd=REPO_ROOT,
