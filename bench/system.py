@@ -38,6 +38,7 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, nargs="+", default=[32])
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--data-dir", type=Path, default=Path("/tmp/deepbatch-bench-system"))
+    parser.add_argument("--repeat", type=int, default=1, help="measure each output length this many times")
     parser.add_argument("--engine-alone", type=Path, help=argparse.SUPPRESS)  # the child process's part
     return parser.parse_args()
 
@@ -148,19 +149,23 @@ def main() -> None:
                       DEEPBATCH_DATA_DIR=str(arguments.data_dir), DEEPBATCH_METRICS_PORT="0",
                       DEEPBATCH_MAX_MODEL_LEN="1024", DEEPBATCH_MAX_NUM_BATCHED_TOKENS="8192")
     runs = []
-    for max_tokens in arguments.max_tokens:
-        prompts_path = arguments.data_dir / f"prompts-{max_tokens}.jsonl"
-        write_prompts(prompts_path, arguments.prompts, max_tokens)
-        system = run_system(arguments, prompts_path, max_tokens)
-        engine = engine_alone_in_child(arguments, prompts_path, max_tokens)
-        runs.append({"max_tokens": max_tokens, "system": system, "engine_alone": engine,
-                     "system_share_of_engine_throughput": round(system["tokens_per_s"] / engine["tokens_per_s"], 3)})
-        print(json.dumps(runs[-1], indent=2), flush=True)
+    for repetition in range(1, arguments.repeat + 1):
+        for max_tokens in arguments.max_tokens:
+            prompts_path = arguments.data_dir / f"prompts-{max_tokens}.jsonl"
+            write_prompts(prompts_path, arguments.prompts, max_tokens)
+            system = run_system(arguments, prompts_path, max_tokens)
+            engine = engine_alone_in_child(arguments, prompts_path, max_tokens)
+            share = round(system["tokens_per_s"] / engine["tokens_per_s"], 3)
+            runs.append({"max_tokens": max_tokens, "repetition": repetition, "system": system,
+                         "engine_alone": engine, "system_share_of_engine_throughput": share})
+            print(json.dumps(runs[-1], indent=2), flush=True)
+    shares = {tokens: sorted(run["system_share_of_engine_throughput"] for run in runs if run["max_tokens"] == tokens)
+              for tokens in arguments.max_tokens}
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     result = {"model": arguments.model, "device": device, "prompts": arguments.prompts,
-              "max_batch_size": arguments.max_batch_size, "runs": runs}
+              "max_batch_size": arguments.max_batch_size, "system_share_of_engine_throughput": shares, "runs": runs}
     RESULTS_DIRECTORY.mkdir(parents=True, exist_ok=True)
     label = re.sub(r"[^A-Za-z0-9]+", "-", f"{device}-{arguments.model}").strip("-").lower()
     (RESULTS_DIRECTORY / f"system-{label}.json").write_text(json.dumps(result, indent=2) + "\n")
