@@ -67,7 +67,7 @@ class Settings(BaseSettings):
     metrics_port: int = Field(default=9464, ge=0, le=65535)  # Prometheus /metrics of a worker; 0 turns it off
 
     # Producer.
-    insert_chunk_size: PositiveInt = 1000
+    insert_chunk_size: PositiveInt = 5000
     max_line_bytes: PositiveInt = 4 * 1024 * 1024  # far above any context window; a longer line is an error
 
     @model_validator(mode="after")
