@@ -64,7 +64,9 @@ def get_feeder() -> Feeder:
             from worker.engine.tokenizer import PromptEncoder, load_tokenizer
 
             settings = get_settings()
-            sessions = session_factory(settings.sqlalchemy_url, pool_size=(settings.worker_threads or 2) + 2)
+            # No pre-ping: a round trip per transaction; a lost connection is retried (worker/retries.py).
+            sessions = session_factory(settings.sqlalchemy_url, pool_size=(settings.worker_threads or 2) + 2,
+                                       pre_ping=False)
             transitions = Transitions(sessions, worker_identity(), timedelta(seconds=settings.lease_s),
                                       settings.queue_name)
             encoder = PromptEncoder(load_tokenizer(settings.model))
