@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from producer.reader import ReadLine
 from schema.cache import is_greedy, result_cache_key
 from schema.tables import AuditEvent, DeadLetter, Job, Request, RequestState, Result
+from worker.transitions import WORKER_LOST, move
 
 
 def new_job_id() -> str:
@@ -176,11 +177,6 @@ def insert_staged(session: Session, job_id: str, chunk: StagedChunk, options: Jo
     return ChunkOutcome(queued_request_ids=queued, rejected_lines=chunk.lines - len(queued))
 
 
-def insert_chunk(session: Session, job_id: str, lines: list[ReadLine], options: JobOptions) -> ChunkOutcome:
-    """Insert one chunk of read lines as request rows with their audit events (no commit)."""
-    return insert_staged(session, job_id, stage_chunk(lines, options.cache_model), options)
-
-
 def finish_submission(session: Session, job_id: str, total_lines: int) -> None:
     session.execute(
         update(Job).where(Job.id == job_id).values(total_lines=total_lines, submitted_at=func.now())
@@ -262,8 +258,6 @@ def cancel_job(session: Session, job_id: str, actor: str) -> int | None:
 
     Returns how many requests were cancelled, or None if there is no such job.
     """
-    from worker.transitions import move
-
     found = session.execute(update(Job).where(Job.id == job_id)
                             .values(cancel_requested_at=func.coalesce(Job.cancel_requested_at, func.now()))).rowcount
     if not found:
@@ -275,8 +269,6 @@ def cancel_job(session: Session, job_id: str, actor: str) -> int | None:
 
 def expire_overdue(session: Session, actor: str) -> int:
     """Queued requests of jobs whose completion window has closed become expired; finished ones stay."""
-    from worker.transitions import move
-
     overdue_jobs = select(Job.id).where(Job.expires_at < func.now())
     reason = "the job's completion window closed before this request ran"
     return len(move(session, Request.job_id.in_(overdue_jobs), RequestState.queued, RequestState.expired, "expired",
@@ -294,7 +286,7 @@ def queued_request_ids(session: Session, queue: str, older_than: timedelta,
         statement = statement.where(Request.job_id == job_id)
     suspects, others = [], []
     for request_id, error_code in session.execute(statement):
-        (suspects if error_code == "worker_lost" else others).append(request_id)
+        (suspects if error_code == WORKER_LOST else others).append(request_id)
     return suspects, others
 
 
@@ -313,8 +305,6 @@ def dead_letters(session: Session, job_id: str | None = None, limit: int = 100) 
 def requeue_dead(session: Session, queue: str, actor: str, request_ids: Sequence[int] | None = None,
                  job_id: str | None = None) -> list[int]:
     """dead → queued with a fresh set of attempts; the dead-letter record goes, its history stays audited."""
-    from worker.transitions import move
-
     which = Request.queue == queue
     if request_ids is not None:
         which = which & Request.id.in_(request_ids)

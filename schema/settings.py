@@ -51,7 +51,7 @@ class Settings(BaseSettings):
     database_retry_s: PositiveFloat = 600.0  # how long a worker waits out a lost Postgres before giving up a write
     audit_retention_days: PositiveInt = 180  # `deepbatch audit purge` deletes older audit events
     consumer_timeout_ms: PositiveInt = 3 * 3600 * 1000  # RabbitMQ: an unacked message older than this closes the channel
-    # The pipeline: slices of requests in, batches of results out (README: Throughput).
+    # The pipeline: slices of requests in, batches of results out (README: How a request flows).
     slice_size: PositiveInt = 256  # request ids per broker message
     target_queue_depth: PositiveInt | None = None  # requests a worker keeps in its engine; None: 2 × max_batch_size
     flush_interval_ms: float = Field(default=50.0, gt=0)  # the recorder writes finished requests at least this often

@@ -1,1 +1,1 @@
-"""DeepBatch worker: the Celery adapter, the state store and the inference engine."""
+"""DeepBatch worker: the Celery adapter, the feeder and recorder, the state transitions and the inference engine."""

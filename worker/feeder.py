@@ -67,6 +67,11 @@ class SliceTracker:
         with self.condition:
             self.outstanding += count
 
+    def count(self, outcome: str, requests: int) -> None:
+        """Requests that ended without being claimed here (dead-lettered at the claim)."""
+        with self.condition:
+            self.counts[outcome] += requests
+
     def settle(self, outcome: str, request_id: int, retry_after_s: float = 0.0) -> None:
         with self.condition:
             self.outstanding -= 1
@@ -134,7 +139,7 @@ class Feeder:
         claims, dead = self._db(lambda: self.transitions.claim_ids(request_ids))
         if dead:
             self._announce(dead)
-            tracker.counts["dead"] += len(dead)
+            tracker.count("dead", len(dead))
         self._start(claims, tracker)
 
     def _reserve_room(self, wanted: int) -> int:

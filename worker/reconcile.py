@@ -51,7 +51,8 @@ def reconcile(transitions: Transitions, app: Celery, settings: Settings, quiet_f
     if force or queue_length(app, settings.queue_name) == 0:
         with transitions.sessions() as session:
             suspects, others = queries.queued_request_ids(session, settings.queue_name, quiet_for)
-        suspects = [request_id for request_id in suspects if request_id not in set(requeued)]
+        just_requeued = set(requeued)  # published as suspects above already
+        suspects = [request_id for request_id in suspects if request_id not in just_requeued]
         publish_slices(app, suspects, settings.slice_size, isolate=True)
         publish_slices(app, others, settings.slice_size)
         republished = suspects + others

@@ -19,7 +19,7 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, TextClause, bindparam, func, select, text, update
-from sqlalchemy.dialects.postgresql import ARRAY, BIGINT, DOUBLE_PRECISION, INTEGER, TEXT
+from sqlalchemy.dialects.postgresql import ARRAY, BIGINT, TEXT
 from sqlalchemy.orm import Session, sessionmaker
 
 from schema.audit import AuditRow, append_events
@@ -123,7 +123,7 @@ CLAIM_IDS = _claim_statement("""
     FOR UPDATE
 """).bindparams(*_arrays(ids=BIGINT))
 
-# A batch arrives as one JSON array of rows: json.dumps runs in C, where binding one array per column
+# A batch (successes here, failures below) arrives as one JSON array of rows: json.dumps runs in C, where binding one array per column
 # costs the worker's Python (and so the engine's step loop) several times more GIL time (measured).
 RECORD_SUCCESSES = text("""
     WITH finished AS (
@@ -156,8 +156,8 @@ RECORD_SUCCESSES = text("""
 
 RECORD_FAILURES = text("""
     WITH ended AS (
-        SELECT * FROM unnest(:id, :attempt, :to_state, :error_code, :error_message, :retry_after_s)
-            AS e(id, attempt, to_state, error_code, error_message, retry_after_s)
+        SELECT * FROM jsonb_to_recordset(CAST(:rows AS jsonb))
+            AS e(id bigint, attempt int, to_state text, error_code text, error_message text, retry_after_s float8)
     ),
     moved AS (
         UPDATE requests r
@@ -181,8 +181,7 @@ RECORD_FAILURES = text("""
         FROM moved ORDER BY id
     )
     SELECT id, job_id, attempt, to_state, detail FROM moved
-""").bindparams(*_arrays(id=BIGINT, attempt=INTEGER, to_state=TEXT, error_code=TEXT, error_message=TEXT,
-                         retry_after_s=DOUBLE_PRECISION))
+""")
 
 
 def _lost_statement(lost: str, to_state: RequestState, event: str) -> TextClause:
@@ -291,10 +290,10 @@ class Transitions:
         return {"rows": json.dumps(rows, ensure_ascii=False), "model": model, "worker": self.worker}
 
     def _failure_columns(self, failures: Sequence[Failure]) -> dict[str, Any]:
-        return {"id": [f.claim.id for f in failures], "attempt": [f.claim.attempt for f in failures],
-                "to_state": [f.to_state.value for f in failures], "error_code": [f.error_code for f in failures],
-                "error_message": [f.error_message for f in failures],
-                "retry_after_s": [f.retry_after_s for f in failures], "worker": self.worker}
+        rows = [{"id": f.claim.id, "attempt": f.claim.attempt, "to_state": f.to_state.value,
+                 "error_code": f.error_code, "error_message": f.error_message, "retry_after_s": f.retry_after_s}
+                for f in failures]
+        return {"rows": json.dumps(rows, ensure_ascii=False), "worker": self.worker}
 
     def renew_leases(self, request_ids: Sequence[int]) -> int:
         """Extend the leases of the requests this worker holds now; returns how many."""
