@@ -14,7 +14,7 @@ from sqlalchemy import RowMapping, delete, func, select, text, update
 from sqlalchemy.orm import Session
 
 from producer.reader import ReadLine
-from schema.cache import is_greedy, result_cache_key
+from schema.cache import result_cache_key
 from schema.tables import AuditEvent, DeadLetter, Job, Request, RequestState, Result
 from worker.transitions import WORKER_LOST, move
 
@@ -143,10 +143,8 @@ def copy_line(line: ReadLine, cache_model: str | None) -> bytes:
         fields = (copy_text(custom_id), b"\\N", b"\\N", b"\\N", b"\\N", copy_text(line.error.code),
                   copy_text(line.error.message))
         return b"\t".join((str(line.line_no).encode(), *fields)) + b"\n"
-    body, cache_key = request.body, None
-    # is_greedy reads only these two fields: asked first, it spares non-greedy lines dumping their body to a dict.
-    if cache_model and is_greedy({"temperature": body.temperature, "top_k": body.top_k}):
-        cache_key = result_cache_key(cache_model, request.url, request.body_json())
+    body = request.body
+    cache_key = result_cache_key(cache_model, request.url, body) if cache_model else None
     # JSON text never holds a raw tab, newline or CR (they are escaped): only its backslashes need doubling.
     body_json = to_json(body, exclude_none=True).replace(b"\\", b"\\\\")
     fields = (copy_text(request.custom_id), copy_text(repr(request.custom_id)), copy_text(request.url), body_json,

@@ -107,8 +107,17 @@ def publish_slices(app: Celery, request_ids: Sequence[int], slice_size: int, iso
         return 0
     with app.producer_or_acquire() as producer:
         for message in messages:
-            app.send_task(PROCESS_SLICE_TASK, args=[message], kwargs={"isolate": isolate}, producer=producer)
+            app.send_task(PROCESS_SLICE_TASK, args=[message], kwargs={"isolate": isolate}, producer=producer,
+                          argsrepr=slice_repr(message), kwargsrepr=f"{{'isolate': {isolate}}}")
     return len(messages)
+
+
+def slice_repr(request_ids: list[int]) -> str:
+    """How Flower shows a slice's arguments. Given, so that Celery does not `saferepr` hundreds of ids per
+    message: that was a third of submit's publishing time (profiled)."""
+    if len(request_ids) <= 3:
+        return repr([request_ids])
+    return f"[[{request_ids[0]}, {request_ids[1]}, … {request_ids[-1]}] ({len(request_ids)} request ids)]"
 
 
 def publish_dead_letters(app: Celery, settings: Settings, letters: list[dict[str, Any]]) -> None:

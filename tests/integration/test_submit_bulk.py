@@ -85,7 +85,7 @@ def expected_rows(lines: list[bytes], served_models: frozenset[str]) -> dict[int
         first_use[custom_id] = line_no
         body = read.request.body_json()
         rows[line_no] = {"state": "queued", "custom_id": custom_id, "url": read.request.url, "body": body,
-                         "cache_key": result_cache_key(MODEL, read.request.url, body), "error_code": None}
+                         "cache_key": result_cache_key(MODEL, read.request.url, read.request.body), "error_code": None}
     return rows
 
 

@@ -1,0 +1,32 @@
+"""The result cache key: equal greedy requests share it, whatever the line's key order or label fields."""
+
+from schema.cache import result_cache_key
+from schema.lines import CHAT_URL, COMPLETIONS_URL, parse_line
+
+MODEL = "tiny-deepseek-v3"
+
+
+def key(line: str, url: str = CHAT_URL, model: str = MODEL) -> str | None:
+    return result_cache_key(model, url, parse_line(line, 1).body)
+
+
+def test_key_ignores_field_order_and_label_fields():
+    first = key('{"messages": [{"role": "user", "content": "hi"}], "temperature": 0, "max_tokens": 5}')
+    reordered = key('{"max_tokens": 5, "model": "m", "seed": 3, "user": "u", "temperature": 0,'
+                    ' "messages": [{"content": "hi", "role": "user"}]}')
+    assert first is not None and first == reordered
+
+
+def test_key_tells_apart_what_changes_the_output():
+    base = key('{"messages": [{"role": "user", "content": "hi"}], "temperature": 0}')
+    assert base != key('{"messages": [{"role": "user", "content": "hi!"}], "temperature": 0}')
+    assert base != key('{"messages": [{"role": "user", "content": "hi"}], "temperature": 0, "max_tokens": 9}')
+    assert base != key('{"messages": [{"role": "user", "content": "hi"}], "temperature": 0}', model="other")
+    assert key('{"prompt": "hi", "temperature": 0}', COMPLETIONS_URL) != key('{"prompt": "hi", "top_k": 1}',
+                                                                             COMPLETIONS_URL)
+
+
+def test_only_greedy_requests_have_a_key():
+    assert key('{"prompt": "hi"}', COMPLETIONS_URL) is None
+    assert key('{"prompt": "hi", "temperature": 0.7}', COMPLETIONS_URL) is None
+    assert key('{"prompt": "hi", "top_k": 1, "temperature": 0.7}', COMPLETIONS_URL) is not None
