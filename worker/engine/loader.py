@@ -20,7 +20,8 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from worker.engine.configs import builtin_config
+from worker.engine.configs import builtin_config, resolve_model
+from worker.engine.gguf_file import is_gguf, open_gguf
 from worker.engine.models import build_model
 
 # Kept in float32 whatever the model's dtype, as transformers keeps them (they bias the expert choice).
@@ -30,13 +31,18 @@ FLOAT32_TENSOR_NAMES = ("e_score_correction_bias",)
 def load_model(
     model_name: str, seed: int, device: torch.device, dtype: torch.dtype
 ) -> tuple[nn.Module, PretrainedConfig]:
-    """The engine model for a built-in name or a checkpoint directory, on `device` in `dtype`."""
+    """The engine model for a built-in name, a GGUF file or a checkpoint directory, on `device` in `dtype`."""
+    model_name = resolve_model(model_name)
     hf_config = builtin_config(model_name)
     if hf_config is not None:
         named_tensors: Iterable[tuple[str, torch.Tensor]] = random_named_tensors(hf_config, seed, device, dtype)
+    elif is_gguf(model_name):
+        gguf = open_gguf(model_name)
+        hf_config, named_tensors = gguf.config, gguf.named_tensors()
     else:
         if not Path(model_name).is_dir():
-            raise ValueError(f"model {model_name!r} is neither a built-in name nor a checkpoint directory")
+            raise ValueError(f"model {model_name!r} is neither a built-in name, a .gguf file nor a checkpoint "
+                             "directory")
         hf_config = AutoConfig.from_pretrained(model_name)
         named_tensors = checkpoint_named_tensors(Path(model_name))
     model = empty_model(hf_config, device, dtype)

@@ -14,6 +14,9 @@ from typing import TypedDict
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from worker.engine.configs import resolve_model
+from worker.engine.gguf_file import is_gguf, open_gguf
+
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
 USER = "<｜User｜>"
@@ -26,7 +29,10 @@ class ChatMessage(TypedDict):
 
 
 def load_tokenizer(model: str) -> PreTrainedTokenizerBase:
-    """The checkpoint's tokenizer when `model` is a directory holding one, else DeepSeek's."""
+    """A GGUF file's tokenizer, the checkpoint's when `model` is a directory holding one, else DeepSeek's."""
+    model = resolve_model(model)
+    if is_gguf(model):
+        return open_gguf(model).tokenizer()
     directory = Path(model)
     if directory.is_dir() and any((directory / name).exists() for name in ("tokenizer.json", "tokenizer_config.json")):
         return AutoTokenizer.from_pretrained(directory)
@@ -57,9 +63,13 @@ class PromptEncoder:
     def __init__(self, tokenizer: PreTrainedTokenizerBase):
         self.tokenizer = tokenizer
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
+        # A completion prompt starts with BOS unless the tokenizer says not to (a GGUF's add_bos_token:
+        # SmolLM's BOS is its chat turn marker).
+        adds_bos = tokenizer.init_kwargs.get("add_bos_token", True)
+        self.bos_id = tokenizer.bos_token_id if adds_bos else None
 
     def encode_prompt(self, prompt: str) -> list[int]:
-        bos_id = self.tokenizer.bos_token_id
+        bos_id = self.bos_id
         token_ids = self.tokenizer.encode(prompt, add_special_tokens=False)
         return [bos_id, *token_ids] if bos_id is not None else token_ids
 
@@ -74,7 +84,7 @@ class PromptEncoder:
     def encode_many(self, prompts: Sequence[str | Sequence[ChatMessage]]) -> list[list[int]]:
         """Completion prompts (strings) and chats (message lists) in one tokenizer call, which a fast
         tokenizer spreads over its own threads; the same ids as `encode_prompt` / `encode_chat` each."""
-        bos_id = self.tokenizer.bos_token_id
+        bos_id = self.bos_id
         texts = [prompt if isinstance(prompt, str) else self.render_chat(prompt) for prompt in prompts]
         encoded = self._encode_texts(texts) if texts else []
         return [[bos_id, *token_ids] if isinstance(prompt, str) and bos_id is not None else list(token_ids)

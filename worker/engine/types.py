@@ -56,7 +56,7 @@ class Completion:
 class EngineConfig:
     """How to build an engine; the worker fills it from its settings."""
 
-    model: str = "tiny-deepseek-v3"  # a built-in random model name, or a local checkpoint directory
+    model: str = "tiny-deepseek-v3"  # a built-in name, a .gguf file, or a local checkpoint directory
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
     seed: int = 0  # random weights of the built-in models come from this seed

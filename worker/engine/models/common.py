@@ -125,6 +125,10 @@ class RotaryEmbedding(nn.Module):
                 self.attention_scaling = 1.0
             else:
                 inv_freq, self.attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, None)
+        # A GGUF of a model with llama 3's rope scaling carries it as a factor per frequency (gguf_file.py).
+        factors = getattr(hf_config, "rope_frequency_factors", None)
+        if factors is not None:
+            inv_freq = inv_freq / torch.tensor(factors, dtype=inv_freq.dtype)
         self.inverse_frequencies = inv_freq.float()
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
