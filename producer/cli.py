@@ -119,13 +119,32 @@ def migrate() -> None:
     console.print("database is at the latest schema")
 
 
+MODEL_HELP = "a built-in name (smollm2-135m-instruct, tiny-deepseek-v3, ...), a .gguf file or a checkpoint " \
+             "directory; default DEEPBATCH_MODEL"
+
+
+def check_model(model: str) -> None:
+    """A packaged model whose package is missing fails here, not minutes later in the worker."""
+    from worker.engine.configs import resolve_model
+
+    try:
+        resolve_model(model)
+    except ValueError as error:
+        raise fail(str(error)) from None
+
+
 @cli.command()
 def worker(
     concurrency: Annotated[Optional[int], typer.Option(help="threads; default DEEPBATCH_WORKER_THREADS")] = None,
     loglevel: Annotated[str, typer.Option(help="Celery log level")] = "INFO",
+    model: Annotated[Optional[str], typer.Option(help=MODEL_HELP)] = None,
 ) -> None:
     """Run a Celery worker: one per GPU, one engine per worker process."""
+    if model:  # the worker's runtime reads the settings again, from the environment
+        os.environ["DEEPBATCH_MODEL"] = model
+        get_settings.cache_clear()
     settings = configured_settings()
+    check_model(settings.model)
     from worker.app import celery_app
 
     celery_app.worker_main([
@@ -262,7 +281,7 @@ def export_to_files(settings: Settings, job_id: str, output: Path, errors: Path)
 
 def start_worker_process(settings: Settings, log_path: Path) -> subprocess.Popen:
     env = {**os.environ, "DEEPBATCH_DATABASE_URL": settings.database_url or "",
-           "DEEPBATCH_BROKER_URL": settings.broker_url or ""}
+           "DEEPBATCH_BROKER_URL": settings.broker_url or "", "DEEPBATCH_MODEL": settings.model}
     log = log_path.open("ab")
     command = [sys.executable, "-m", "producer.cli", "worker", "--loglevel", "WARNING"]
     return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -282,13 +301,17 @@ def run(
     file: Annotated[Path, typer.Argument(help="JSONL prompt file (OpenAI Batch or plain lines)")],
     output: Annotated[Path, typer.Option("-o", "--output", help="results file")] = Path("results.jsonl"),
     errors: Annotated[Optional[Path], typer.Option("-e", "--errors", help="errors file; default OUTPUT.errors.jsonl")] = None,
+    model: Annotated[Optional[str], typer.Option(help=MODEL_HELP)] = None,
 ) -> None:
     """Everything in one command: services (embedded if unset), migrations, a worker, submit, wait, export."""
     from schema.migrate import upgrade
 
     base = get_settings()
+    if model:
+        base = base.model_copy(update={"model": model})
     if not file.is_file():
         raise fail(f"no such file: {file}")
+    check_model(base.model)
     with embedded_services(base.data_dir, base.database_url, base.broker_url) as urls:
         settings = base.model_copy(update={"database_url": urls.database_url, "broker_url": urls.broker_url})
         upgrade(settings.sqlalchemy_url)

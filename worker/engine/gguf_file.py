@@ -80,7 +80,12 @@ class GGUFError(ValueError):
 
 
 def is_gguf(model: str) -> bool:
-    return model.endswith(".gguf") and Path(model).is_file()
+    """A file that starts with GGUF's magic, whatever its name (Ollama keeps its models as sha256 blobs)."""
+    path = Path(model)
+    if not path.is_file():
+        return False
+    with path.open("rb") as file:
+        return file.read(4) == b"GGUF"
 
 
 @lru_cache(maxsize=2)
