@@ -21,6 +21,8 @@ those bytes over the decode steps' time, against a device-to-device copy measure
         --min-prompt-len 64 --max-prompt-len 512 --max-tokens 256 --hf-batch-size 256 --max-batch-size 512
     python bench/engine.py --model shape-deepseek-v2-lite --device cuda --num-prompts 512 \\
         --min-prompt-len 64 --max-prompt-len 512 --max-tokens 128 --hf-batch-size 128 --max-batch-size 512
+    python bench/engine.py --model smollm2-135m-instruct --chat-prompts --device cuda --num-prompts 256 \\
+        --max-tokens 128 --hf-batch-size 256 --max-batch-size 256   # real weights from a GGUF
 """
 
 from __future__ import annotations
@@ -37,14 +39,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from worker.engine.configs import builtin_config  # noqa: E402
+from worker.engine.configs import builtin_config, resolve_model  # noqa: E402
 from worker.engine.device import resolve_device, resolve_dtype  # noqa: E402
 from worker.engine.engine import LLMEngine  # noqa: E402
+from worker.engine.gguf_file import is_gguf, open_gguf  # noqa: E402
 from worker.engine.loader import random_reference_model  # noqa: E402
+from worker.engine.tokenizer import PromptEncoder, load_tokenizer  # noqa: E402
 from worker.engine.types import EngineConfig, SamplingParams  # noqa: E402
 
 RESULTS_DIRECTORY = Path(__file__).resolve().parent / "results"
@@ -53,7 +57,11 @@ GIB = 2**30
 
 def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny-deepseek-v3", help="built-in name or checkpoint directory")
+    parser.add_argument("--model", default="tiny-deepseek-v3",
+                        help="built-in name (smollm2-135m-instruct, shape-…), .gguf file or checkpoint directory")
+    parser.add_argument("--chat-prompts", action="store_true",
+                        help="real questions through the model's chat template instead of random token ids "
+                             "(for a model with real weights: agreement on text it was trained for)")
     parser.add_argument("--num-prompts", type=int, default=128)
     parser.add_argument("--min-prompt-len", type=int, default=16)
     parser.add_argument("--max-prompt-len", type=int, default=128)
@@ -81,12 +89,44 @@ def random_prompts(arguments: argparse.Namespace, vocab_size: int) -> list[list[
     return [torch.randint(2, vocab_size, (int(length),), generator=generator).tolist() for length in lengths]
 
 
+COUNTRIES = ("France", "Japan", "Italy", "Germany", "Spain", "Canada", "Brazil", "Egypt", "India", "Kenya",
+             "Norway", "Peru", "Chile", "Greece", "Poland", "Mexico")
+TOPICS = ("the moon", "rivers", "prime numbers", "bread", "volcanoes", "the printing press", "owls", "tides",
+          "photosynthesis", "chess", "glaciers", "bees", "the internet", "music", "rain", "bridges")
+QUESTION_TEMPLATES = (
+    "What is the capital of {country}? Answer in one word.",
+    "Write one sentence about {topic}.",
+    "Explain {topic} to a child in two sentences.",
+    "List three facts about {topic} and one about {country}.",
+    "Summarise what you know about {topic} in a short paragraph: where it comes from, why people care about "
+    "it, and one surprising detail that most people in {country} would not know.",
+)
+
+
+def chat_prompts(arguments: argparse.Namespace) -> list[list[int]]:
+    """Questions of five lengths about 16 countries and 16 topics, through the model's chat template."""
+    encoder = PromptEncoder(load_tokenizer(arguments.model))
+    questions = [QUESTION_TEMPLATES[index % 5].format(country=COUNTRIES[index % 16], topic=TOPICS[index * 7 % 16])
+                 for index in range(arguments.num_prompts)]
+    return [encoder.encode_chat([{"role": "user", "content": question}]) for question in questions]
+
+
+def model_config(model: str) -> PretrainedConfig:
+    path = resolve_model(model)
+    return builtin_config(path) or (open_gguf(path).config if is_gguf(path) else AutoConfig.from_pretrained(path))
+
+
 def load_reference(model: str, seed: int, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
-    """The same weights the engine loads: the random reference under the seed, or the checkpoint."""
-    hf_config = builtin_config(model)
-    if hf_config is None:
-        return AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device).eval()
-    return random_reference_model(hf_config, seed, device, dtype)
+    """The same weights the engine loads: the random reference under the seed, the GGUF file (transformers
+    dequantises it as the engine does) or the checkpoint."""
+    path = resolve_model(model)
+    hf_config = builtin_config(path)
+    if hf_config is not None:
+        return random_reference_model(hf_config, seed, device, dtype)
+    if is_gguf(path):
+        file = Path(path)
+        return AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=dtype).to(device).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
 
 
 def synchronize(device: torch.device) -> None:
@@ -250,14 +290,17 @@ def main() -> None:
     device = resolve_device(arguments.device)
     dtype = resolve_dtype(arguments.dtype, device)
     arguments.bandwidth = copy_bandwidth(device)
-    hf_config = builtin_config(arguments.model) or AutoConfig.from_pretrained(arguments.model)
-    prompts = random_prompts(arguments, hf_config.vocab_size)
+    hf_config = model_config(arguments.model)
+    prompts = chat_prompts(arguments) if arguments.chat_prompts else random_prompts(arguments, hf_config.vocab_size)
     output_tokens = arguments.num_prompts * arguments.max_tokens
     result: dict = {
         "model": arguments.model, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": str(dtype), "torch": torch.__version__, "host": platform.node(),
         "cpu_threads": torch.get_num_threads(),
-        "num_prompts": arguments.num_prompts, "prompt_len": [arguments.min_prompt_len, arguments.max_prompt_len],
+        "num_prompts": arguments.num_prompts,
+        "prompts": "chat questions" if arguments.chat_prompts else "random token ids",
+        "prompt_len": ([min(map(len, prompts)), max(map(len, prompts))] if arguments.chat_prompts
+                       else [arguments.min_prompt_len, arguments.max_prompt_len]),
         "max_tokens": arguments.max_tokens, "hf_batch_size": arguments.hf_batch_size,
         "engine_max_batch_size": arguments.max_batch_size,
         "engine_max_num_batched_tokens": arguments.max_num_batched_tokens,
