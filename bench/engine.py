@@ -188,10 +188,14 @@ def run_transformers(
     return time.perf_counter() - started, outputs
 
 
-def float32_greedy(reference: PreTrainedModel, prompts: list[list[int]], max_tokens: int,
+def float32_greedy(reference: PreTrainedModel, model: str, prompts: list[list[int]], max_tokens: int,
                    device: torch.device) -> list[list[int]]:
-    """The first greedy tokens of the same weights upcast to float32 (the rounding-free answer)."""
-    upcast = copy.deepcopy(reference).float()
+    """The first greedy tokens of the same weights upcast to float32 (the rounding-free answer). A GGUF's
+    weights are dequantised again, straight to float32: transformers will not upcast a GGUF model."""
+    if is_gguf(resolve_model(model)):
+        upcast = load_reference(model, 0, device, torch.float32)
+    else:
+        upcast = copy.deepcopy(reference).float()
     _, outputs = run_transformers(upcast, prompts, max_tokens, len(prompts), device)
     del upcast
     return outputs
@@ -318,7 +322,7 @@ def main() -> None:
                       transformers_tokens_per_s=round(output_tokens / hf_seconds, 1),
                       transformers_peak_gpu_memory_gib=peak_memory_gib(device))
         if arguments.float32_check_prompts and dtype != torch.float32:
-            float32_outputs = float32_greedy(reference, prompts[: arguments.float32_check_prompts],
+            float32_outputs = float32_greedy(reference, arguments.model, prompts[: arguments.float32_check_prompts],
                                              min(32, arguments.max_tokens), device)
         del reference
         release_memory(device)
@@ -336,6 +340,8 @@ def main() -> None:
             f"{sum(a[:32] == b[:32] for a, b in zip(outputs, hf_outputs))}/{len(outputs)}")
         result["greedy_first_token_identical"] = (
             f"{sum(a[:1] == b[:1] for a, b in zip(outputs, hf_outputs))}/{len(outputs)}")
+        result["greedy_mean_tokens_before_first_difference"] = round(
+            sum(common_prefix_length(a, b) for a, b in zip(outputs, hf_outputs)) / len(outputs), 1)
     if float32_outputs is not None:
         # How far 16-bit rounding alone moves greedy decoding: transformers' own 16-bit run against the same
         # weights in float32, beside the engine's. The engine should stray no further than transformers does.
@@ -347,11 +353,21 @@ def main() -> None:
             "transformers": sum(a[:checked] == b for a, b in zip(hf_outputs, float32_outputs)),
             "engine": sum(a[:checked] == b for a, b in zip(engine["outputs"], float32_outputs)),
         }
+        result["mean_tokens_before_first_difference_from_float32"] = {
+            name: round(sum(common_prefix_length(a[:checked], b) for a, b in zip(outputs, float32_outputs)) / count, 1)
+            for name, outputs in (("transformers", hf_outputs), ("engine", engine["outputs"]))}
     result.update({f"engine_{key}": value for key, value in engine.items() if key not in ("seconds", "outputs")})
     print(json.dumps(result, indent=2))
     output = arguments.output or default_output(arguments, device, dtype)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def common_prefix_length(first: list[int], second: list[int]) -> int:
+    for index, (a, b) in enumerate(zip(first, second)):
+        if a != b:
+            return index
+    return min(len(first), len(second))
 
 
 def default_output(arguments: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Path:
