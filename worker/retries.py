@@ -22,6 +22,7 @@ from worker.engine.types import PermanentEngineError, TransientEngineError
 from worker.transitions import ClaimedRequest, Failure
 
 log = logging.getLogger(__name__)
+INTERNAL_ERROR = "internal_error"  # anything the engine did not classify: retried, as it may be transient
 T = TypeVar("T")
 
 
@@ -33,8 +34,8 @@ def backoff_seconds(attempt: int, base: float, cap: float) -> float:
 def failure_for(claim: ClaimedRequest, error: BaseException, settings: Settings) -> Failure:
     """What becomes of `claim` after `error`: failed, queued again (with its backoff) or dead."""
     if isinstance(error, PermanentEngineError):
-        return Failure(claim, RequestState.failed, type(error).__name__, f"line {claim.line_no}: {error}")
-    code = type(error).__name__ if isinstance(error, TransientEngineError) else "internal_error"
+        return Failure(claim, RequestState.failed, error.code, f"line {claim.line_no}: {error}")
+    code = error.code if isinstance(error, TransientEngineError) else INTERNAL_ERROR
     message = f"{type(error).__name__}: {error}"
     if claim.attempt >= claim.max_attempts:
         return Failure(claim, RequestState.dead, code, message)

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.integration
 
 GOOD = b'{"prompt": "fine", "max_tokens": 2}'
 HOSTILE_LINES: dict[str, tuple[bytes, str]] = {
-    # name: (the line's bytes, what its error must say)
+    # name: (the line's bytes, what its error must say); ERROR_CODES: the code its error file line gives
     "invalid json": (b'{"prompt": "x"', "invalid JSON"),
     "wrong type": (b'{"prompt": ["a", "b"]}', "prompt: Input should be a valid string"),
     "missing field": (b'{"custom_id": "m", "method": "POST", "url": "/v1/chat/completions", "body": {}}',
@@ -33,6 +33,22 @@ HOSTILE_LINES: dict[str, tuple[bytes, str]] = {
     "unknown model": (b'{"custom_id": "g", "method": "POST", "url": "/v1/completions", '
                       b'"body": {"model": "gpt-4o", "prompt": "x"}}', "unknown model 'gpt-4o'"),
 }
+ERROR_CODES = {
+    "invalid json": "invalid_json",
+    "wrong type": "invalid_request",
+    "missing field": "invalid_request",
+    "unknown url": "invalid_request",
+    "unknown field": "invalid_request",
+    "empty line": "invalid_request",
+    "10 MB line": "line_too_long",
+    "raw NUL byte": "invalid_json",
+    "escaped NUL": "invalid_request",
+    "invalid UTF-8": "invalid_encoding",
+    "duplicate custom_id": "duplicate_custom_id",
+    "over the context": "prompt_too_long",
+    "not an object": "invalid_request",
+    "unknown model": "unknown_model",
+}
 
 
 @pytest.mark.parametrize("broker_url", ["redis"], indirect=True)
@@ -41,11 +57,12 @@ def test_each_hostile_line_gets_an_error_naming_it(tmp_path: Path, service_env: 
     env = {**service_env, "DEEPBATCH_MAX_MODEL_LEN": "64"}
     path = tmp_path / "hostile.jsonl"
     expected: dict[int, str] = {}
+    expected_codes: dict[int, str] = {}
     with path.open("wb") as stream:
         stream.write(b'{"custom_id": "same", "prompt": "first"}\n')
-        for line_no, (line, fragment) in enumerate(HOSTILE_LINES.values(), start=2):
+        for line_no, (name, (line, fragment)) in enumerate(HOSTILE_LINES.items(), start=2):
             stream.write(line + b"\n" + GOOD + b"\n")
-            expected[2 * line_no - 2] = fragment
+            expected[2 * line_no - 2], expected_codes[2 * line_no - 2] = fragment, ERROR_CODES[name]
     good_lines = 1 + len(HOSTILE_LINES)
     worker = start_worker(**env)
     job_id = deepbatch("submit", str(path), env=env).stdout.strip()
@@ -66,6 +83,7 @@ def test_each_hostile_line_gets_an_error_naming_it(tmp_path: Path, service_env: 
     deepbatch("results", job_id, "-o", str(output), env=env)
     errors = [json.loads(line) for line in (tmp_path / "out.errors.jsonl").read_text().splitlines()]
     assert sorted(error["error"]["line"] for error in errors) == sorted(expected)
+    assert {error["error"]["line"]: error["error"]["code"] for error in errors} == expected_codes
 
 
 def test_an_empty_file_makes_an_empty_completed_job(tmp_path: Path, service_env: dict, db_engine: Engine) -> None:

@@ -124,9 +124,9 @@ def test_failures_retry_fail_or_dead_letter_in_one_batch(sessions: sessionmaker,
     dead = ClaimedRequest(**{**dead.__dict__, "attempt": 2})  # as if on its last attempt
     with sessions.begin() as session:
         session.execute(text("UPDATE requests SET attempt = 2 WHERE id = :r"), {"r": dead.id})
-    assert worker.record([], [Failure(retried, RequestState.queued, "TransientEngineError", "oom", 30.0),
-                              Failure(failed, RequestState.failed, "PromptTooLongError", "line 2: too long"),
-                              Failure(dead, RequestState.dead, "TransientEngineError", "oom")], "m") == set(ids)
+    assert worker.record([], [Failure(retried, RequestState.queued, "engine_unavailable", "oom", 30.0),
+                              Failure(failed, RequestState.failed, "prompt_too_long", "line 2: too long"),
+                              Failure(dead, RequestState.dead, "engine_unavailable", "oom")], "m") == set(ids)
     assert states(sessions, ids) == ["queued", "failed", "dead"]
     assert worker.claim_next(3) == []  # the retry waits out its backoff
     again, _ = worker.claim_ids([retried.id])  # ... unless its own worker claims it
@@ -134,6 +134,6 @@ def test_failures_retry_fail_or_dead_letter_in_one_batch(sessions: sessionmaker,
     with sessions() as session:
         letter = session.execute(text("SELECT attempts, last_error FROM dead_letters WHERE request_id = :r"),
                                  {"r": dead.id}).one()
-    assert tuple(letter) == (2, "TransientEngineError: oom")
+    assert tuple(letter) == (2, "engine_unavailable: oom")
     assert [e[0] for e in events(sessions, retried.id)] == ["started", "retried", "started"]
     assert events(sessions, failed.id)[-1] == ("failed", "running", "failed", 1)

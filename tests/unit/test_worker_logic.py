@@ -43,3 +43,17 @@ def test_the_pipeline_defaults_follow_the_batch_size() -> None:
     settings = Settings(max_batch_size=256)
     assert (settings.target_queue_depth, settings.slice_size, settings.worker_threads) == (512, 256, 4)
     assert Settings(max_batch_size=8).worker_threads == 3
+
+
+def test_engine_errors_become_snake_case_codes() -> None:
+    from worker.engine.types import InvalidSamplingError, PromptTooLongError, TransientEngineError
+    from worker.retries import failure_for
+    from worker.transitions import ClaimedRequest
+
+    claim = ClaimedRequest(id=1, job_id="j", line_no=3, custom_id="c", url="/v1/completions", body={}, attempt=1,
+                           max_attempts=3, cache_key=None, queued_seconds=0.0)
+    settings = Settings(database_url="postgresql://x/y")
+    codes = {type(error).__name__: failure_for(claim, error, settings).error_code for error in (
+        PromptTooLongError("too long"), InvalidSamplingError("top_p"), TransientEngineError("oom"), RuntimeError("?"))}
+    assert codes == {"PromptTooLongError": "prompt_too_long", "InvalidSamplingError": "invalid_sampling",
+                     "TransientEngineError": "engine_unavailable", "RuntimeError": "internal_error"}

@@ -73,20 +73,31 @@ class EngineConfig:
 
 
 class EngineError(Exception):
-    """Base of every error the engine reports for a request."""
+    """Base of every error the engine reports for a request. `code` is what the request's row and the
+    error file say (snake_case, as every error code; README "Error codes")."""
+
+    code = "engine_error"
 
 
 class TransientEngineError(EngineError):
     """Worth retrying: the same request may succeed later (out of memory, a lost device)."""
 
+    code = "engine_unavailable"
+
 
 class PermanentEngineError(EngineError):
     """Never worth retrying: the request itself is at fault."""
+
+    code = "invalid_request"
 
 
 class PromptTooLongError(PermanentEngineError):
     """The prompt (plus at least one generated token) does not fit the model's context."""
 
+    code = "prompt_too_long"
+
 
 class InvalidSamplingError(PermanentEngineError, ValueError):
     """A sampling parameter is out of range."""
+
+    code = "invalid_sampling"
