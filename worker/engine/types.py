@@ -76,7 +76,7 @@ class EngineError(Exception):
     """Base of every error the engine reports for a request. `code` is what the request's row and the
     error file say (snake_case, as every error code; README "Error codes")."""
 
-    code = "engine_error"
+    code: str
 
 
 class TransientEngineError(EngineError):
