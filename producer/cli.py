@@ -19,6 +19,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -185,7 +186,25 @@ def submit_with_progress(path: Path, settings: Settings, completion_window: time
                              on_chunk=lambda lines: bar.update(task, completed=lines),
                              completion_window=completion_window, metadata=metadata,
                              use_result_cache=use_result_cache, priority=priority)
+    with sessions() as session:
+        report_rejected_lines(queries.rejected_lines(session, job_id),
+                              queries.unknown_model_names(session, job_id), settings)
     return job_id
+
+
+def report_rejected_lines(rejected: list[queries.RejectedLines], unknown_models: list[tuple[str, int]],
+                          settings: Settings) -> None:
+    """One line per reason lines were rejected (each line's own error is in the errors file), and the fix
+    when lines name a model this deployment does not serve."""
+    for kind in rejected:
+        lines = "1 line" if kind.count == 1 else f"{kind.count} lines"
+        console.print(f"[yellow]{lines} rejected: {kind.code}[/] (first, line {kind.first_line}: "
+                      f"{escape(kind.first_message)})", highlight=False)
+    if unknown_models:
+        names = ",".join(name for name, _ in unknown_models if name)
+        console.print(f"[yellow]lines name model(s) {escape(names)} but this deployment serves "
+                      f"{escape(repr(settings.model))}:[/] to run them on it, set DEEPBATCH_MODEL_ALIASES="
+                      f"{escape(names)} and submit again", highlight=False)
 
 
 @cli.command()

@@ -183,6 +183,41 @@ def finish_submission(session: Session, job_id: str, total_lines: int) -> None:
 
 
 @dataclass(frozen=True)
+class RejectedLines:
+    """The lines of a job rejected for one reason: how many, and the first of them."""
+
+    code: str
+    count: int
+    first_line: int
+    first_message: str
+
+
+REJECTED_LINES = text("""
+    SELECT DISTINCT ON (error_code) error_code AS code, count(*) OVER (PARTITION BY error_code) AS count,
+           line_no AS first_line, line_error AS first_message
+    FROM requests WHERE job_id = :job_id AND state = 'failed' AND line_error IS NOT NULL
+    ORDER BY error_code, line_no
+""")
+# The names in `unknown_model` errors (producer/reader.py words them `unknown model 'name': ...`).
+UNKNOWN_MODEL_NAMES = text("""
+    SELECT substring(line_error FROM '^unknown model [''"](.*)[''"]: this deployment') AS name, count(*) AS count
+    FROM requests WHERE job_id = :job_id AND state = 'failed' AND error_code = 'unknown_model'
+    GROUP BY 1 ORDER BY 2 DESC, 1
+""")
+
+
+def rejected_lines(session: Session, job_id: str) -> list[RejectedLines]:
+    """Why a job's lines were rejected at submission, by code, most frequent first."""
+    rows = [RejectedLines(**row) for row in session.execute(REJECTED_LINES, {"job_id": job_id}).mappings()]
+    return sorted(rows, key=lambda row: (-row.count, row.code))
+
+
+def unknown_model_names(session: Session, job_id: str) -> list[tuple[str, int]]:
+    """The model names a job's lines gave that this deployment does not serve, with their counts."""
+    return [(row.name, row.count) for row in session.execute(UNKNOWN_MODEL_NAMES, {"job_id": job_id})]
+
+
+@dataclass(frozen=True)
 class JobProgress:
     """A row of the job_progress view (README: Polling from SQL)."""
 

@@ -93,3 +93,23 @@ def test_an_empty_file_makes_an_empty_completed_job(tmp_path: Path, service_env:
     with db_engine.connect() as connection:
         row = connection.execute(text("SELECT status, total FROM job_progress WHERE job_id = :j"), {"j": job_id}).one()
     assert tuple(row) == ("completed", 0)
+
+
+def test_lines_rejected_en_masse_get_one_summary_with_the_fix(tmp_path: Path, service_env: dict,
+                                                              db_engine: Engine) -> None:
+    """Every line names a model this deployment does not serve: besides the per-line errors, submit says
+    once what happened and what to set; with that set, the same file is accepted."""
+    path = tmp_path / "openai.jsonl"
+    path.write_text("".join(json.dumps({"custom_id": f"r{n}", "method": "POST", "url": "/v1/chat/completions",
+                                        "body": {"model": "deepseek-chat", "messages": [
+                                            {"role": "user", "content": f"question {n}"}]}}) + "\n"
+                            for n in range(300)) + "{broken\n")
+    rejected = deepbatch("submit", str(path), env=service_env)
+    assert "300 lines rejected: unknown_model (first, line 1: unknown model 'deepseek-chat'" in rejected.stderr
+    assert "1 line rejected: invalid_json (first, line 301: invalid JSON" in rejected.stderr
+    assert "set DEEPBATCH_MODEL_ALIASES=deepseek-chat and submit again" in rejected.stderr
+    assert job_progress(db_engine, rejected.stdout.strip())["failed"] == 301
+
+    accepted = deepbatch("submit", str(path), env={**service_env, "DEEPBATCH_MODEL_ALIASES": "deepseek-chat"})
+    assert "unknown_model" not in accepted.stderr and "DEEPBATCH_MODEL_ALIASES" not in accepted.stderr
+    assert job_progress(db_engine, accepted.stdout.strip())["failed"] == 1
