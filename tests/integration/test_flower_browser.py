@@ -45,7 +45,8 @@ def queued_messages(browser, queue_name: str) -> int | None:
 def browser():
     webdriver = pytest.importorskip("selenium.webdriver")
     if not shutil.which("chromium") or not shutil.which("chromedriver"):
-        pytest.fail("headless Chromium is needed: apt-get install chromium chromium-driver (.ci/run does)")
+        pytest.fail("headless Chromium is needed: apt-get install chromium chromium-driver "
+                    "(tests/prepare-machine does)")
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium")
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
@@ -62,8 +63,24 @@ def flower_env(service_env: dict, broker_url: str) -> dict:
     env = {**service_env, "DEEPBATCH_FLOWER_USER": USER, "DEEPBATCH_FLOWER_PASSWORD": PASSWORD,
            "DEEPBATCH_FLOWER_PORT": "5566"}
     if broker_url.startswith("amqp://"):  # queue lengths come from the management API
-        env["DEEPBATCH_FLOWER_BROKER_API"] = "http://guest:guest@127.0.0.1:15672/api/"
+        env["DEEPBATCH_FLOWER_BROKER_API"] = MANAGEMENT_API
+        require_management_api()
     return env
+
+
+MANAGEMENT_API = "http://guest:guest@127.0.0.1:15672/api/"
+
+
+def require_management_api() -> None:
+    """Fail at once, saying what to do, rather than time out waiting for queue counts that cannot come."""
+    request = urllib.request.Request(MANAGEMENT_API.replace("guest:guest@", "") + "overview")
+    request.add_header("Authorization", "Basic " + base64.b64encode(b"guest:guest").decode())
+    try:
+        urllib.request.urlopen(request, timeout=5).close()
+    except OSError as error:
+        pytest.fail(f"RabbitMQ's management API does not answer at 127.0.0.1:15672 ({error}); Flower reads "
+                    "queue lengths from it: run `rabbitmq-plugins enable rabbitmq_management` "
+                    "(tests/prepare-machine does)")
 
 
 def test_flower_requires_a_login_and_shows_workers_and_queue(tmp_path: Path, flower_env: dict, start_worker,
