@@ -39,5 +39,5 @@ def test_builtin_name_draws_the_reference_weights():
 
 
 def test_unknown_directory_is_rejected(tmp_path):
-    with pytest.raises(ValueError, match="neither a built-in name nor a checkpoint directory"):
+    with pytest.raises(ValueError, match="neither a built-in name, a .gguf file nor a checkpoint directory"):
         load_model(str(tmp_path / "missing"), seed=0, device=torch.device("cpu"), dtype=torch.float32)
