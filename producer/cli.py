@@ -156,6 +156,70 @@ def worker(
 
 
 @cli.command()
+def serve(
+    host: Annotated[Optional[str], typer.Option(help="default DEEPBATCH_API_HOST")] = None,
+    port: Annotated[Optional[int], typer.Option(help="default DEEPBATCH_API_PORT")] = None,
+) -> None:
+    """Serve OpenAI's Batch API (/v1/files, /v1/batches) and the job dashboard (/) over HTTP."""
+    import uvicorn
+
+    from producer.api.app import create_app
+
+    settings = configured_settings()
+    if settings.api_auth:
+        with session_factory(settings.sqlalchemy_url, pool_size=1)() as session:
+            from producer.api.keys import list_keys
+
+            if not any(key.revoked_at is None for key in list_keys(session)):
+                console.print("[yellow]no API key yet:[/] create one with `deepbatch keys create NAME` "
+                              "(DEEPBATCH_API_AUTH=false serves without keys, on trusted networks only)")
+    uvicorn.run(create_app(settings), host=host or settings.api_host, port=port or settings.api_port,
+                log_level="warning")
+
+
+keys_cli = typer.Typer(help="API keys of `deepbatch serve`: create, list, revoke.", no_args_is_help=True)
+cli.add_typer(keys_cli, name="keys")
+
+
+@keys_cli.command("create")
+def keys_create(name: Annotated[str, typer.Argument(help="who or what the key is for")]) -> None:
+    """Create a key; its secret is printed once (stdout) and cannot be shown again."""
+    from producer.api.keys import create_key
+
+    settings = configured_settings()
+    with session_factory(settings.sqlalchemy_url, pool_size=1).begin() as session:
+        key, secret = create_key(session, name, cli_identity())
+    console.print(f"created {key.id} ({name}); its secret, shown only now:")
+    print(secret)
+
+
+@keys_cli.command("list")
+def keys_list() -> None:
+    """Every key: id, name, created, revoked."""
+    from producer.api.keys import list_keys
+
+    settings = configured_settings()
+    table = Table("key", "name", "created", "revoked")
+    with session_factory(settings.sqlalchemy_url, pool_size=1)() as session:
+        for key in list_keys(session):
+            table.add_row(key.id, key.name, f"{key.created_at:%Y-%m-%d %H:%M}",
+                          f"{key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "")
+    Console().print(table)
+
+
+@keys_cli.command("revoke")
+def keys_revoke(key_id: Annotated[str, typer.Argument(help="the key's id (key_…), from `deepbatch keys list`")]) -> None:
+    """Revoke a key: its requests are refused from now on."""
+    from producer.api.keys import revoke_key
+
+    settings = configured_settings()
+    with session_factory(settings.sqlalchemy_url, pool_size=1).begin() as session:
+        if not revoke_key(session, key_id, cli_identity()):
+            raise fail(f"no live key {key_id!r}")
+    console.print(f"{key_id} revoked")
+
+
+@cli.command()
 def flower(
     no_auth: Annotated[bool, typer.Option("--no-auth", help="serve without a password (trusted networks only)")] = False,
     port: Annotated[Optional[int], typer.Option(help="default DEEPBATCH_FLOWER_PORT")] = None,

@@ -23,13 +23,24 @@ def new_job_id() -> str:
     return f"batch_{uuid.uuid4().hex}"
 
 
+@dataclass(frozen=True)
+class ApiOrigin:
+    """Where a batch created through the HTTP API came from."""
+
+    owner_key_id: str | None
+    input_file_id: str
+    endpoint: str
+
+
 def create_job(session: Session, input_file: str, model: str, metadata: dict[str, Any] | None = None,
                completion_window: timedelta | None = None, use_result_cache: bool = True, priority: int = 0,
-               queue: str = "deepbatch") -> str:
+               queue: str = "deepbatch", origin: ApiOrigin | None = None) -> str:
     job_id = new_job_id()
     expires_at = func.now() + completion_window if completion_window else None
     session.add(Job(id=job_id, input_file=input_file, model=model, metadata_json=metadata or {},
-                    expires_at=expires_at, use_result_cache=use_result_cache, priority=priority, queue=queue))
+                    expires_at=expires_at, use_result_cache=use_result_cache, priority=priority, queue=queue,
+                    owner_key_id=origin and origin.owner_key_id, input_file_id=origin and origin.input_file_id,
+                    endpoint=origin and origin.endpoint))
     session.flush()  # the job row first: the audit event refers to it
     session.add(AuditEvent(job_id=job_id, event="job_created", detail=input_file))
     session.flush()

@@ -100,6 +100,7 @@ def submit_file(
     metadata: dict[str, Any] | None = None,
     use_result_cache: bool = True,
     priority: int = 0,
+    origin: queries.ApiOrigin | None = None,
 ) -> str:
     """Create a job for `path` and queue every valid line; returns the job id.
 
@@ -107,7 +108,7 @@ def submit_file(
     """
     with sessions.begin() as session:
         job_id = queries.create_job(session, str(path), settings.model, metadata, completion_window,
-                                    use_result_cache, priority, settings.queue_name)
+                                    use_result_cache, priority, settings.queue_name, origin)
     options = queries.JobOptions(settings.max_attempts, settings.model if use_result_cache else None, priority,
                                  settings.queue_name)
     lines = read_file(path, settings.max_line_bytes, settings.served_model_names)

@@ -66,6 +66,17 @@ class Settings(BaseSettings):
 
     metrics_port: int = Field(default=9464, ge=0, le=65535)  # Prometheus /metrics of a worker; 0 turns it off
 
+    # The HTTP API (`deepbatch serve`): the OpenAI Batch API and the job dashboard.
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8000, ge=1, le=65535)
+    api_auth: bool = True  # every /v1 route and the dashboard need an API key (`deepbatch keys create`)
+    files_dir: Path | None = None  # uploaded files; None: data_dir/files
+    api_max_file_bytes: PositiveInt = 512 * 1024 * 1024  # an upload's limit (OpenAI's: 200 MB)
+    api_max_file_lines: PositiveInt = 100_000  # requests in one batch input file (OpenAI's: 50,000)
+    api_requests_per_s: PositiveFloat = 20.0  # each key's token bucket refills at this rate ...
+    api_burst: PositiveInt = 40  # ... up to this many requests at once
+    api_max_queued_lines: PositiveInt = 1_000_000  # a key's requests queued or running, across its batches
+
     # Producer.
     insert_chunk_size: PositiveInt = 5000
     max_line_bytes: PositiveInt = 4 * 1024 * 1024  # far above any context window; a longer line is an error
@@ -78,6 +89,10 @@ class Settings(BaseSettings):
             # Enough slices to fill the target depth, plus two draining their tails meanwhile.
             self.worker_threads = -(-self.target_queue_depth // self.slice_size) + 2
         return self
+
+    @property
+    def stored_files_dir(self) -> Path:
+        return self.files_dir or self.data_dir / "files"
 
     @property
     def served_model_names(self) -> frozenset[str]:

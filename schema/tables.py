@@ -16,6 +16,7 @@ from sqlalchemy import (
     CheckConstraint,
     DateTime,
     Enum,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -76,6 +77,10 @@ class Job(Base):
     use_result_cache: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
     priority: Mapped[int] = mapped_column(Integer, server_default=text("0"))  # higher runs first
     queue: Mapped[str] = mapped_column(Text, server_default=text("'deepbatch'"))  # the broker queue it went to
+    # Set for a batch created through the HTTP API: the key that created it, its input file, its endpoint.
+    owner_key_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    input_file_id: Mapped[str | None] = mapped_column(String(64))
+    endpoint: Mapped[str | None] = mapped_column(Text)
 
 
 class Request(Base):
@@ -224,3 +229,33 @@ class DeadLetter(Base):
     attempts: Mapped[int] = mapped_column(Integer)
     last_error: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = created_at_column()
+
+
+class ApiKey(Base):
+    """A key of the HTTP API: only the sha256 of its secret is kept. Its token bucket (API requests per
+    second) lives here so that every `deepbatch serve` process draws from the same one."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # key_<hex>
+    name: Mapped[str] = mapped_column(Text)
+    secret_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = created_at_column()
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    bucket_tokens: Mapped[float | None] = mapped_column(Float)
+    bucket_refilled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class StoredFile(Base):
+    """A file uploaded through the HTTP API (its bytes are in DEEPBATCH_FILES_DIR, named by its id)."""
+
+    __tablename__ = "files"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # file-<hex>
+    owner_key_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    filename: Mapped[str] = mapped_column(Text)
+    purpose: Mapped[str] = mapped_column(Text)
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    lines: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = created_at_column()
+    deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

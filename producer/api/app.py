@@ -1,0 +1,186 @@
+"""`deepbatch serve`: OpenAI's Batch API (files and batches) over DeepBatch's jobs, and the job dashboard.
+
+Stateless: files live in DEEPBATCH_FILES_DIR, everything else in PostgreSQL, so any number of server
+processes can serve the same batches. Errors take OpenAI's shape (`{"error": {"message", "type", "param",
+"code"}}`) and status codes, so OpenAI's clients report them as they would OpenAI's own.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Annotated, Any
+
+from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from pydantic import BaseModel, Field
+from sqlalchemy.orm import Session, sessionmaker
+
+from producer import queries
+from producer.api import batches, files, keys
+from producer.api.auth import ApiError, Caller
+from producer.submit import submit_file
+from schema.db import session_factory
+from schema.settings import Settings
+from schema.tables import Job
+
+WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def not_found(what: str, identifier: str) -> ApiError:
+    return ApiError(404, f"No such {what}: '{identifier}'", code="not_found", param="id")
+
+
+class CreateBatch(BaseModel):
+    input_file_id: str
+    endpoint: str
+    completion_window: str = "24h"
+    metadata: dict[str, str] | None = Field(default=None)
+
+
+def parse_window(window: str) -> timedelta:
+    number, unit = window[:-1], window[-1:]
+    if unit not in WINDOW_UNITS or not number.isdigit() or int(number) == 0:
+        raise ApiError(400, f"completion_window {window!r} is not a duration like 24h", param="completion_window")
+    return timedelta(seconds=int(number) * WINDOW_UNITS[unit])
+
+
+def create_app(settings: Settings) -> FastAPI:
+    from worker.app import make_celery_app
+
+    app = FastAPI(title="DeepBatch", docs_url=None, redoc_url=None)
+    sessions: sessionmaker[Session] = session_factory(settings.sqlalchemy_url)
+    app.state.settings, app.state.sessions = settings, sessions
+    celery_app = make_celery_app(settings)
+    directory = settings.stored_files_dir
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, error: ApiError) -> JSONResponse:
+        return error.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, error: RequestValidationError) -> JSONResponse:
+        problem = error.errors()[0]
+        param = ".".join(str(part) for part in problem["loc"][1:]) or None
+        return ApiError(400, f"{param}: {problem['msg']}" if param else problem["msg"], param=param).response()
+
+
+    @app.post("/v1/files")
+    async def upload_file(owner: Caller, file: Annotated[UploadFile, File()],
+                          purpose: Annotated[str, Form()]) -> dict[str, Any]:
+        if purpose != files.BATCH_PURPOSE:
+            raise ApiError(400, f"purpose {purpose!r} is not supported; DeepBatch takes 'batch' files",
+                           param="purpose")
+
+        async def chunks():
+            while chunk := await file.read(files.CHUNK_BYTES):
+                yield chunk
+
+        try:
+            upload = await files.store_upload(chunks(), directory, settings.api_max_file_bytes,
+                                              settings.api_max_file_lines)
+        except files.FileTooLarge as error:
+            raise ApiError(413 if "bytes" in str(error) else 400, str(error), param="file") from None
+        with sessions.begin() as session:
+            return files.file_object(files.record_upload(session, upload, file.filename or upload.id, owner))
+
+    @app.get("/v1/files")
+    def list_files(owner: Caller, purpose: str | None = None, limit: Annotated[int, Query(ge=1, le=10000)] = 10000,
+                   after: str | None = None) -> dict[str, Any]:
+        with sessions() as session:
+            rows = files.list_files(session, owner, purpose, limit + 1, after)
+        data = [files.file_object(row) for row in rows[:limit]]
+        return {"object": "list", "data": data, "has_more": len(rows) > limit,
+                "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+
+    def file_row(session: Session, file_id: str, owner: str | None):
+        row = files.owned_file(session, file_id, owner)
+        if row is None:
+            raise not_found("file", file_id)
+        return row
+
+    @app.get("/v1/files/{file_id}")
+    def retrieve_file(owner: Caller, file_id: str) -> dict[str, Any]:
+        with sessions() as session:
+            return files.file_object(file_row(session, file_id, owner))
+
+    @app.get("/v1/files/{file_id}/content")
+    def file_content(owner: Caller, file_id: str) -> FileResponse:
+        with sessions() as session:
+            row = file_row(session, file_id, owner)
+        path = directory / row.id
+        if not path.is_file():
+            raise ApiError(404, f"The content of file '{file_id}' is missing from {directory}", code="not_found")
+        return FileResponse(path, media_type="application/jsonl", filename=row.filename)
+
+    @app.delete("/v1/files/{file_id}")
+    def delete_file(owner: Caller, file_id: str) -> dict[str, Any]:
+        with sessions.begin() as session:
+            files.delete_file(session, file_row(session, file_id, owner), directory, owner)
+        return {"id": file_id, "object": "file", "deleted": True}
+
+    def batch_response(session: Session, job) -> dict[str, Any]:
+        progress = batches.progress_of(session, job.id)
+        output_id = error_id = None
+        if progress.status in batches.FINAL_STATUSES:
+            output_id, error_id = files.write_batch_files(session, job.id, job.owner_key_id, directory)
+        errors = queries.rejected_lines(session, job.id)[:10] if progress.status == "failed" else None
+        return batches.batch_object(job, progress, output_id, error_id, errors)
+
+    @app.post("/v1/batches")
+    def create_batch(owner: Caller, body: CreateBatch) -> dict[str, Any]:
+        if body.endpoint not in batches.ENDPOINTS:
+            raise ApiError(400, f"endpoint {body.endpoint!r} is not supported; DeepBatch runs "
+                           f"{' and '.join(batches.ENDPOINTS)}", param="endpoint")
+        window = parse_window(body.completion_window)
+        with sessions() as session:
+            input_file = file_row(session, body.input_file_id, owner)
+            if input_file.purpose != files.BATCH_PURPOSE:
+                raise ApiError(400, f"file '{input_file.id}' has purpose {input_file.purpose!r}, not 'batch'",
+                               param="input_file_id")
+            if owner is not None:
+                waiting = keys.queued_lines(session, owner)
+                if waiting + input_file.lines > settings.api_max_queued_lines:
+                    raise ApiError(429, f"{owner} has {waiting} requests queued or running; {input_file.lines} more "
+                                   f"would pass its limit of {settings.api_max_queued_lines} "
+                                   "(DEEPBATCH_API_MAX_QUEUED_LINES)", code="queued_lines_limit_exceeded",
+                                   kind="tokens", headers={"retry-after": "60"})
+        origin = queries.ApiOrigin(owner, input_file.id, body.endpoint)
+        job_id = submit_file(directory / input_file.id, settings, sessions, celery_app, completion_window=window,
+                             metadata=body.metadata, origin=origin)
+        with sessions.begin() as session:
+            return batch_response(session, session.get(Job, job_id))
+
+    def job_row(session: Session, batch_id: str, owner: str | None):
+        job = batches.owned_job(session, batch_id, owner)
+        if job is None:
+            raise not_found("batch", batch_id)
+        return job
+
+    @app.get("/v1/batches/{batch_id}")
+    def retrieve_batch(owner: Caller, batch_id: str) -> dict[str, Any]:
+        with sessions.begin() as session:
+            return batch_response(session, job_row(session, batch_id, owner))
+
+    @app.get("/v1/batches")
+    def list_batches(owner: Caller, limit: Annotated[int, Query(ge=1, le=100)] = 20,
+                     after: str | None = None) -> dict[str, Any]:
+        with sessions.begin() as session:
+            jobs = batches.list_jobs(session, owner, limit + 1, after)
+            data = [batch_response(session, job) for job in jobs[:limit]]
+        return {"object": "list", "data": data, "has_more": len(jobs) > limit,
+                "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+
+    @app.post("/v1/batches/{batch_id}/cancel")
+    def cancel_batch(owner: Caller, batch_id: str) -> dict[str, Any]:
+        with sessions.begin() as session:
+            job = job_row(session, batch_id, owner)
+            queries.cancel_job(session, job.id, actor=f"api:{owner}")
+        with sessions.begin() as session:
+            return batch_response(session, job_row(session, batch_id, owner))
+
+    from producer.api.dashboard import add_dashboard
+
+    add_dashboard(app, settings, sessions)
+    return app
+

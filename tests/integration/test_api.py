@@ -1,0 +1,217 @@
+"""`deepbatch serve` against the official `openai` client: real server processes, worker, PostgreSQL and
+each broker. The README's walk-through, cancel, pagination, broken lines, unknown ids, keys that see only
+their own batches, rate limits, and two servers sharing one database."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from sqlalchemy import Engine, text
+
+from tests.conftest import REPO_ROOT, deepbatch, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Server:
+    def __init__(self, env: dict[str, str], log_path: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        with log_path.open("wb") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", "producer.cli", "serve", "--port", str(self.port)],
+                                            env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+        wait_until(self.answers, timeout=60, message=f"deepbatch serve on {self.url}")
+
+    def answers(self) -> bool:
+        assert self.process.poll() is None, self.log_path.read_text()
+        try:
+            return httpx.get(self.url + "/v1/batches", timeout=2).status_code in (200, 401)
+        except httpx.HTTPError:
+            return False
+
+    def client(self, key: str | None) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key or "none", max_retries=0)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(30)
+
+
+@pytest.fixture
+def api_env(service_env: dict, tmp_path: Path) -> dict:
+    return {**service_env, "DEEPBATCH_FILES_DIR": str(tmp_path / "files")}
+
+
+@pytest.fixture
+def start_server(api_env: dict, tmp_path: Path) -> Iterator:
+    servers: list[Server] = []
+
+    def start(**overrides: str) -> Server:
+        server = Server({**api_env, **overrides}, tmp_path / f"serve-{len(servers)}.log")
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def new_key(env: dict, name: str = "tests") -> str:
+    return created_key(env, name)[1]
+
+
+def created_key(env: dict, name: str) -> tuple[str, str]:
+    """A new key's id and secret, from `deepbatch keys create` (the secret alone on stdout)."""
+    created = deepbatch("keys", "create", name, env=env)
+    return re.search(r"created (key_[0-9a-f]+)", created.stderr).group(1), created.stdout.strip()
+
+
+def write_batch_file(path: Path, count: int, broken_at: int | None = None) -> Path:
+    with path.open("w") as stream:
+        for n in range(1, count + 1):
+            if n == broken_at:
+                stream.write('{"custom_id": "broken", "method": "POST"\n')
+                continue
+            stream.write(json.dumps({"custom_id": f"r{n}", "method": "POST", "url": "/v1/chat/completions",
+                                     "body": {"model": "tiny-deepseek-v3", "max_tokens": 4,
+                                              "messages": [{"role": "user", "content": f"question {n}"}]}}) + "\n")
+    return path
+
+
+def wait_for_batch(client: openai.OpenAI, batch_id: str, statuses: tuple[str, ...] = ("completed",),
+                   timeout: float = 180):
+    deadline = time.monotonic() + timeout
+    while (batch := client.batches.retrieve(batch_id)).status not in statuses:
+        assert time.monotonic() < deadline, f"batch {batch_id} still {batch.status}"
+        time.sleep(0.5)
+    return batch
+
+
+@pytest.mark.parametrize("broker_url", ["redis", "rabbitmq"], indirect=True)
+def test_the_openai_client_runs_a_batch_end_to_end(tmp_path: Path, api_env: dict, start_server, start_worker,
+                                                   db_engine: Engine) -> None:
+    """The README's walk-through, as written, with a broken line that ends in the error file."""
+    client = start_server().client(new_key(api_env))
+    start_worker()
+    uploaded = client.files.create(file=write_batch_file(tmp_path / "prompts.jsonl", 30, broken_at=7).open("rb"),
+                                   purpose="batch")
+    assert uploaded.purpose == "batch" and uploaded.bytes > 0 and uploaded.filename == "prompts.jsonl"
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                  completion_window="24h", metadata={"team": "search"})
+    assert batch.status in ("in_progress", "completed") and batch.input_file_id == uploaded.id
+    batch = wait_for_batch(client, batch.id)
+    assert batch.request_counts.total == 30 and batch.request_counts.completed == 29
+    assert batch.request_counts.failed == 1 and batch.metadata == {"team": "search"}
+
+    output = [json.loads(line) for line in client.files.content(batch.output_file_id).text.splitlines()]
+    assert sorted(line["custom_id"] for line in output) == sorted(f"r{n}" for n in range(1, 31) if n != 7)
+    assert all(line["response"]["status_code"] == 200 for line in output)
+    errors = [json.loads(line) for line in client.files.content(batch.error_file_id).text.splitlines()]
+    assert [(error["error"]["line"], error["error"]["code"]) for error in errors] == [(7, "invalid_json")]
+    # A job of the API is a job of the CLI too.
+    status = json.loads(deepbatch("status", batch.id, "--json", env=api_env).stdout)
+    assert status["succeeded"] == 29
+
+
+@pytest.mark.parametrize("broker_url", ["redis"], indirect=True)
+def test_cancel_pagination_and_unknown_ids(tmp_path: Path, api_env: dict, start_server) -> None:
+    client = start_server().client(new_key(api_env))
+    uploaded = client.files.create(file=write_batch_file(tmp_path / "p.jsonl", 5).open("rb"), purpose="batch")
+    created = [client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                     completion_window="24h").id for _ in range(3)]  # no worker: they wait
+
+    cancelled = client.batches.cancel(created[0])
+    assert cancelled.status in ("cancelling", "cancelled")
+    cancelled = wait_for_batch(client, created[0], ("cancelled",), timeout=30)
+    errors = client.files.content(cancelled.error_file_id).text.splitlines()
+    assert {json.loads(line)["error"]["code"] for line in errors} == {"batch_cancelled"} and len(errors) == 5
+
+    first = client.batches.list(limit=2)
+    assert [batch.id for batch in first.data] == created[:0:-1] and first.has_more
+    second = client.batches.list(limit=2, after=first.data[-1].id)
+    assert [batch.id for batch in second.data] == [created[0]] and not second.has_more
+
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve("file-does-not-exist")
+    with pytest.raises(openai.NotFoundError):
+        client.batches.retrieve("batch_does_not_exist")
+    with pytest.raises(openai.BadRequestError, match="endpoint"):
+        client.batches.create(input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h")
+    assert client.files.delete(uploaded.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        client.files.content(uploaded.id)
+
+
+@pytest.mark.parametrize("broker_url", ["redis"], indirect=True)
+def test_keys_see_only_their_own_and_are_required(tmp_path: Path, api_env: dict, start_server,
+                                                  db_engine: Engine) -> None:
+    server = start_server()
+    bob_key_id, bob_secret = created_key(api_env, "bob")
+    alice, bob = server.client(new_key(api_env, "alice")), server.client(bob_secret)
+    uploaded = alice.files.create(file=write_batch_file(tmp_path / "p.jsonl", 2).open("rb"), purpose="batch")
+    batch = alice.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    with pytest.raises(openai.NotFoundError):
+        bob.files.retrieve(uploaded.id)
+    with pytest.raises(openai.NotFoundError):
+        bob.batches.retrieve(batch.id)
+    assert bob.batches.list().data == [] and [f.id for f in alice.files.list().data] == [uploaded.id]
+    with pytest.raises(openai.AuthenticationError):
+        server.client(None).batches.list()
+
+    assert bob_key_id in deepbatch("keys", "list", env=api_env).stdout
+    deepbatch("keys", "revoke", bob_key_id, env=api_env)
+    with pytest.raises(openai.AuthenticationError):
+        bob.batches.list()
+    with db_engine.connect() as connection:
+        events = set(connection.execute(text(
+            "SELECT event FROM audit_events WHERE job_id IN (:k, :f)"), {"k": bob_key_id, "f": uploaded.id}).scalars())
+    assert events == {"api_key_created", "api_key_revoked", "file_uploaded"}
+
+
+@pytest.mark.parametrize("broker_url", ["redis"], indirect=True)
+def test_rate_limits_answer_429_with_retry_after(tmp_path: Path, api_env: dict, start_server) -> None:
+    server = start_server(DEEPBATCH_API_REQUESTS_PER_S="0.5", DEEPBATCH_API_BURST="3",
+                          DEEPBATCH_API_MAX_QUEUED_LINES="8")
+    key = new_key(api_env)
+    headers = {"Authorization": f"Bearer {key}"}
+    answers = [httpx.get(server.url + "/v1/batches", headers=headers) for _ in range(4)]
+    assert [answer.status_code for answer in answers] == [200, 200, 200, 429]
+    assert int(answers[3].headers["retry-after"]) >= 1
+    assert answers[3].json()["error"]["code"] == "rate_limit_exceeded"
+
+    time.sleep(4)  # two tokens back
+    client = server.client(key)
+    uploaded = client.files.create(file=write_batch_file(tmp_path / "p.jsonl", 5).open("rb"), purpose="batch")
+    client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    time.sleep(2)
+    with pytest.raises(openai.RateLimitError, match="DEEPBATCH_API_MAX_QUEUED_LINES"):  # 5 queued + 5 > 8
+        client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+
+
+@pytest.mark.parametrize("broker_url", ["redis"], indirect=True)
+def test_two_servers_serve_the_same_batches(tmp_path: Path, api_env: dict, start_server, start_worker) -> None:
+    key = new_key(api_env)
+    first, second = start_server().client(key), start_server().client(key)
+    start_worker()
+    uploaded = first.files.create(file=write_batch_file(tmp_path / "p.jsonl", 4).open("rb"), purpose="batch")
+    batch = first.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    done = wait_for_batch(second, batch.id)
+    assert second.files.content(done.output_file_id).text == first.files.content(done.output_file_id).text
+    assert len(second.files.content(done.output_file_id).text.splitlines()) == 4
