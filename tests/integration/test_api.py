@@ -5,12 +5,7 @@ their own batches, rate limits, and two servers sharing one database."""
 from __future__ import annotations
 
 import json
-import re
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -18,81 +13,10 @@ import openai
 import pytest
 from sqlalchemy import Engine, text
 
-from tests.conftest import REPO_ROOT, deepbatch, wait_until
+from tests.conftest import deepbatch
+from tests.integration.api_server import created_key, new_key, write_batch_file
 
 pytestmark = pytest.mark.integration
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class Server:
-    def __init__(self, env: dict[str, str], log_path: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        with log_path.open("wb") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "producer.cli", "serve", "--port", str(self.port)],
-                                            env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
-        wait_until(self.answers, timeout=60, message=f"deepbatch serve on {self.url}")
-
-    def answers(self) -> bool:
-        assert self.process.poll() is None, self.log_path.read_text()
-        try:
-            return httpx.get(self.url + "/v1/batches", timeout=2).status_code in (200, 401)
-        except httpx.HTTPError:
-            return False
-
-    def client(self, key: str | None) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=key or "none", max_retries=0)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(30)
-
-
-@pytest.fixture
-def api_env(service_env: dict, tmp_path: Path) -> dict:
-    return {**service_env, "DEEPBATCH_FILES_DIR": str(tmp_path / "files")}
-
-
-@pytest.fixture
-def start_server(api_env: dict, tmp_path: Path) -> Iterator:
-    servers: list[Server] = []
-
-    def start(**overrides: str) -> Server:
-        server = Server({**api_env, **overrides}, tmp_path / f"serve-{len(servers)}.log")
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
-
-
-def new_key(env: dict, name: str = "tests") -> str:
-    return created_key(env, name)[1]
-
-
-def created_key(env: dict, name: str) -> tuple[str, str]:
-    """A new key's id and secret, from `deepbatch keys create` (the secret alone on stdout)."""
-    created = deepbatch("keys", "create", name, env=env)
-    return re.search(r"created (key_[0-9a-f]+)", created.stderr).group(1), created.stdout.strip()
-
-
-def write_batch_file(path: Path, count: int, broken_at: int | None = None) -> Path:
-    with path.open("w") as stream:
-        for n in range(1, count + 1):
-            if n == broken_at:
-                stream.write('{"custom_id": "broken", "method": "POST"\n')
-                continue
-            stream.write(json.dumps({"custom_id": f"r{n}", "method": "POST", "url": "/v1/chat/completions",
-                                     "body": {"model": "tiny-deepseek-v3", "max_tokens": 4,
-                                              "messages": [{"role": "user", "content": f"question {n}"}]}}) + "\n")
-    return path
 
 
 def wait_for_batch(client: openai.OpenAI, batch_id: str, statuses: tuple[str, ...] = ("completed",),

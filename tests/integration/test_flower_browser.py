@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-import shutil
 import subprocess
 import sys
 import urllib.error
@@ -14,12 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT, deepbatch, wait_until
+from tests.conftest import REPO_ROOT, SCREENSHOTS, deepbatch, wait_until
 
 pytestmark = pytest.mark.integration
 
 USER, PASSWORD = "operator", "correct-horse"
-SCREENSHOTS = REPO_ROOT / "test-output"
 
 
 def status_of(url: str, authorization: str | None = None) -> int:
@@ -41,21 +39,6 @@ def queued_messages(browser, queue_name: str) -> int | None:
     return None
 
 
-@pytest.fixture
-def browser():
-    webdriver = pytest.importorskip("selenium.webdriver")
-    if not shutil.which("chromium") or not shutil.which("chromedriver"):
-        pytest.fail("headless Chromium is needed: apt-get install chromium chromium-driver "
-                    "(tests/prepare-machine does)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium")
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1400,900"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(shutil.which("chromedriver")))
-    yield driver
-    driver.quit()
 
 
 @pytest.fixture
