@@ -12,7 +12,7 @@ SERVICES = COMPOSE["services"]
 
 
 def test_every_service_is_there() -> None:
-    assert set(SERVICES) == {"postgres", "rabbitmq", "redis", "migrate", "worker", "flower"}
+    assert set(SERVICES) == {"postgres", "rabbitmq", "redis", "migrate", "worker", "flower", "api"}
 
 
 def test_infrastructure_services_have_healthchecks() -> None:
@@ -43,7 +43,7 @@ def test_worker_waits_for_migrations_and_broker_and_reserves_a_gpu() -> None:
 
 
 def test_app_services_share_urls_that_point_at_the_compose_services() -> None:
-    for name in ("migrate", "worker", "flower"):
+    for name in ("migrate", "worker", "flower", "api"):
         environment = SERVICES[name]["environment"]
         assert "@postgres:5432/" in environment["DATABASE_URL"], name
         assert "@rabbitmq:5672/" in environment["BROKER_URL"], name
@@ -60,3 +60,11 @@ def test_env_example_sets_every_variable_compose_requires() -> None:
     example = (REPO_ROOT / ".env.example").read_text()
     for variable in ("POSTGRES_PASSWORD", "RABBITMQ_PASSWORD", "FLOWER_USER", "FLOWER_PASSWORD", "DEEPBATCH_MODEL"):
         assert f"{variable}=" in example
+
+
+def test_api_serves_on_all_interfaces_and_keeps_its_files_in_a_volume() -> None:
+    api = SERVICES["api"]
+    assert api["command"] == ["deepbatch", "serve"] and "8000:8000" in api["ports"]
+    assert api["environment"]["DEEPBATCH_API_HOST"] == "0.0.0.0"
+    assert f"api-files:{api['environment']['DEEPBATCH_FILES_DIR']}" in api["volumes"]
+    assert api["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
