@@ -251,12 +251,12 @@ def submit_with_progress(path: Path, settings: Settings, completion_window: time
                              completion_window=completion_window, metadata=metadata,
                              use_result_cache=use_result_cache, priority=priority)
     with sessions() as session:
-        report_rejected_lines(queries.rejected_lines(session, job_id),
+        report_rejected_lines(queries.failed_lines(session, job_id, rejected_only=True),
                               queries.unknown_model_names(session, job_id), settings)
     return job_id
 
 
-def report_rejected_lines(rejected: list[queries.RejectedLines], unknown_models: list[tuple[str, int]],
+def report_rejected_lines(rejected: list[queries.FailedLines], unknown_models: list[tuple[str, int]],
                           settings: Settings) -> None:
     """One line per reason lines were rejected (each line's own error is in the errors file), and the fix
     when lines name a model this deployment does not serve."""

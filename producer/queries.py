@@ -194,8 +194,8 @@ def finish_submission(session: Session, job_id: str, total_lines: int) -> None:
 
 
 @dataclass(frozen=True)
-class RejectedLines:
-    """The lines of a job rejected for one reason: how many, and the first of them."""
+class FailedLines:
+    """The lines of a job that failed for one reason (one error code): how many, and the first of them."""
 
     code: str
     count: int
@@ -203,10 +203,12 @@ class RejectedLines:
     first_message: str
 
 
-REJECTED_LINES = text("""
+FAILED_LINES = text("""
     SELECT DISTINCT ON (error_code) error_code AS code, count(*) OVER (PARTITION BY error_code) AS count,
-           line_no AS first_line, line_error AS first_message
-    FROM requests WHERE job_id = :job_id AND state = 'failed' AND line_error IS NOT NULL
+           line_no AS first_line, coalesce(line_error, error_message) AS first_message
+    FROM requests
+    WHERE job_id = :job_id AND state IN ('failed', 'dead') AND error_code IS NOT NULL
+      AND (line_error IS NOT NULL OR NOT :rejected_only)
     ORDER BY error_code, line_no
 """)
 # The names in `unknown_model` errors (producer/reader.py words them `unknown model 'name': ...`).
@@ -217,10 +219,11 @@ UNKNOWN_MODEL_NAMES = text("""
 """)
 
 
-def rejected_lines(session: Session, job_id: str) -> list[RejectedLines]:
-    """Why a job's lines were rejected at submission, by code, most frequent first."""
-    rows = [RejectedLines(**row) for row in session.execute(REJECTED_LINES, {"job_id": job_id}).mappings()]
-    return sorted(rows, key=lambda row: (-row.count, row.code))
+def failed_lines(session: Session, job_id: str, rejected_only: bool = False) -> list[FailedLines]:
+    """Why a job's lines failed, by code, most frequent first: `rejected_only`, those refused at submission;
+    else also those that failed or died running."""
+    rows = session.execute(FAILED_LINES, {"job_id": job_id, "rejected_only": rejected_only}).mappings()
+    return sorted((FailedLines(**row) for row in rows), key=lambda row: (-row.count, row.code))
 
 
 def unknown_model_names(session: Session, job_id: str) -> list[tuple[str, int]]:

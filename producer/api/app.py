@@ -124,7 +124,7 @@ def create_app(settings: Settings) -> FastAPI:
         output_id = error_id = None
         if progress.status in batches.FINAL_STATUSES:
             output_id, error_id = files.write_batch_files(session, job.id, job.owner_key_id, directory)
-        errors = queries.rejected_lines(session, job.id)[:10] if progress.status == "failed" else None
+        errors = queries.failed_lines(session, job.id)[:10] if progress.status == "failed" else None
         return batches.batch_object(job, progress, output_id, error_id, errors)
 
     @app.post("/v1/batches")

@@ -56,7 +56,7 @@ def completion_window(job: Job) -> str:
 
 
 def batch_object(job: Job, progress: queries.JobProgress, output_file_id: str | None, error_file_id: str | None,
-                 errors: list[queries.RejectedLines] | None = None) -> dict[str, Any]:
+                 errors: list[queries.FailedLines] | None = None) -> dict[str, Any]:
     """A job as OpenAI's batch object, with its fields and their meanings."""
     status = progress.status
     ended = timestamp(progress.last_finished_at or job.submitted_at or job.created_at)

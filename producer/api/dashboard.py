@@ -47,7 +47,7 @@ def job_row(session: Session, job, directory) -> str:
     remaining = progress.queued + progress.running
     failures = "".join(f"<div>line {error.first_line}: <code>{escape(error.code)}</code> {escape(error.first_message)}"
                        f"{f' (and {error.count - 1} more)' if error.count > 1 else ''}</div>"
-                       for error in queries.rejected_lines(session, job.id)[:3])
+                       for error in queries.failed_lines(session, job.id)[:3])
     actions = ""
     if progress.status in batches.FINAL_STATUSES:
         output_id, error_id = files.write_batch_files(session, job.id, job.owner_key_id, directory)

@@ -58,7 +58,7 @@ def test_dashboard_shows_live_progress_and_cancels(tmp_path: Path, api_env: dict
     assert httpx.get(server.url + "/").headers["www-authenticate"].startswith("Basic")
 
     client = server.client(secret)
-    uploaded = client.files.create(file=write_batch_file(tmp_path / "p.jsonl", 400).open("rb"), purpose="batch")
+    uploaded = client.files.create(file=write_batch_file(tmp_path / "p.jsonl", 400, broken_at=3).open("rb"), purpose="batch")
     batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
     start_worker(DEEPBATCH_WORKER_THREADS="1", DEEPBATCH_MAX_BATCH_SIZE="2", DEEPBATCH_SLICE_SIZE="4")  # slow
 
@@ -74,6 +74,8 @@ def test_dashboard_shows_live_progress_and_cancels(tmp_path: Path, api_env: dict
                message="the progress to advance (the page reloads itself)")
     screenshot(browser, "dashboard-running-2.png")
     assert status_of(browser, batch.id) == "in_progress"
+    failures = browser.find_element("id", batch.id).find_element("class name", "failures").text
+    assert "line 3: invalid_json" in failures, failures
 
     browser.find_element("id", batch.id).find_element("css selector", "button").click()
     wait_until(lambda: status_of(browser, batch.id) in ("cancelling", "cancelled"), timeout=60, interval=1,
