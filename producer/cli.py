@@ -238,22 +238,50 @@ def flower(
 
 def submit_with_progress(path: Path, settings: Settings, completion_window: timedelta | None = None,
                          metadata: dict[str, str] | None = None, use_result_cache: bool = True,
-                         priority: int = 0) -> str:
+                         priority: int = 0, resume: str | None = None) -> str:
+    """Submit (or, with `resume`, go on submitting) `path` with a progress bar; returns the job id. Ctrl-C
+    stops at once, and says how far the file got and how to resume."""
+    from producer.submit import SubmitError, resume_file
     from worker.app import make_celery_app
 
     if not path.is_file():
         raise fail(f"no such file: {path}")
     sessions = session_factory(settings.sqlalchemy_url, pool_size=1)
-    with progress_bar() as bar:
-        task = bar.add_task("submitting", total=None, rate="")
-        job_id = submit_file(path, settings, sessions, make_celery_app(settings),
-                             on_chunk=lambda lines: bar.update(task, completed=lines),
-                             completion_window=completion_window, metadata=metadata,
-                             use_result_cache=use_result_cache, priority=priority)
+    started: list[str] = [resume] if resume else []
+    try:
+        with progress_bar() as bar:
+            task = bar.add_task("submitting", total=None, rate="")
+            show = lambda lines: bar.update(task, completed=lines)  # noqa: E731
+            if resume:
+                resumed_at = resume_file(path, resume, settings, sessions, make_celery_app(settings), on_chunk=show)
+                console.print(f"job {resume}: resumed at line {resumed_at}")
+            else:
+                submit_file(path, settings, sessions, make_celery_app(settings), on_chunk=show,
+                            completion_window=completion_window, metadata=metadata, use_result_cache=use_result_cache,
+                            priority=priority, on_job=started.append)
+    except SubmitError as error:
+        raise fail(str(error)) from None
+    except KeyboardInterrupt:
+        raise interrupted_submission(sessions, path, started[0] if started else None) from None
+    job_id = started[0]
     with sessions() as session:
         report_rejected_lines(queries.failed_lines(session, job_id, rejected_only=True),
                               queries.unknown_model_names(session, job_id), settings)
     return job_id
+
+
+def interrupted_submission(sessions, path: Path, job_id: str | None) -> typer.Exit:
+    """What Ctrl-C during submit says: how far the file got, and the command that goes on from there."""
+    if job_id is None:
+        console.print("submission interrupted before its job was created; nothing was stored")
+        return typer.Exit(code=130)
+    with sessions() as session:
+        submission = queries.submission_of(session, job_id)
+    stored = submission.lines if submission else 0
+    console.print(f"[yellow]submission interrupted:[/] job {job_id} holds lines 1-{stored} of {escape(str(path))}, "
+                  f"which run as usual. Go on with: deepbatch submit {escape(str(path))} --resume {job_id}   "
+                  f"(or drop the rest: deepbatch cancel {job_id})", highlight=False)
+    return typer.Exit(code=130)
 
 
 def report_rejected_lines(rejected: list[queries.FailedLines], unknown_models: list[tuple[str, int]],
@@ -280,11 +308,14 @@ def submit(
     metadata: Annotated[Optional[list[str]], typer.Option(help="KEY=VALUE, repeatable; kept with the job")] = None,
     cache: Annotated[bool, typer.Option(help="reuse stored results of identical greedy requests")] = True,
     priority: Annotated[int, typer.Option(help="higher runs first; a backlog of lower priority waits")] = 0,
+    resume: Annotated[Optional[str], typer.Option(
+        help="JOB: go on submitting FILE into this job, whose submission was interrupted, after its last stored "
+             "line (the stored part of FILE must be unchanged)")] = None,
 ) -> None:
-    """Submit a file; prints the job id at once."""
+    """Submit a file; prints the job id when every line is stored (exit 130 if interrupted: it says how to resume)."""
     settings = configured_settings()
     window = parse_window(completion_window) if completion_window else None
-    job_id = submit_with_progress(file, settings, window, parse_metadata(metadata or []), cache, priority)
+    job_id = submit_with_progress(file, settings, window, parse_metadata(metadata or []), cache, priority, resume)
     print(job_id)
     if wait:
         print_progress(wait_for_job(settings, job_id))
@@ -300,14 +331,23 @@ def status(
     settings = configured_settings()
     with session_factory(settings.sqlalchemy_url, pool_size=1)() as session:
         progress = queries.job_progress(session, job_id)
-    if progress is None:
+        submission = queries.submission_of(session, job_id)
+    if progress is None or submission is None:
         raise fail(f"no job {job_id!r}")
+    if submission.stopped:
+        console.print(stopped_note(job_id, submission), highlight=False)
     if watch and not progress.done:
         progress = wait_for_job(settings, job_id)
     if as_json:
-        print(json.dumps(asdict(progress), default=str))
+        print(json.dumps({**asdict(progress), "submission_stopped_at_line": submission.lines
+                          if submission.stopped else None}, default=str))
     else:
         print_progress(progress)
+
+
+def stopped_note(job_id: str, submission: queries.Submission) -> str:
+    return (f"[yellow]submission stopped at line {submission.lines}:[/] resume with `deepbatch submit "
+            f"{escape(submission.input_file)} --resume {job_id}`, or end it with `deepbatch cancel {job_id}`")
 
 
 @cli.command()
@@ -337,8 +377,13 @@ def jobs(
     if as_json:
         print(json.dumps([asdict(progress) for progress in recent], default=str))
         return
+    with session_factory(settings.sqlalchemy_url, pool_size=1)() as session:
+        stopped = {progress.job_id: submission for progress in recent
+                   if progress.status == "validating" and (submission := queries.submission_of(session, progress.job_id))
+                   and submission.stopped}
     for progress in recent:
-        print(f"{progress.job_id}  {progress.status:<11} {progress.finished}/{progress.total}  {progress.input_file}")
+        note = f"  (submission stopped at line {stopped[progress.job_id].lines})" if progress.job_id in stopped else ""
+        print(f"{progress.job_id}  {progress.status:<11} {progress.finished}/{progress.total}  {progress.input_file}{note}")
 
 
 def default_errors_path(output: Path) -> Path:
@@ -358,6 +403,8 @@ def results(
 
 def export_to_files(settings: Settings, job_id: str, output: Path, errors: Path) -> None:
     with session_factory(settings.sqlalchemy_url, pool_size=1)() as session:
+        if queries.job_progress(session, job_id) is None:
+            raise fail(f"no job {job_id!r}")
         written, failed = export_job(session, job_id, output, errors)
     console.print(f"{written} results → {output}" + (f"; {failed} errors → {errors}" if failed else "; no errors"))
 

@@ -126,12 +126,15 @@ INSERT_STAGED = text("""
 """)
 
 
-@dataclass(frozen=True)
+@dataclass
 class StagedChunk:
     """A chunk of read lines as COPY data: encoded off the writing thread, sent in one piece."""
 
     copy_data: bytes
     lines: int
+    last_line_no: int = 0
+    end_offset: int = 0  # the file's byte offset after the chunk's last line
+    prefix_sha256: str = ""  # of the file's bytes up to end_offset (submit.py fills it in)
 
 
 def copy_text(value: str | None) -> bytes:
@@ -165,8 +168,12 @@ def copy_line(line: ReadLine, cache_model: str | None) -> bytes:
 
 def stage_chunk(lines: Iterable[ReadLine], cache_model: str | None) -> StagedChunk:
     """Encode `lines` as they come: only their COPY text is kept, never the chunk's parsed lines."""
-    rows = [copy_line(line, cache_model) for line in lines]
-    return StagedChunk(b"".join(rows), len(rows))
+    rows, line = [], None
+    for line in lines:
+        rows.append(copy_line(line, cache_model))
+    if line is None:
+        return StagedChunk(b"", 0)
+    return StagedChunk(b"".join(rows), len(rows), line.line_no, line.end_offset)
 
 
 def insert_staged(session: Session, job_id: str, chunk: StagedChunk, options: JobOptions) -> ChunkOutcome:
@@ -184,6 +191,58 @@ def insert_staged(session: Session, job_id: str, chunk: StagedChunk, options: Jo
     with driver_connection.cursor() as cursor:
         cursor.execute(DROP_STAGING)
     return ChunkOutcome(queued_request_ids=queued, rejected_lines=chunk.lines - len(queued))
+
+
+RECORD_SUBMISSION_PROGRESS = text("""
+    UPDATE jobs SET submitted_lines = :lines, submitted_bytes = :bytes, submitted_sha256 = :sha256,
+                    submission_heartbeat_at = now()
+    WHERE id = :job_id
+    RETURNING cancel_requested_at IS NOT NULL AS cancelled
+""")
+
+
+def record_submission_progress(session: Session, job_id: str, chunk: StagedChunk) -> bool:
+    """Note, with the chunk's rows, how far the file is stored; returns whether the job was cancelled
+    meanwhile (then the submission stops)."""
+    return session.execute(RECORD_SUBMISSION_PROGRESS, {
+        "job_id": job_id, "lines": chunk.last_line_no, "bytes": chunk.end_offset, "sha256": chunk.prefix_sha256,
+    }).scalar_one()
+
+
+# The process submitting a job holds a session advisory lock on it (namespace, hashtext(job id)) for as
+# long as it runs: Postgres drops it when that process dies, however it dies, so a submission nobody holds
+# stopped. Resuming takes the same lock, so two processes never write one job.
+SUBMISSION_LOCK_NAMESPACE = 0x0DB
+TRY_SUBMISSION_LOCK = text("SELECT pg_try_advisory_lock(:namespace, hashtext(:job_id))")
+RELEASE_SUBMISSION_LOCK = text("SELECT pg_advisory_unlock(:namespace, hashtext(:job_id))")
+SUBMISSION_STATE = text("""
+    SELECT input_file, submitted_lines AS lines, submitted_at IS NULL AND NOT EXISTS (
+        SELECT FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2 AND classid = :namespace
+          AND objid::text::bigint = (hashtext(:job_id)::bigint & 4294967295)) AS stopped
+    FROM jobs WHERE id = :job_id
+""")
+
+
+@dataclass(frozen=True)
+class Submission:
+    """How far a job's submission got, for `status` and `jobs` to tell a stopped one."""
+
+    input_file: str
+    lines: int
+    stopped: bool  # not finished, and no process is submitting it
+
+
+def submission_of(session: Session, job_id: str) -> Submission | None:
+    row = session.execute(SUBMISSION_STATE, {"job_id": job_id, "namespace": SUBMISSION_LOCK_NAMESPACE}).first()
+    return Submission(*row) if row else None
+
+
+def try_submission_lock(session: Session, job_id: str) -> bool:
+    return session.execute(TRY_SUBMISSION_LOCK, {"job_id": job_id, "namespace": SUBMISSION_LOCK_NAMESPACE}).scalar_one()
+
+
+def release_submission_lock(session: Session, job_id: str) -> None:
+    session.execute(RELEASE_SUBMISSION_LOCK, {"job_id": job_id, "namespace": SUBMISSION_LOCK_NAMESPACE})
 
 
 def finish_submission(session: Session, job_id: str, total_lines: int) -> None:
@@ -305,8 +364,11 @@ def cancel_job(session: Session, job_id: str, actor: str) -> int | None:
 
     Returns how many requests were cancelled, or None if there is no such job.
     """
-    found = session.execute(update(Job).where(Job.id == job_id)
-                            .values(cancel_requested_at=func.coalesce(Job.cancel_requested_at, func.now()))).rowcount
+    # A submission still running stops at its next chunk; one that stopped ends here, with what it stored.
+    found = session.execute(update(Job).where(Job.id == job_id).values(
+        cancel_requested_at=func.coalesce(Job.cancel_requested_at, func.now()),
+        submitted_at=func.coalesce(Job.submitted_at, func.now()),
+        total_lines=func.coalesce(func.nullif(Job.total_lines, 0), Job.submitted_lines))).rowcount
     if not found:
         return None
     reason = "the job was cancelled"

@@ -15,13 +15,14 @@ from typing import Any, BinaryIO
 from schema.lines import LineError, RequestSpec, parse_line_fast, parse_line_reference
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ReadLine:
     """One input line: either a valid request or the error that rejects it."""
 
     line_no: int
     request: RequestSpec | None = None
     error: LineError | None = None
+    end_offset: int = 0  # the file's byte offset just after this line (where a resumed submit reads on)
 
 
 def any_string(value: Any, test: Callable[[str], bool]) -> bool:
@@ -49,11 +50,14 @@ def is_unencodable(text: str) -> bool:
     return False
 
 
-def skip_to_line_end(stream: BinaryIO, chunk_bytes: int = 1 << 20) -> None:
+def skip_to_line_end(stream: BinaryIO, chunk_bytes: int = 1 << 20) -> int:
+    """Read past the rest of the line; returns how many bytes that was."""
+    skipped = 0
     while True:
         chunk = stream.readline(chunk_bytes)
+        skipped += len(chunk)
         if not chunk or chunk.endswith(b"\n"):
-            return
+            return skipped
 
 
 def unknown_model(request: RequestSpec, served_models: frozenset[str] | None) -> LineError | None:
@@ -104,23 +108,30 @@ def diagnose_line(raw: bytes, line_no: int) -> RequestSpec | ReadLine:
     return request
 
 
-def read_lines(stream: BinaryIO, max_line_bytes: int,
-               served_models: frozenset[str] | None = None) -> Iterator[ReadLine]:
-    """Yield every line of `stream` (numbered from 1) as a request or an error."""
-    line_no = 0
+def read_lines(stream: BinaryIO, max_line_bytes: int, served_models: frozenset[str] | None = None,
+               first_line_no: int = 1, offset: int = 0) -> Iterator[ReadLine]:
+    """Yield every line of `stream` (numbered from `first_line_no`; the stream at byte `offset`) as a
+    request or an error, each with the offset after it."""
+    line_no = first_line_no - 1
     while True:
         raw = stream.readline(max_line_bytes + 1)
         if not raw:
             return
         line_no += 1
+        offset += len(raw)
         if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
-            skip_to_line_end(stream)
+            offset += skip_to_line_end(stream)
             reason = f"line is longer than {max_line_bytes} bytes (DEEPBATCH_MAX_LINE_BYTES)"
-            yield ReadLine(line_no, error=LineError("line_too_long", reason))
+            yield ReadLine(line_no, error=LineError("line_too_long", reason), end_offset=offset)
             continue
-        yield validate_line(raw.rstrip(b"\r\n"), line_no, served_models)
+        read = validate_line(raw.rstrip(b"\r\n"), line_no, served_models)
+        read.end_offset = offset  # set, not passed down: validate_line has many ways to make a ReadLine
+        yield read
 
 
-def read_file(path: Path, max_line_bytes: int, served_models: frozenset[str] | None = None) -> Iterator[ReadLine]:
+def read_file(path: Path, max_line_bytes: int, served_models: frozenset[str] | None = None,
+              first_line_no: int = 1, offset: int = 0) -> Iterator[ReadLine]:
+    """The file's lines from byte `offset`, where line `first_line_no` starts (a resumed submit)."""
     with path.open("rb") as stream:
-        yield from read_lines(stream, max_line_bytes, served_models)
+        stream.seek(offset)
+        yield from read_lines(stream, max_line_bytes, served_models, first_line_no, offset)

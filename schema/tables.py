@@ -81,6 +81,12 @@ class Job(Base):
     owner_key_id: Mapped[str | None] = mapped_column(String(64), index=True)
     input_file_id: Mapped[str | None] = mapped_column(String(64))
     endpoint: Mapped[str | None] = mapped_column(Text)
+    # How far the submission got (alembic 0011): lines and bytes of the file stored, their sha256, and when
+    # the last chunk was committed. A resumed submit checks and continues from here.
+    submitted_lines: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    submitted_bytes: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    submitted_sha256: Mapped[str | None] = mapped_column(String(64))
+    submission_heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class Request(Base):
