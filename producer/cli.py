@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from producer import queries
-from producer.embedded import embedded_services
+from producer.embedded import DataDirInUse, embedded_services
 from producer.export import export_job
 from producer.submit import submit_file
 from schema.db import session_factory
@@ -53,7 +54,7 @@ def progress_bar() -> Progress:
 
 
 def wait_for_job(settings: Settings, job_id: str, worker: subprocess.Popen | None = None,
-                 poll_seconds: float = 0.5) -> queries.JobProgress:
+                 worker_log: Path | None = None, poll_seconds: float = 0.5) -> queries.JobProgress:
     """Show a progress bar until every request of the job is final; stop early if our worker died."""
     sessions = session_factory(settings.sqlalchemy_url, pool_size=1)
     started = time.monotonic()
@@ -69,8 +70,15 @@ def wait_for_job(settings: Settings, job_id: str, worker: subprocess.Popen | Non
             if progress.done:
                 return progress
             if worker is not None and worker.poll() is not None:
-                raise fail(f"the worker exited with code {worker.returncode}; see its log for the cause")
+                raise fail(f"the worker exited with code {worker.returncode}; the end of its log ({worker_log}):\n"
+                           + log_tail(worker_log))
             time.sleep(poll_seconds)
+
+
+def log_tail(path: Path | None, lines: int = 15) -> str:
+    if path is None or not path.is_file():
+        return "(no log)"
+    return "\n".join("  " + escape(line) for line in path.read_text(errors="replace").splitlines()[-lines:])
 
 
 COUNT_COLUMNS = ("total", "queued", "running", "succeeded", "failed", "dead", "cancelled", "expired")
@@ -124,14 +132,28 @@ MODEL_HELP = "a built-in name (smollm2-135m-instruct, tiny-deepseek-v3, ...), a 
              "directory; default DEEPBATCH_MODEL"
 
 
-def check_model(model: str) -> None:
-    """A packaged model whose package is missing fails here, not minutes later in the worker."""
-    from worker.engine.configs import resolve_model
+def check_engine_settings_or_exit(settings: Settings) -> None:
+    """A bad engine setting fails here, naming the setting and its value, not minutes later in the worker."""
+    from worker.runtime import SettingError, check_engine_settings
 
     try:
-        resolve_model(model)
-    except ValueError as error:
+        check_engine_settings(settings)
+    except SettingError as error:
         raise fail(str(error)) from None
+
+
+def start_engine_or_exit(settings: Settings) -> None:
+    """Build the worker's engine (the model loaded) before Celery consumes anything; a failure exits
+    the worker at once (Celery would only log it and fail every request)."""
+    check_engine_settings_or_exit(settings)
+    from worker.runtime import get_feeder
+
+    try:
+        get_feeder()
+    except Exception as error:  # noqa: BLE001 - whatever stops the engine stops the worker, said plainly
+        raise fail(f"the worker cannot start its engine ({type(error).__name__}: {error}); settings: "
+                   f"DEEPBATCH_ENGINE={settings.engine!r} DEEPBATCH_MODEL={settings.model!r} "
+                   f"DEEPBATCH_DEVICE={settings.device!r} DEEPBATCH_DTYPE={settings.dtype!r}") from None
 
 
 @cli.command()
@@ -145,7 +167,7 @@ def worker(
         os.environ["DEEPBATCH_MODEL"] = model
         get_settings.cache_clear()
     settings = configured_settings()
-    check_model(settings.model)
+    start_engine_or_exit(settings)
     from worker.app import celery_app
 
     celery_app.worker_main([
@@ -414,7 +436,18 @@ def start_worker_process(settings: Settings, log_path: Path) -> subprocess.Popen
            "DEEPBATCH_BROKER_URL": settings.broker_url or "", "DEEPBATCH_MODEL": settings.model}
     log = log_path.open("ab")
     command = [sys.executable, "-m", "producer.cli", "worker", "--loglevel", "WARNING"]
-    return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+    worker_pid_file(settings.data_dir).write_text(str(process.pid))
+    return process
+
+
+def die_with_parent() -> None:
+    """In the worker `run` starts: the kernel sends it SIGTERM if `run` dies, even of SIGKILL (Linux)."""
+    if sys.platform == "linux":
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def stop_worker_process(process: subprocess.Popen, timeout: float = 30) -> None:
@@ -424,6 +457,10 @@ def stop_worker_process(process: subprocess.Popen, timeout: float = 30) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+    # Only the pid of the worker this run started is forgotten here.
+    pid_file = worker_pid_file(get_settings().data_dir)
+    if pid_file.is_file() and pid_file.read_text() == str(process.pid):
+        pid_file.unlink()
 
 
 @cli.command()
@@ -441,20 +478,59 @@ def run(
         base = base.model_copy(update={"model": model})
     if not file.is_file():
         raise fail(f"no such file: {file}")
-    check_model(base.model)
-    with embedded_services(base.data_dir, base.database_url, base.broker_url) as urls:
-        settings = base.model_copy(update={"database_url": urls.database_url, "broker_url": urls.broker_url})
-        upgrade(settings.sqlalchemy_url)
-        log_path = settings.data_dir / "worker.log"
-        worker_process = start_worker_process(settings, log_path)
-        try:
-            job_id = submit_with_progress(file, settings)
-            console.print(f"job {job_id} submitted; worker log: {log_path}")
-            progress = wait_for_job(settings, job_id, worker_process)
-        finally:
-            stop_worker_process(worker_process)
-        export_to_files(settings, job_id, output, errors or default_errors_path(output))
-        print_progress(progress)
+    check_engine_settings_or_exit(base)
+    exit_cleanly_on_termination()
+    stop_leftover_worker(base.data_dir)
+    try:
+        with embedded_services(base.data_dir, base.database_url, base.broker_url, on_leftovers=lambda servers:
+                               console.print(f"stopped what an earlier `deepbatch run` left running in "
+                                             f"{base.data_dir}: {', '.join(servers)}")) as urls:
+            settings = base.model_copy(update={"database_url": urls.database_url, "broker_url": urls.broker_url})
+            upgrade(settings.sqlalchemy_url)
+            log_path = settings.data_dir / "worker.log"
+            worker_process = start_worker_process(settings, log_path)
+            try:
+                job_id = submit_with_progress(file, settings)
+                console.print(f"job {job_id} submitted; worker log: {log_path}")
+                progress = wait_for_job(settings, job_id, worker_process, log_path)
+            finally:
+                stop_worker_process(worker_process)
+            export_to_files(settings, job_id, output, errors or default_errors_path(output))
+            print_progress(progress)
+    except KeyboardInterrupt:
+        console.print("interrupted: the worker and the services this run started are stopped")
+        raise typer.Exit(code=130) from None
+    except DataDirInUse as error:
+        raise fail(str(error)) from None
+
+
+def exit_cleanly_on_termination() -> None:
+    """SIGTERM and SIGHUP (a closed terminal) unwind like Ctrl-C, so the worker and the embedded services
+    this run started are stopped on the way out, not left running."""
+    def unwind(signum: int, _frame: object) -> None:
+        console.print(f"{signal.Signals(signum).name}: stopping the worker and the services this run started")
+        raise SystemExit(128 + signum)
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, unwind)
+
+
+def worker_pid_file(data_dir: Path) -> Path:
+    return data_dir / "worker.pid"
+
+
+def stop_leftover_worker(data_dir: Path) -> None:
+    """A worker an earlier `run` started and could not stop (it was SIGKILLed) is stopped, and said so."""
+    pid_file = worker_pid_file(data_dir)
+    try:
+        pid = int(pid_file.read_text())
+        command_line = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return
+    if b"producer.cli\x00worker" in command_line:
+        os.kill(pid, signal.SIGTERM)
+        console.print(f"stopped a worker (pid {pid}) left running by an earlier `deepbatch run`")
+    pid_file.unlink(missing_ok=True)
 
 
 def cli_identity() -> str:

@@ -6,7 +6,11 @@ data under the settings' data_dir, so an interrupted run can be resumed against 
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
+import signal
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,10 +52,86 @@ def stop_redis(server: Any) -> None:
         pass  # the server closed the connection on its way down
 
 
+class DataDirInUse(RuntimeError):
+    pass
+
+
 @contextmanager
-def embedded_services(data_dir: Path, database_url: str | None, broker_url: str | None) -> Iterator[ServiceUrls]:
-    """Start what is not configured; stop what was started on exit."""
+def data_dir_lock(data_dir: Path) -> Iterator[None]:
+    """One `deepbatch run` per data directory at a time: the lock file is held while it runs (the kernel
+    drops it when the process dies, however it dies)."""
     data_dir.mkdir(parents=True, exist_ok=True)
+    with (data_dir / "run.lock").open("a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise DataDirInUse(f"another `deepbatch run` (pid {lock.read().strip() or '?'}) is using {data_dir}; "
+                               "wait for it, or set DEEPBATCH_DATA_DIR to another directory") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+        yield
+
+
+def is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stop_process(pid: int, signum: int, timeout_s: float = 30) -> None:
+    os.kill(pid, signum)
+    deadline = time.monotonic() + timeout_s
+    while is_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if is_alive(pid):
+        os.kill(pid, signal.SIGKILL)
+
+
+def stop_leftovers(data_dir: Path) -> list[str]:
+    """Stop the servers an earlier run in `data_dir` started and, killed, could not stop; returns what was
+    stopped, to say so. Called with the data directory's lock held, so nothing else can own them."""
+    stopped = []
+    postmaster = data_dir / "postgres" / "postmaster.pid"
+    if postmaster.is_file():
+        pid = int(postmaster.read_text().split()[0])
+        if is_alive(pid):
+            stop_process(pid, signal.SIGINT)  # PostgreSQL's fast shutdown
+            stopped.append(f"PostgreSQL (pid {pid})")
+        (data_dir / "postgres" / ".handle_pids.json").unlink(missing_ok=True)  # the dead run's handle
+    redis_settings = data_dir / "redis.db.settings"
+    if redis_settings.is_file():
+        try:
+            pid = int(Path(json.loads(redis_settings.read_text())["pidfile"]).read_text())
+        except (OSError, ValueError, KeyError):
+            pid = 0
+        if pid and is_alive(pid):
+            stop_process(pid, signal.SIGTERM)  # Redis saves and exits
+            stopped.append(f"Redis (pid {pid})")
+    return stopped
+
+
+@contextmanager
+def embedded_services(data_dir: Path, database_url: str | None, broker_url: str | None,
+                      on_leftovers: Callable[[list[str]], None] | None = None) -> Iterator[ServiceUrls]:
+    """Start what is not configured; stop what was started on exit. Servers a killed earlier run left
+    in `data_dir` are stopped first (`on_leftovers` is told which)."""
+    with data_dir_lock(data_dir):
+        leftovers = stop_leftovers(data_dir)
+        if leftovers and on_leftovers:
+            on_leftovers(leftovers)
+        with started_services(data_dir, database_url, broker_url) as urls:
+            yield urls
+
+
+@contextmanager
+def started_services(data_dir: Path, database_url: str | None, broker_url: str | None) -> Iterator[ServiceUrls]:
     stoppers: list[Callable[[], None]] = []
     if database_url is None:
         postgres, database_url = start_postgres(data_dir)

@@ -48,6 +48,43 @@ def build_engine(settings: Settings) -> Engine:
     return factory(config)
 
 
+class SettingError(ValueError):
+    """An engine setting that cannot work; the message names the setting and its value."""
+
+
+def check_engine_settings(settings: Settings) -> None:
+    """The engine's settings, checked in a second without loading anything big, so that a typo stops a
+    worker (or `deepbatch run`) at once rather than in its first request."""
+    import torch
+
+    from worker.engine.configs import builtin_config, resolve_model
+    from worker.engine.device import resolve_device, resolve_dtype
+    from worker.engine.gguf_file import is_gguf
+
+    if settings.engine not in ("deepbatch", "null"):
+        module_name, _, factory_name = settings.engine.partition(":")
+        try:
+            getattr(importlib.import_module(module_name), factory_name)
+        except (ImportError, AttributeError) as error:
+            raise SettingError(f"DEEPBATCH_ENGINE={settings.engine!r}: {error}") from None
+    try:
+        device = resolve_device(settings.device)
+        if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+            raise ValueError(f"this machine has {torch.cuda.device_count()} CUDA device(s)")
+    except (RuntimeError, ValueError) as error:
+        raise SettingError(f"DEEPBATCH_DEVICE={settings.device!r}: {error} (auto, cpu, cuda or cuda:N)") from None
+    if not isinstance(getattr(torch, settings.dtype, None), torch.dtype) and settings.dtype != "auto":
+        raise SettingError(f"DEEPBATCH_DTYPE={settings.dtype!r}: not a torch dtype (auto, float32, bfloat16, float16)")
+    resolve_dtype(settings.dtype, device)
+    try:
+        path = resolve_model(settings.model)
+    except ValueError as error:
+        raise SettingError(f"DEEPBATCH_MODEL={settings.model!r}: {error}") from None
+    if settings.engine == "deepbatch" and not (builtin_config(path) or is_gguf(path) or os.path.isdir(path)):
+        raise SettingError(f"DEEPBATCH_MODEL={settings.model!r}: neither a built-in name (smollm2-135m-instruct, "
+                           "tiny-deepseek-v3, ...), a .gguf file nor a checkpoint directory")
+
+
 def worker_identity() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 

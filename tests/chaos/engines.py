@@ -42,3 +42,8 @@ class PoisonEngine(LLMEngine):
 
 def poison_engine(config: EngineConfig) -> PoisonEngine:
     return PoisonEngine(config)
+
+
+def broken_at_start(config: EngineConfig) -> LLMEngine:
+    """An engine that cannot start, as one whose GPU has failed: the worker must exit, saying why."""
+    raise RuntimeError("injected: no usable GPU (Xid 79)")

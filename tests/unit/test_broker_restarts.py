@@ -1,4 +1,4 @@
-"""The worker's consumer survives an error while closing its lost broker connection (worker/consumer.py)."""
+"""A worker survives what Celery 5.7 and kombu 5.7 do to a lost Redis connection (worker/broker_restarts.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from celery.worker.consumer import Consumer
 
 from schema.settings import Settings
 from worker.app import make_celery_app
-from worker.consumer import ResilientConsumer
+from worker.broker_restarts import ResilientConsumer, ResilientRedisTransport, use_resilient_redis_transport
 
 
 class LostRedisConnection:
@@ -47,4 +47,21 @@ def test_the_workers_consumer_drops_the_broken_connection_and_goes_on() -> None:
 
 def test_the_worker_uses_it() -> None:
     app = make_celery_app(Settings(broker_url="memory://", database_url="postgresql://x/y"))
-    assert app.conf.worker_consumer == "worker.consumer:ResilientConsumer"
+    assert app.conf.worker_consumer == "worker.broker_restarts:ResilientConsumer"
+    with app.connection_for_write() as connection:
+        assert isinstance(connection.transport, ResilientRedisTransport) or connection.transport_cls == "memory"
+
+
+def test_a_channel_of_a_collected_redis_connection_raises_a_connection_error() -> None:
+    """What acking a message delivered before a restart does: kombu logs a connection error; the
+    AttributeError it got before ended the worker."""
+    import redis
+    from kombu import Connection
+
+    use_resilient_redis_transport()
+    connection = Connection("redis://127.0.0.1:6379/13")
+    channel = connection.default_channel
+    assert isinstance(channel.connection, ResilientRedisTransport)
+    connection.collect()
+    with pytest.raises(redis.exceptions.ConnectionError, match="was closed"):
+        channel._connparams()
