@@ -12,7 +12,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
@@ -263,33 +266,51 @@ def submit_with_progress(path: Path, settings: Settings, completion_window: time
                          priority: int = 0, resume: str | None = None) -> str:
     """Submit (or, with `resume`, go on submitting) `path` with a progress bar; returns the job id. Ctrl-C
     stops at once, and says how far the file got and how to resume."""
-    from producer.submit import SubmitError, resume_file
+    from producer.submit import SubmissionStopped, SubmitError, resume_file
     from worker.app import make_celery_app
 
     if not path.is_file():
         raise fail(f"no such file: {path}")
     sessions = session_factory(settings.sqlalchemy_url, pool_size=1)
     started: list[str] = [resume] if resume else []
+    stop = threading.Event()
     try:
-        with progress_bar() as bar:
+        with progress_bar() as bar, stop_on_ctrl_c(stop):
             task = bar.add_task("submitting", total=None, rate="")
             show = lambda lines: bar.update(task, completed=lines)  # noqa: E731
             if resume:
-                resumed_at = resume_file(path, resume, settings, sessions, make_celery_app(settings), on_chunk=show)
+                resumed_at = resume_file(path, resume, settings, sessions, make_celery_app(settings), on_chunk=show,
+                                         stop=stop)
                 console.print(f"job {resume}: resumed at line {resumed_at}")
             else:
                 submit_file(path, settings, sessions, make_celery_app(settings), on_chunk=show,
                             completion_window=completion_window, metadata=metadata, use_result_cache=use_result_cache,
-                            priority=priority, on_job=started.append)
+                            priority=priority, on_job=started.append, stop=stop)
     except SubmitError as error:
         raise fail(str(error)) from None
-    except KeyboardInterrupt:
+    except (SubmissionStopped, KeyboardInterrupt):
         raise interrupted_submission(sessions, path, started[0] if started else None) from None
     job_id = started[0]
     with sessions() as session:
         report_rejected_lines(queries.failed_lines(session, job_id, rejected_only=True),
                               queries.unknown_model_names(session, job_id), settings)
     return job_id
+
+
+@contextmanager
+def stop_on_ctrl_c(stop: threading.Event) -> Iterator[None]:
+    """The first Ctrl-C asks the submission to stop after the chunk in hand (a KeyboardInterrupt in the
+    middle of a COPY would leave its connection unusable); a second one interrupts at once."""
+    def request_stop(_signum: int, _frame: object) -> None:
+        stop.set()
+        console.print("stopping after the chunk in hand (Ctrl-C again to stop at once)")
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = signal.signal(signal.SIGINT, request_stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def interrupted_submission(sessions, path: Path, job_id: str | None) -> typer.Exit:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -35,6 +36,10 @@ T = TypeVar("T")
 
 class SubmitError(Exception):
     """A submission that cannot start or go on; the message says why and what to do."""
+
+
+class SubmissionStopped(Exception):
+    """The submission stopped, on request, after a committed chunk: what is stored stays, and runs."""
 
 
 def staged_chunks(lines: Iterator[ReadLine], size: int, cache_model: str | None, path: Path,
@@ -131,10 +136,13 @@ def submit_file(
     priority: int = 0,
     origin: queries.ApiOrigin | None = None,
     on_job: Callable[[str], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> str:
     """Create a job for `path` and queue every valid line; returns the job id.
 
-    `on_chunk(lines)` is called in this thread after each chunk is committed, with the lines so far.
+    `on_chunk(lines)` is called in this thread after each chunk is committed, with the lines so far. Once
+    `stop` is set, the submission ends after the chunk in hand (SubmissionStopped): an interrupt between
+    chunks, never in the middle of a statement.
     """
     with sessions.begin() as session:
         job_id = queries.create_job(session, str(path), settings.model, metadata, completion_window,
@@ -144,7 +152,7 @@ def submit_file(
     options = queries.JobOptions(settings.max_attempts, settings.model if use_result_cache else None, priority,
                                  settings.queue_name)
     with submission_lock(sessions, job_id):
-        submit_lines(path, job_id, options, settings, sessions, app, FilePrefix(), 0, on_chunk)
+        submit_lines(path, job_id, options, settings, sessions, app, FilePrefix(), 0, on_chunk, stop)
     return job_id
 
 
@@ -162,17 +170,17 @@ def submission_lock(sessions: sessionmaker[Session], job_id: str) -> Iterator[No
 
 
 def resume_file(path: Path, job_id: str, settings: Settings, sessions: sessionmaker[Session], app: Celery,
-                on_chunk: Callable[[int], None] | None = None) -> int:
+                on_chunk: Callable[[int], None] | None = None, stop: threading.Event | None = None) -> int:
     """Go on submitting `path` into the interrupted job `job_id`, after its last stored line; returns the
     line it resumed at. The stored part of the file must be unchanged (its sha256 is checked), and what
     was stored but perhaps never published is published again (a slice is a right to claim, so a message
     too many claims nothing twice)."""
     with submission_lock(sessions, job_id):
-        return resume_locked(path, job_id, settings, sessions, app, on_chunk)
+        return resume_locked(path, job_id, settings, sessions, app, on_chunk, stop)
 
 
 def resume_locked(path: Path, job_id: str, settings: Settings, sessions: sessionmaker[Session], app: Celery,
-                  on_chunk: Callable[[int], None] | None) -> int:
+                  on_chunk: Callable[[int], None] | None, stop: threading.Event | None) -> int:
     with sessions() as session:
         job = session.get(Job, job_id)
         if job is None:
@@ -192,20 +200,20 @@ def resume_locked(path: Path, job_id: str, settings: Settings, sessions: session
                               "resume only with the same file")
     publish_slices(app, others, settings.slice_size)
     publish_slices(app, suspects, settings.slice_size, isolate=True)
-    submit_lines(path, job_id, options, settings, sessions, app, prefix, stored_lines, on_chunk)
+    submit_lines(path, job_id, options, settings, sessions, app, prefix, stored_lines, on_chunk, stop)
     return stored_lines + 1
 
 
 def submit_lines(path: Path, job_id: str, options: queries.JobOptions, settings: Settings,
                  sessions: sessionmaker[Session], app: Celery, prefix: FilePrefix, stored_lines: int,
-                 on_chunk: Callable[[int], None] | None) -> None:
+                 on_chunk: Callable[[int], None] | None, stop: threading.Event | None = None) -> None:
     """Store and publish the file's lines after `stored_lines` (at byte `prefix.length`), then mark the job
     submitted; stops early, leaving it as it is, if the job is cancelled meanwhile."""
     lines = read_file(path, settings.max_line_bytes, settings.served_model_names, stored_lines + 1, prefix.length)
     chunks = read_ahead(staged_chunks(lines, settings.insert_chunk_size, options.cache_model, path, prefix))
     with prompt_thread_switches():
         total_lines = write_chunks(chunks, job_id, options, sessions, SlicePublisher(app, settings.slice_size),
-                                   on_chunk, stored_lines)
+                                   on_chunk, stored_lines, stop)
     if total_lines is not None:
         with sessions.begin() as session:
             queries.finish_submission(session, job_id, total_lines)
@@ -213,9 +221,11 @@ def submit_lines(path: Path, job_id: str, options: queries.JobOptions, settings:
 
 def write_chunks(chunks: Iterable[queries.StagedChunk], job_id: str, options: queries.JobOptions,
                  sessions: sessionmaker[Session], publisher: SlicePublisher,
-                 on_chunk: Callable[[int], None] | None, stored_lines: int = 0) -> int | None:
+                 on_chunk: Callable[[int], None] | None, stored_lines: int = 0,
+                 stop: threading.Event | None = None) -> int | None:
     """Each chunk in its own transaction with the submission's progress, published once committed;
-    returns the file's number of lines, or None if the job was cancelled meanwhile."""
+    returns the file's number of lines, or None if the job was cancelled meanwhile. Raises
+    SubmissionStopped after the chunk in hand once `stop` is set."""
     total_lines = stored_lines
     for chunk in chunks:
         with sessions.begin() as session:
@@ -228,5 +238,8 @@ def write_chunks(chunks: Iterable[queries.StagedChunk], job_id: str, options: qu
         if cancelled:
             publisher.flush()
             return None
+        if stop is not None and stop.is_set():
+            publisher.flush()
+            raise SubmissionStopped(f"stopped after line {total_lines}")
     publisher.flush()
     return total_lines
