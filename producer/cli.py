@@ -30,7 +30,7 @@ from rich.table import Table
 from producer import queries
 from producer.embedded import DataDirInUse, embedded_services
 from producer.export import export_job
-from producer.submit import submit_file
+from producer.submit import parse_duration, submit_file
 from schema.db import session_factory
 from schema.settings import Settings, get_settings
 
@@ -101,15 +101,13 @@ def print_progress(progress: queries.JobProgress) -> None:
     Console().print(table)
 
 
-WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
 def parse_window(text: str) -> timedelta:
-    """`24h`, `90m`, `30s`, `2d` → a timedelta; a bad value is a usage error naming the option."""
-    number, unit = text[:-1], text[-1:]
-    if unit not in WINDOW_UNITS or not number.isdigit() or int(number) == 0:
-        raise typer.BadParameter(f"{text!r} is not a duration like 24h, 90m, 30s or 2d", param_hint="--completion-window")
-    return timedelta(seconds=int(number) * WINDOW_UNITS[unit])
+    """A bad --completion-window is a usage error naming the option."""
+    try:
+        return parse_duration(text)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a duration like 24h, 90m, 30s or 2d",
+                                 param_hint="--completion-window") from None
 
 
 def parse_metadata(pairs: list[str]) -> dict[str, str]:

@@ -34,6 +34,17 @@ from worker.app import publish_slices
 T = TypeVar("T")
 
 
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> timedelta:
+    """A completion window: `24h`, `90m`, `30s`, `2d` → a timedelta; anything else is a ValueError."""
+    number, unit = text[:-1], text[-1:]
+    if unit not in DURATION_UNITS or not number.isdigit() or int(number) == 0:
+        raise ValueError(f"{text!r} is not a duration like 24h, 90m, 30s or 2d")
+    return timedelta(seconds=int(number) * DURATION_UNITS[unit])
+
+
 class SubmitError(Exception):
     """A submission that cannot start or go on; the message says why and what to do."""
 

@@ -57,9 +57,8 @@ def check_engine_settings(settings: Settings) -> None:
     worker (or `deepbatch run`) at once rather than in its first request."""
     import torch
 
-    from worker.engine.configs import builtin_config, resolve_model
     from worker.engine.device import resolve_device, resolve_dtype
-    from worker.engine.gguf_file import is_gguf
+    from worker.engine.loader import model_path
 
     if settings.engine not in ("deepbatch", "null"):
         module_name, _, factory_name = settings.engine.partition(":")
@@ -76,13 +75,11 @@ def check_engine_settings(settings: Settings) -> None:
     if not isinstance(getattr(torch, settings.dtype, None), torch.dtype) and settings.dtype != "auto":
         raise SettingError(f"DEEPBATCH_DTYPE={settings.dtype!r}: not a torch dtype (auto, float32, bfloat16, float16)")
     resolve_dtype(settings.dtype, device)
-    try:
-        path = resolve_model(settings.model)
-    except ValueError as error:
-        raise SettingError(f"DEEPBATCH_MODEL={settings.model!r}: {error}") from None
-    if settings.engine == "deepbatch" and not (builtin_config(path) or is_gguf(path) or os.path.isdir(path)):
-        raise SettingError(f"DEEPBATCH_MODEL={settings.model!r}: neither a built-in name (smollm2-135m-instruct, "
-                           "tiny-deepseek-v3, ...), a .gguf file nor a checkpoint directory")
+    if settings.engine == "deepbatch":
+        try:
+            model_path(settings.model)
+        except ValueError as error:
+            raise SettingError(f"DEEPBATCH_MODEL={settings.model!r}: {error}") from None
 
 
 def worker_identity() -> str:

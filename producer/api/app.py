@@ -19,12 +19,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from producer import queries
 from producer.api import batches, files, keys
 from producer.api.auth import ApiError, Caller
-from producer.submit import submit_file
+from producer.api.pages import list_object
+from producer.submit import parse_duration, submit_file
 from schema.db import session_factory
 from schema.settings import Settings
 from schema.tables import Job
 
-WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def not_found(what: str, identifier: str) -> ApiError:
@@ -39,10 +39,11 @@ class CreateBatch(BaseModel):
 
 
 def parse_window(window: str) -> timedelta:
-    number, unit = window[:-1], window[-1:]
-    if unit not in WINDOW_UNITS or not number.isdigit() or int(number) == 0:
-        raise ApiError(400, f"completion_window {window!r} is not a duration like 24h", param="completion_window")
-    return timedelta(seconds=int(number) * WINDOW_UNITS[unit])
+    try:
+        return parse_duration(window)
+    except ValueError:
+        raise ApiError(400, f"completion_window {window!r} is not a duration like 24h",
+                       param="completion_window") from None
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -89,9 +90,7 @@ def create_app(settings: Settings) -> FastAPI:
                    after: str | None = None) -> dict[str, Any]:
         with sessions() as session:
             rows = files.list_files(session, owner, purpose, limit + 1, after)
-        data = [files.file_object(row) for row in rows[:limit]]
-        return {"object": "list", "data": data, "has_more": len(rows) > limit,
-                "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+        return list_object([files.file_object(row) for row in rows[:limit]], len(rows) > limit)
 
     def file_row(session: Session, file_id: str, owner: str | None):
         row = files.owned_file(session, file_id, owner)
@@ -167,9 +166,7 @@ def create_app(settings: Settings) -> FastAPI:
                      after: str | None = None) -> dict[str, Any]:
         with sessions.begin() as session:
             jobs = batches.list_jobs(session, owner, limit + 1, after)
-            data = [batch_response(session, job) for job in jobs[:limit]]
-        return {"object": "list", "data": data, "has_more": len(jobs) > limit,
-                "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+            return list_object([batch_response(session, job) for job in jobs[:limit]], len(jobs) > limit)
 
     @app.post("/v1/batches/{batch_id}/cancel")
     def cancel_batch(owner: Caller, batch_id: str) -> dict[str, Any]:

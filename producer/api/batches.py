@@ -13,6 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from producer import queries
+from producer.api.pages import newest_first
 from schema.tables import Job
 
 CHAT_ENDPOINT, COMPLETIONS_ENDPOINT = "/v1/chat/completions", "/v1/completions"
@@ -32,11 +33,7 @@ def list_jobs(session: Session, owner_key_id: str | None, limit: int, after: str
     query = select(Job)
     if owner_key_id is not None:
         query = query.where(Job.owner_key_id == owner_key_id)
-    if after:
-        cursor = session.get(Job, after)
-        if cursor is not None:
-            query = query.where((Job.created_at, Job.id) < (cursor.created_at, cursor.id))
-    return list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)))
+    return newest_first(session, query, Job, limit, after)
 
 
 def progress_of(session: Session, job_id: str) -> queries.JobProgress:

@@ -19,6 +19,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from producer.api.pages import newest_first
 from producer.export import write_errors, write_results
 from schema.tables import AuditEvent, StoredFile
 
@@ -95,11 +96,7 @@ def list_files(session: Session, owner_key_id: str | None, purpose: str | None, 
         query = query.where(StoredFile.owner_key_id == owner_key_id)
     if purpose:
         query = query.where(StoredFile.purpose == purpose)
-    if after:
-        cursor = session.get(StoredFile, after)
-        if cursor is not None:
-            query = query.where((StoredFile.created_at, StoredFile.id) < (cursor.created_at, cursor.id))
-    return list(session.scalars(query.order_by(StoredFile.created_at.desc(), StoredFile.id.desc()).limit(limit)))
+    return newest_first(session, query, StoredFile, limit, after)
 
 
 def delete_file(session: Session, row: StoredFile, directory: Path, actor: str | None) -> None:

@@ -19,7 +19,6 @@ transformers' converter. EOS, BOS and the chat template come from the metadata t
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from functools import cached_property, lru_cache
 from pathlib import Path
@@ -275,10 +274,3 @@ def deepseek2_config(gguf: GGUFFile) -> PretrainedConfig:
         return DeepseekV3Config(**fields)
     return DeepseekV2Config(**fields, topk_method="group_limited_greedy" if groups > 1 else "greedy")
 
-
-def describe(gguf: GGUFFile) -> str:
-    """One line for logs: architecture, size and tensor types."""
-    kinds: dict[str, int] = {}
-    for tensor in gguf.tensors.values():
-        kinds[tensor.tensor_type.name] = kinds.get(tensor.tensor_type.name, 0) + 1
-    return f"{gguf.path.name}: {gguf.architecture}, {len(gguf.tensors)} tensors ({json.dumps(kinds)})"

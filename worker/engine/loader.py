@@ -32,7 +32,7 @@ def load_model(
     model_name: str, seed: int, device: torch.device, dtype: torch.dtype
 ) -> tuple[nn.Module, PretrainedConfig]:
     """The engine model for a built-in name, a GGUF file or a checkpoint directory, on `device` in `dtype`."""
-    model_name = resolve_model(model_name)
+    model_name = model_path(model_name)
     hf_config = builtin_config(model_name)
     if hf_config is not None:
         named_tensors: Iterable[tuple[str, torch.Tensor]] = random_named_tensors(hf_config, seed, device, dtype)
@@ -40,14 +40,20 @@ def load_model(
         gguf = open_gguf(model_name)
         hf_config, named_tensors = gguf.config, gguf.named_tensors()
     else:
-        if not Path(model_name).is_dir():
-            raise ValueError(f"model {model_name!r} is neither a built-in name, a .gguf file nor a checkpoint "
-                             "directory")
         hf_config = AutoConfig.from_pretrained(model_name)
         named_tensors = checkpoint_named_tensors(Path(model_name))
     model = empty_model(hf_config, device, dtype)
     load_named_tensors(model, named_tensors)
     return model.eval(), hf_config
+
+
+def model_path(model_name: str) -> str:
+    """What a model name loads from (a packaged model's file; any other name as it is); a ValueError when
+    it names nothing the loader can load. Cheap: `deepbatch worker` and `run` check settings with it."""
+    path = resolve_model(model_name)
+    if builtin_config(path) is None and not is_gguf(path) and not Path(path).is_dir():
+        raise ValueError(f"model {model_name!r} is neither a built-in name, a .gguf file nor a checkpoint directory")
+    return path
 
 
 def empty_model(hf_config: PretrainedConfig, device: torch.device, dtype: torch.dtype) -> nn.Module:
