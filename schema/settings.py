@@ -11,6 +11,9 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, PositiveFloat, PositiveInt, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# worker/engine/sizing.py's MAX_GPU_BATCH (schema cannot import the engine; a test keeps them equal).
+LARGEST_AUTO_BATCH_SIZE = 512
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DEEPBATCH_", env_file=".env", extra="ignore")
@@ -32,9 +35,9 @@ class Settings(BaseSettings):
     device: str = "auto"
     dtype: str = "auto"
     seed: int = 0
-    max_batch_size: PositiveInt = 32
+    max_batch_size: PositiveInt | None = None  # None: sized from the device and its KV cache (README: Engine)
     max_wait_ms: float = Field(default=20.0, ge=0)
-    max_num_batched_tokens: PositiveInt = 4096
+    max_num_batched_tokens: PositiveInt | None = None  # None: 8192 on a GPU, 4096 on the CPU
     max_model_len: PositiveInt = 4096
     default_max_tokens: PositiveInt = 256
     gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1)  # share of the GPU the engine may fill
@@ -50,6 +53,7 @@ class Settings(BaseSettings):
     broker_delivery_limit: PositiveInt = 20  # RabbitMQ quorum queue: redeliveries before the broker dead-letters
     database_retry_s: PositiveFloat = 600.0  # how long a worker waits out a lost Postgres before giving up a write
     audit_retention_days: PositiveInt = 180  # `deepbatch audit purge` deletes older audit events
+    audit_hmac_key_file: Path | None = None  # the key that signs the audit chain; kept out of the database
     consumer_timeout_ms: PositiveInt = 3 * 3600 * 1000  # RabbitMQ: an unacked message older than this closes the channel
     # The pipeline: slices of requests in, batches of results out (README: How a request flows).
     slice_size: PositiveInt = 256  # request ids per broker message
@@ -83,11 +87,13 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _derived_defaults(self) -> Settings:
-        if self.target_queue_depth is None:
-            self.target_queue_depth = 2 * self.max_batch_size
+        if self.target_queue_depth is None and self.max_batch_size is not None:
+            self.target_queue_depth = 2 * self.max_batch_size  # unset: the feeder takes 2 × the engine's batch
         if self.worker_threads is None:
-            # Enough slices to fill the target depth, plus two draining their tails meanwhile.
-            self.worker_threads = -(-self.target_queue_depth // self.slice_size) + 2
+            # Enough slices to fill the target depth, plus two draining their tails meanwhile; with the batch
+            # left to the device, enough for the largest batch it may choose (worker/engine/sizing.py).
+            depth = self.target_queue_depth or 2 * LARGEST_AUTO_BATCH_SIZE
+            self.worker_threads = -(-depth // self.slice_size) + 2
         return self
 
     @property

@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 
 class Engine(Protocol):
+    max_batch_size: int  # most sequences one step decodes, as the engine chose it
+
     def submit(self, prompt_token_ids: list[int], sampling: SamplingParams) -> Any: ...
     def shutdown(self) -> None: ...
 
@@ -105,6 +107,9 @@ class Feeder:
         self.held_lock = threading.Lock()
         self.room = threading.Condition()
         self.in_engine = 0  # submitted to the engine and not yet finished, or reserved for a claim under way
+        # Unset: twice the batch the engine chose, so a full batch decodes while the next requests wait. An
+        # engine plugged in by DEEPBATCH_ENGINE=module:factory that does not say its batch counts as 32.
+        self.target_depth = settings.target_queue_depth or 2 * getattr(engine, "max_batch_size", 32)
         self.recorder = Recorder(transitions, settings, self._on_recorded)
         self.recorder.start()
 
@@ -146,7 +151,7 @@ class Feeder:
         """Waits until the engine can take a worthwhile batch — all of `wanted`, or a quarter of the target
         depth, not one request at a time as each finishes — and reserves it, so that slices claiming at the
         same moment do not overfill the engine together."""
-        target = self.settings.target_queue_depth or 1
+        target = self.target_depth
         worthwhile = min(wanted, max(1, target // 4))
         with self.room:
             self.room.wait_for(lambda: target - self.in_engine >= worthwhile)

@@ -26,6 +26,7 @@ from worker.engine.loader import load_model
 from worker.engine.model_runner import ModelRunner
 from worker.engine.scheduler import Scheduler, StepPlan
 from worker.engine.sequence import Sequence
+from worker.engine.sizing import choose_batch_limits, choose_num_kv_blocks
 from worker.engine.tokenizer import load_tokenizer
 from worker.engine.types import (
     Completion,
@@ -38,23 +39,6 @@ from worker.engine.types import (
 )
 
 log = logging.getLogger(__name__)
-
-CPU_KV_CACHE_BYTES = 4 << 30  # ceiling of the KV cache when it lives in host memory
-
-
-def choose_num_kv_blocks(config: EngineConfig, bytes_per_block: int, device: torch.device) -> int:
-    """`num_kv_blocks` when set; on a GPU what `gpu_memory_utilization` leaves free; on the CPU enough
-    for `max_batch_size` full-length sequences, up to CPU_KV_CACHE_BYTES."""
-    if config.num_kv_blocks:
-        return config.num_kv_blocks
-    blocks_per_sequence = -(-config.max_model_len // config.kv_block_size)
-    if device.type == "cuda":
-        free_bytes, total_bytes = torch.cuda.mem_get_info(device)
-        budget = free_bytes - (1 - config.gpu_memory_utilization) * total_bytes
-        return max(blocks_per_sequence, int(budget // bytes_per_block) - 1)  # one spare block for padding
-    wanted = config.max_batch_size * blocks_per_sequence
-    return max(blocks_per_sequence, min(wanted, CPU_KV_CACHE_BYTES // bytes_per_block))
-
 
 def eos_token_ids_of(hf_config, tokenizer) -> frozenset[int]:
     configured = getattr(hf_config, "eos_token_id", None)
@@ -90,8 +74,10 @@ class LLMEngine:
         num_blocks = choose_num_kv_blocks(config, bytes_per_block, self.device)
         # A lone sequence must always fit the cache, or preemption could never make room for it.
         self.max_model_len = min(config.max_model_len, num_blocks * block_size)
+        self.limits = choose_batch_limits(config, num_blocks, self.device)
+        self.max_batch_size = self.limits.max_batch_size
         self.block_manager = BlockManager(num_blocks, block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_batch_size, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, self.max_batch_size, self.limits.max_num_batched_tokens)
         self.runner = self._make_runner(num_blocks)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
         self.eos_token_ids = eos_token_ids_of(self.hf_config, self.tokenizer)
@@ -101,6 +87,14 @@ class LLMEngine:
         self._last_batch_size = 0
         self._thread = threading.Thread(target=self._run_loop, name="deepbatch-engine", daemon=True)
         self._thread.start()
+        self._log_start(num_blocks, bytes_per_block)
+
+    def _log_start(self, num_blocks: int, bytes_per_block: int) -> None:
+        """One line that says what runs where and why the batch is as big as it is."""
+        log.info("engine ready: model %s on %s in %s; KV cache %d blocks (%d tokens, %.1f GiB); max_batch_size %d, "
+                 "max_num_batched_tokens %d (%s)", self.config.model, self.device, str(self.dtype).removeprefix("torch."),
+                 num_blocks, num_blocks * self.config.kv_block_size, num_blocks * bytes_per_block / (1 << 30),
+                 self.max_batch_size, self.limits.max_num_batched_tokens, self.limits.reason)
 
     def _make_runner(self, num_blocks: int) -> ModelRunner:
         """The paged-kernel runner on a GPU (CUDA graphs for decode); the dense torch runner on the CPU."""
@@ -112,7 +106,7 @@ class LLMEngine:
         from worker.engine.gpu_runner import GpuModelRunner
 
         return GpuModelRunner(self.model, self.config.kv_block_size, num_blocks, self.device, self.dtype,
-                              self.config.max_batch_size, self.max_model_len,
+                              self.max_batch_size, self.max_model_len,
                               use_cuda_graphs=self.config.use_cuda_graphs and self.device.type == "cuda")
 
     # ---- the public interface (any thread) ----
@@ -197,7 +191,7 @@ class LLMEngine:
 
     def _wait_for_company(self) -> None:
         deadline = time.monotonic() + self.config.max_wait_ms / 1000
-        while len(self._incoming) < self.config.max_batch_size and not self._stopping:
+        while len(self._incoming) < self.max_batch_size and not self._stopping:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return

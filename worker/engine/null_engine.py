@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from concurrent.futures import Future
 
-from worker.engine.types import Completion, EngineConfig, SamplingParams
+from worker.engine.types import CPU_BATCH, Completion, EngineConfig, SamplingParams
 
 FILLER_TOKEN_ID = 0
 
@@ -16,6 +16,7 @@ FILLER_TOKEN_ID = 0
 class NullEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
+        self.max_batch_size = config.max_batch_size or CPU_BATCH  # answers at once: only the feeder's depth reads it
 
     def submit(self, prompt_token_ids: list[int], sampling: SamplingParams) -> Future:
         future: Future = Future()

@@ -23,6 +23,7 @@ from worker.engine.device import resolve_device, resolve_dtype
 from worker.engine.loader import random_reference_model
 from worker.engine.tokenizer import PromptEncoder, load_tokenizer
 from worker.engine.types import (
+    CPU_BATCH,
     Completion,
     EngineConfig,
     PromptTooLongError,
@@ -97,7 +98,7 @@ class ReferenceEngine:
     def _gather(self, first: _Pending) -> list[_Pending]:
         batch = [first]
         deadline = time.monotonic() + self.config.max_wait_ms / 1000
-        while len(batch) < self.config.max_batch_size:
+        while len(batch) < (self.config.max_batch_size or CPU_BATCH):
             remaining = deadline - time.monotonic()
             try:
                 item = self._inbox.get(timeout=max(remaining, 0)) if remaining > 0 else self._inbox.get_nowait()

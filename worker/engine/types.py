@@ -52,6 +52,9 @@ class Completion:
         self.completion_tokens = len(self.token_ids)
 
 
+CPU_BATCH = 32  # the batch on a CPU, and of engines that answer at once (worker/engine/sizing.py says why)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """How to build an engine; the worker fills it from its settings."""
@@ -60,9 +63,9 @@ class EngineConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
     seed: int = 0  # random weights of the built-in models come from this seed
-    max_batch_size: int = 32  # most sequences in one decode step
+    max_batch_size: int | None = None  # most sequences in one decode step; None: sized from the device (sizing.py)
     max_wait_ms: float = 20.0  # how long a lone request waits for company before a step starts
-    max_num_batched_tokens: int = 4096  # token budget of one step (prefill chunks + decodes)
+    max_num_batched_tokens: int | None = None  # token budget of one step (prefill chunks + decodes); None: as above
     max_model_len: int = 4096  # prompt + completion
     kv_block_size: int = 16  # tokens per KV-cache block
     num_kv_blocks: int | None = None  # None: sized from free memory
