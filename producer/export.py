@@ -1,4 +1,8 @@
-"""Writes a job's results and errors as OpenAI Batch output and error files, streamed in line order."""
+"""Writes a job's results and errors as OpenAI Batch output and error files, streamed in line order.
+
+Result text comes back exactly as the engine produced it (schema/stored_text.py restores what PostgreSQL
+could not hold: NUL, lone surrogates); JSON escapes those characters, so every line stays valid JSON.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from producer.queries import export_rows
 from schema.lines import error_line, output_line
+from schema.stored_text import ESCAPE, from_stored
 from schema.tables import RequestState
 
 ERROR_STATES = (RequestState.failed, RequestState.dead, RequestState.cancelled, RequestState.expired)
@@ -20,12 +25,14 @@ UNRUN_CODES = {RequestState.cancelled: "batch_cancelled", RequestState.expired: 
 def write_results(session: Session, job_id: str, stream: IO[str]) -> int:
     count = 0
     for row in export_rows(session, job_id, [RequestState.succeeded]):
+        stored = row["text"]
         line = output_line(
             request_id=row["id"], custom_id=row["custom_id"], url=row["url"], model=row["model"],
-            created=int(row["created_at"].timestamp()), text=row["text"], finish_reason=row["finish_reason"],
+            created=int(row["created_at"].timestamp()), text=from_stored(stored), finish_reason=row["finish_reason"],
             prompt_tokens=row["prompt_tokens"], completion_tokens=row["completion_tokens"],
         )
-        stream.write(json.dumps(line, ensure_ascii=False) + "\n")
+        # A restored lone surrogate cannot be written as UTF-8: such a line spells it as a JSON escape.
+        stream.write(json.dumps(line, ensure_ascii=ESCAPE in stored) + "\n")
         count += 1
     return count
 

@@ -23,6 +23,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, BIGINT, TEXT
 from sqlalchemy.orm import Session, sessionmaker
 
 from schema.audit import AuditRow, append_events
+from schema.stored_text import from_stored, storable_message, to_stored
 from schema.tables import Request, RequestState
 
 RECONCILE_LOCK = "deepbatch.reconcile"
@@ -125,6 +126,7 @@ CLAIM_IDS = _claim_statement("""
 
 # A batch (successes here, failures below) arrives as one JSON array of rows: json.dumps runs in C, where binding one array per column
 # costs the worker's Python (and so the engine's step loop) several times more GIL time (measured).
+# A success clears the error of an earlier attempt (audit_events keeps it): a succeeded request carries no error code.
 RECORD_SUCCESSES = text("""
     WITH finished AS (
         SELECT * FROM jsonb_to_recordset(CAST(:rows AS jsonb))
@@ -132,7 +134,8 @@ RECORD_SUCCESSES = text("""
                  cached_from bigint)
     ),
     moved AS (
-        UPDATE requests r SET state = 'succeeded', lease_expires_at = NULL, updated_at = now()
+        UPDATE requests r SET state = 'succeeded', lease_expires_at = NULL, updated_at = now(),
+                              error_code = NULL, error_message = NULL
         FROM finished f
         WHERE r.id = f.id AND r.state = 'running' AND r.attempt = f.attempt
         RETURNING r.id, r.job_id, r.attempt, f.text, f.finish_reason, f.prompt_tokens, f.completion_tokens,
@@ -269,12 +272,15 @@ class Transitions:
             return []
         with self.sessions() as session:
             stored = {row.cache_key: row for row in session.execute(CACHED_RESULTS, {"keys": list(keys)})}
-        return [Success(claim, row.text, row.finish_reason, row.prompt_tokens, row.completion_tokens,
+        return [Success(claim, from_stored(row.text), row.finish_reason, row.prompt_tokens, row.completion_tokens,
                         cached_from=row.request_id)
                 for claim in claims if (row := stored.get(claim.cache_key)) is not None and row.request_id != claim.id]
 
     def record(self, successes: Sequence[Success], failures: Sequence[Failure], model: str) -> set[int]:
-        """Write finished attempts in one transaction; returns the ids whose attempt still owned the row."""
+        """Write finished attempts in one transaction; returns the ids whose attempt still owned the row.
+
+        Result text is escaped where PostgreSQL cannot hold it (schema/stored_text.py). A row it still
+        refuses raises (DataError, or UnicodeEncodeError in the driver): the recorder splits the batch."""
         recorded: set[int] = set()
         with self.sessions.begin() as session:
             if successes:
@@ -284,15 +290,15 @@ class Transitions:
         return recorded
 
     def _success_columns(self, successes: Sequence[Success], model: str) -> dict[str, Any]:
-        rows = [{"id": s.claim.id, "attempt": s.claim.attempt, "text": s.text, "finish_reason": s.finish_reason,
-                 "prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens,
-                 "cached_from": s.cached_from} for s in successes]
+        rows = [{"id": s.claim.id, "attempt": s.claim.attempt, "text": to_stored(s.text),
+                 "finish_reason": s.finish_reason, "prompt_tokens": s.prompt_tokens,
+                 "completion_tokens": s.completion_tokens, "cached_from": s.cached_from} for s in successes]
         return {"rows": json.dumps(rows, ensure_ascii=False), "model": model, "worker": self.worker}
 
     def _failure_columns(self, failures: Sequence[Failure]) -> dict[str, Any]:
         rows = [{"id": f.claim.id, "attempt": f.claim.attempt, "to_state": f.to_state.value,
-                 "error_code": f.error_code, "error_message": f.error_message, "retry_after_s": f.retry_after_s}
-                for f in failures]
+                 "error_code": f.error_code, "error_message": storable_message(f.error_message),
+                 "retry_after_s": f.retry_after_s} for f in failures]
         return {"rows": json.dumps(rows, ensure_ascii=False), "worker": self.worker}
 
     def renew_leases(self, request_ids: Sequence[int]) -> int:
