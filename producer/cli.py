@@ -634,35 +634,92 @@ def dlq_purge(job_id: Annotated[Optional[str], typer.Option("--job", help="only 
     console.print(f"{purged} dead-letter records purged")
 
 
-audit = typer.Typer(help="The hash-chained audit log.", no_args_is_help=True)
+audit = typer.Typer(help="The hash-chained audit log: verify it, anchor it off-site, purge it.", no_args_is_help=True)
 cli.add_typer(audit, name="audit")
 
 
+def audit_key(settings: Settings) -> bytes | None:
+    """The key that signs the chain (DEEPBATCH_AUDIT_HMAC_KEY_FILE), or None when unset."""
+    from schema.audit_signing import AuditKeyError, load_key
+
+    try:
+        return load_key(settings.audit_hmac_key_file)
+    except AuditKeyError as error:
+        raise fail(str(error)) from None
+
+
+def print_audit_report(report) -> None:  # schema.audit.ChainReport, imported late: the CLI starts fast
+    for note in report.notes + report.signing_notes:
+        console.print(f"[yellow]note:[/yellow] {escape(note)}")
+    for problem in report.problems:
+        console.print(f"[red]{escape(problem)}[/red]")
+
+
 @audit.command("verify")
-def audit_verify() -> None:
+def audit_verify(
+    anchor_file: Annotated[Optional[Path], typer.Option(
+        "--anchor", metavar="FILE", help="anchors of `audit anchor --append`: each seal must still be in the chain",
+    )] = None,
+) -> None:
     """Check that no audit event was edited or deleted; exit code 1 if one was."""
     from schema.audit import verify_chain
+    from schema.audit_signing import AnchorFileError, read_anchor_file
 
     settings = configured_settings()
+    key = audit_key(settings)
+    try:
+        anchors = [] if anchor_file is None else [
+            (f"{anchor_file} line {line_no}", anchor) for line_no, anchor in read_anchor_file(anchor_file)]
+    except AnchorFileError as error:
+        raise fail(str(error)) from None
     with session_factory(settings.sqlalchemy_url, pool_size=1)() as session:
-        report = verify_chain(session)
-    for problem in report.problems:
-        console.print(f"[red]{problem}[/red]")
+        report = verify_chain(session, key, anchors)
+    print_audit_report(report)
     if not report.intact:
         raise fail(f"audit chain broken ({len(report.problems)} problems in {report.checked} events checked)")
     console.print(f"audit chain intact: {report.checked} events")
+
+
+@audit.command("anchor")
+def audit_anchor(
+    append: Annotated[Optional[Path], typer.Option(
+        metavar="FILE", help="append the anchor to FILE as a JSON line (keep FILE off the database's host)",
+    )] = None,
+) -> None:
+    """Verify the chain, sign its head with the audit key and print it (sequence, hash, times) to keep off-site."""
+    from schema.audit import anchor_chain
+    from schema.audit_signing import KEY_SETTING, append_anchor
+
+    settings = configured_settings()
+    key = audit_key(settings)
+    with session_factory(settings.sqlalchemy_url, pool_size=1)() as session:
+        report, anchor = anchor_chain(session, key)
+        print_audit_report(report)
+        if anchor is None:
+            raise fail(f"audit chain broken ({len(report.problems)} problems): not anchored")
+        session.commit()
+    if append is None:
+        print(anchor.json_line(), end="")
+    else:
+        try:
+            append_anchor(append, anchor)
+        except OSError as error:
+            raise fail(f"--append {append}: cannot write the anchor ({error.strerror})") from None
+    signed = "signed" if key is not None else f"unsigned: {KEY_SETTING} is not set"
+    console.print(f"anchored seal {anchor.chain_seq} ({signed})" + (f", appended to {append}" if append else ""))
 
 
 @audit.command("purge")
 def audit_purge(
     days: Annotated[Optional[int], typer.Option(help="retention; default DEEPBATCH_AUDIT_RETENTION_DAYS")] = None,
 ) -> None:
-    """Delete audit events older than the retention, keeping the rest verifiable."""
+    """Delete audit events older than the retention, keeping the rest verifiable (the anchor signed with the key)."""
     from schema.audit import purge_older_than
 
     settings = configured_settings()
+    key = audit_key(settings)
     with session_factory(settings.sqlalchemy_url, pool_size=1).begin() as session:
-        deleted = purge_older_than(session, timedelta(days=days or settings.audit_retention_days))
+        deleted = purge_older_than(session, timedelta(days=days or settings.audit_retention_days), key)
     console.print(f"{deleted} audit events older than {days or settings.audit_retention_days} days purged")
 
 

@@ -7,6 +7,11 @@ seals in chain order: an edited event fails its seal's digest, a deleted one its
 seal leaves a gap in `chain_seq`, and seals cut off the end leave the head pointing past the last one.
 A purge deletes the oldest whole seals past the retention with their events, and leaves an anchor, so
 the rest still verifies.
+
+All of this is computed inside the database, so whoever controls it can recompute it: the signatures and
+the off-site anchors of schema/audit_signing.py are what it cannot forge. Verification checks them too:
+a signed seal must keep its signed hash, a signature must match the key, and every seal of an anchor
+file must still be in the chain (or gone in a purge of what was sealed before it).
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from typing import Any
 from sqlalchemy import bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY, BIGINT, INTEGER, TEXT
 from sqlalchemy.orm import Session
+
+from schema.audit_signing import KEY_SETTING, Anchor, purge_signature, seal_signature, signature_matches, signed_anchor
 
 
 @dataclass(frozen=True)
@@ -51,7 +58,8 @@ def append_events(session: Session, rows: Sequence[AuditRow]) -> None:
     """Append `rows` to the audit log in one statement (no commit)."""
     if not rows:
         return
-    session.execute(APPEND_EVENTS, {name: [getattr(row, name) for row in rows] for name in AuditRow.__dataclass_fields__})
+    columns = {name: [getattr(row, name) for row in rows] for name in AuditRow.__dataclass_fields__}
+    session.execute(APPEND_EVENTS, columns)
 
 
 # The digest expression of migration 0007's seal trigger (SEAL_DIGEST), recomputed here over each seal's events.
@@ -78,48 +86,94 @@ UNSEALED_EVENTS = text("""
     GROUP BY e.seal_id ORDER BY e.seal_id LIMIT :limit
 """)
 
-LAST_ANCHOR = text("SELECT chain_seq, hash FROM audit_anchors ORDER BY chain_seq DESC LIMIT 1")
+LAST_PURGE = text("SELECT chain_seq, hash FROM audit_anchors ORDER BY chain_seq DESC LIMIT 1")
+PURGES = text("SELECT chain_seq, hash, purged_before, hmac FROM audit_anchors ORDER BY chain_seq")
 CHAIN_HEAD = text("SELECT chain_seq, hash FROM audit_chain_head")
+SIGNATURES = text("""
+    SELECT chain_seq, hash, sealed_at, signed_at, hmac FROM audit_signatures WHERE chain_seq > :after
+    ORDER BY chain_seq, id
+""")
+ANCHORED_SEALS = text("SELECT chain_seq, hash FROM audit_seals WHERE chain_seq = ANY(:chain_seqs)").bindparams(
+    bindparam("chain_seqs", type_=ARRAY(BIGINT)))
 
 
 @dataclass
 class ChainReport:
     checked: int = 0  # events, in the seals walked
-    problems: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # each one breaks the chain: exit 1
+    notes: list[str] = field(default_factory=list)  # what was not checked, and why
+    last_seq: int = 0  # where the chain ends (the last seal walked, or the last purge's anchor)
+    signatures_checked: bool = False  # the key was there to check them
+    last_signed_seq: int = 0  # the newest seal with a signature that matched the key (or the last purged)
 
     @property
     def intact(self) -> bool:
         return not self.problems
 
+    @property
+    def signing_notes(self) -> list[str]:
+        """What the signatures leave unprotected: everything without the key, else the tail since the last."""
+        if not self.signatures_checked:
+            return [f"{KEY_SETTING} is not set: seal signatures were not checked, and a database superuser could "
+                    "rewrite the whole chain undetected (see README: Audit log)"]
+        if self.last_seq > self.last_signed_seq:
+            return [f"seals {self.last_signed_seq + 1}..{self.last_seq} are not signed yet (written after the last "
+                    "`deepbatch audit anchor`)"]
+        return []
 
-def verify_chain(session: Session, max_problems: int = 20) -> ChainReport:
+
+def verify_chain(session: Session, key: bytes | None = None, anchors: Sequence[tuple[str, Anchor]] = (),
+                 max_problems: int = 20) -> ChainReport:
     """Walk the seals from the last purge's anchor (or the start) to the head, recomputing each one.
 
+    With `key`, every signature (and signed purge) must match it; without, signatures are compared with the
+    seals' hashes only. `anchors` are (label, anchor) pairs of an anchor file: each anchored seal must still
+    be in the chain with its anchored hash, or have gone in a retention purge of what was sealed before it.
     All of it is read in one snapshot (REPEATABLE READ, unless the caller's transaction has begun already),
     so a seal or a purge committed meanwhile does not look like a head out of step with the seals.
     """
     if not session.in_transaction():
         session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
-    report = ChainReport()
-    anchor = session.execute(LAST_ANCHOR).first()
-    expected_seq, expected_prev = (anchor.chain_seq + 1, anchor.hash) if anchor else (1, "")
+    report = ChainReport(signatures_checked=key is not None)
+    purge = session.execute(LAST_PURGE).first()
+    report.last_seq, expected_prev = (purge.chain_seq, purge.hash) if purge else (0, "")
+    report.last_signed_seq = report.last_seq
+    signatures: dict[int, list[Any]] = {}
+    for signature in session.execute(SIGNATURES, {"after": report.last_seq}):
+        signatures.setdefault(signature.chain_seq, []).append(signature)
     for seal in session.execute(RECOMPUTED_SEALS):
         report.checked += seal.events_found
-        report.problems += _seal_problems(seal, expected_seq, expected_prev)
-        expected_seq, expected_prev = seal.chain_seq + 1, seal.hash
+        report.problems += _seal_problems(seal, report.last_seq + 1, expected_prev)
+        report.problems += _signature_problems(seal, signatures.pop(seal.chain_seq, []), key, report)
+        report.last_seq, expected_prev = seal.chain_seq, seal.hash
         if len(report.problems) >= max_problems:
             del report.problems[max_problems:]
             return report
-    report.problems += _head_problems(session.execute(CHAIN_HEAD).first(), expected_seq - 1, expected_prev)
+    report.problems += _head_problems(session.execute(CHAIN_HEAD).first(), report.last_seq, expected_prev)
     for orphan in session.execute(UNSEALED_EVENTS, {"limit": max_problems}):
         report.problems.append(f"{orphan.events} events carry seal_id {orphan.seal_id}, which no seal has "
                                "(seal deleted, or events written with the triggers disabled)")
+    for chain_seq, lost in signatures.items():
+        where = f"truncated: the chain ends at seal {report.last_seq}" if chain_seq > report.last_seq else "deleted"
+        report.problems.append(f"seal {chain_seq} was signed at {_when(lost[0].signed_at)} but is no longer in "
+                               f"the chain ({where})")
+    purges = session.execute(PURGES).all()
+    report.problems += _purge_problems(purges, key, report.notes)
+    report.problems += _anchor_problems(session, anchors, purges, key, report)
     del report.problems[max_problems:]
     return report
 
 
+def _when(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).isoformat(timespec="seconds")
+
+
+def _seal_name(seal: Any) -> str:
+    return f"seal {seal.chain_seq} (seal_id {seal.id})"
+
+
 def _seal_problems(seal: Any, expected_seq: int, expected_prev: str) -> list[str]:
-    name = f"seal {seal.chain_seq} (seal_id {seal.id})"
+    name = _seal_name(seal)
     problems = []
     if seal.chain_seq > expected_seq:
         problems.append(f"seals {expected_seq}..{seal.chain_seq - 1} of the chain are missing (deleted)")
@@ -140,6 +194,23 @@ def _seal_problems(seal: Any, expected_seq: int, expected_prev: str) -> list[str
     return problems
 
 
+def _signature_problems(seal: Any, signatures: list[Any], key: bytes | None, report: ChainReport) -> list[str]:
+    """A signed seal keeps the hash it was signed with; with the key, each signature must be the key's."""
+    problems = []
+    for signature in signatures:
+        signed = f"signed at {_when(signature.signed_at)}"
+        if signature.hash != seal.hash:
+            problems.append(f"{_seal_name(seal)}: its hash is not the one {signed} (seal rewritten after signing)")
+        elif key is not None and not signature_matches(
+                seal_signature(key, signature.chain_seq, signature.hash, signature.sealed_at, signature.signed_at),
+                signature.hmac):
+            problems.append(f"{_seal_name(seal)}: its signature ({signed}) does not match the key "
+                            f"({KEY_SETTING}): signed with another key, or forged")
+        elif key is not None:
+            report.last_signed_seq = seal.chain_seq
+    return problems
+
+
 def _head_problems(head: Any, last_seq: int, last_hash: str) -> list[str]:
     """The head records the last seal written: seals deleted from the end leave it pointing past them."""
     if head is None:
@@ -154,8 +225,96 @@ def _head_problems(head: Any, last_seq: int, last_hash: str) -> list[str]:
     return []
 
 
-def purge_older_than(session: Session, retention: timedelta) -> int:
-    return purge_before(session, datetime.now(timezone.utc) - retention)
+def _purge_name(purge: Any) -> str:
+    return f"the retention purge of seals up to {purge.chain_seq} (sealed before {_when(purge.purged_before)})"
+
+
+def _purge_problems(purges: Sequence[Any], key: bytes | None, notes: list[str]) -> list[str]:
+    """With the key, a purge that carries a signature must carry the key's; an unsigned one is noted."""
+    if key is None:
+        return []
+    problems = []
+    for purge in purges:
+        if purge.hmac is None:
+            notes.append(f"{_purge_name(purge)} is not signed (run without {KEY_SETTING}, or forged)")
+        elif not signature_matches(purge_signature(key, purge.chain_seq, purge.hash, purge.purged_before),
+                                   purge.hmac):
+            problems.append(f"{_purge_name(purge)}: its signature does not match the key: signed with another "
+                            "key, or forged")
+    return problems
+
+
+def _anchor_problems(session: Session, anchors: Sequence[tuple[str, Anchor]], purges: Sequence[Any],
+                     key: bytes | None, report: ChainReport) -> list[str]:
+    """Each anchored seal is still in the chain with its hash, or went in a purge that may have taken it."""
+    found = dict(session.execute(ANCHORED_SEALS, {"chain_seqs": [anchor.chain_seq for _, anchor in anchors]}).all())
+    problems = []
+    for label, anchor in anchors:
+        if key is not None and anchor.hmac is not None and not signature_matches(anchor.expected_hmac(key),
+                                                                                  anchor.hmac):
+            problems.append(f"{label}: its hmac does not match the key ({KEY_SETTING}): the line was edited, or "
+                            "written with another key")
+            continue
+        if anchor.chain_seq == 0:
+            continue
+        purge = next((purge for purge in purges if purge.chain_seq >= anchor.chain_seq), None)
+        if purge is not None:
+            problems += _purged_anchor_problems(label, anchor, purge, key)
+        elif anchor.chain_seq not in found:
+            where = (f"the chain was truncated back past this anchor: it ends at seal {report.last_seq}"
+                     if anchor.chain_seq > report.last_seq else "deleted from the chain")
+            problems.append(f"{label}: seal {anchor.chain_seq} (hash {anchor.hash[:16]}…) is missing ({where})")
+        elif found[anchor.chain_seq] != anchor.hash:
+            problems.append(f"{label}: seal {anchor.chain_seq} has hash {found[anchor.chain_seq][:16]}…, the anchor "
+                            f"says {anchor.hash[:16]}… (seal rewritten after it was anchored)")
+    if anchors:
+        unsigned = sum(anchor.hmac is None for _, anchor in anchors)
+        report.notes.append(f"anchors checked: {len(anchors)}" + (f", {unsigned} of them without an hmac"
+                                                                   if unsigned and key is not None else ""))
+    return problems
+
+
+def _purged_anchor_problems(label: str, anchor: Anchor, purge: Any, key: bytes | None) -> list[str]:
+    if anchor.sealed_at is not None and anchor.sealed_at >= purge.purged_before:
+        return [f"{label}: seal {anchor.chain_seq} was sealed at {_when(anchor.sealed_at)}, yet {_purge_name(purge)} "
+                "took it (seals deleted and passed off as a purge)"]
+    if purge.chain_seq == anchor.chain_seq and purge.hash != anchor.hash:
+        return [f"{label}: seal {anchor.chain_seq}'s hash in {_purge_name(purge)} is not the anchored one"]
+    if key is not None and purge.hmac is None:
+        return [f"{label}: seal {anchor.chain_seq} went in {_purge_name(purge)}, which is not signed "
+                f"(run without {KEY_SETTING}, or forged)"]
+    return []
+
+
+HEAD_SEAL = text("""
+    SELECT h.chain_seq, h.hash, s.created_at AS sealed_at
+    FROM audit_chain_head h LEFT JOIN audit_seals s ON s.chain_seq = h.chain_seq
+""")
+INSERT_SIGNATURE = text("""
+    INSERT INTO audit_signatures (chain_seq, hash, sealed_at, signed_at, hmac)
+    VALUES (:chain_seq, :hash, :sealed_at, :anchored_at, :hmac)
+""")
+
+
+def anchor_chain(session: Session, key: bytes | None) -> tuple[ChainReport, Anchor | None]:
+    """Verify the chain and, if intact, sign its head in the same snapshot (no commit).
+
+    The head is signed only once the chain up to it verified, so the key never vouches for a chain that is
+    already broken. Without `key` the anchor is returned unsigned and nothing is written.
+    """
+    report = verify_chain(session, key)
+    if not report.intact:
+        return report, None
+    head = session.execute(HEAD_SEAL).one()
+    anchor = signed_anchor(key, head.chain_seq, head.hash, head.sealed_at)
+    if key is not None and head.sealed_at is not None:
+        session.execute(INSERT_SIGNATURE, anchor.model_dump())
+        report.last_signed_seq = head.chain_seq
+    return report, anchor
+
+
+def purge_older_than(session: Session, retention: timedelta, key: bytes | None = None) -> int:
+    return purge_before(session, datetime.now(timezone.utc) - retention, key)
 
 
 # The end of the purge: the seal before the first one sealed at or after the cutoff (a contiguous prefix).
@@ -169,6 +328,8 @@ PURGE_END = text("""
 DELETE_SEALS_AND_EVENTS = text("""
     WITH purged AS (
         DELETE FROM audit_seals WHERE chain_seq <= :chain_seq RETURNING id, first_event_id, last_event_id
+    ), signatures AS (
+        DELETE FROM audit_signatures WHERE chain_seq <= :chain_seq
     )
     DELETE FROM audit_events
     WHERE id BETWEEN (SELECT min(first_event_id) FROM purged) AND (SELECT max(last_event_id) FROM purged)
@@ -176,16 +337,19 @@ DELETE_SEALS_AND_EVENTS = text("""
 """)
 
 
-def purge_before(session: Session, cutoff: datetime) -> int:
-    """Delete the whole seals sealed before `cutoff` and their events (no commit); returns how many events."""
+def purge_before(session: Session, cutoff: datetime, key: bytes | None = None) -> int:
+    """Delete the whole seals sealed before `cutoff`, their events and signatures (no commit); returns how many
+    events. With `key`, the anchor left behind is signed, so that a superuser cannot pass a deletion off as a
+    purge."""
     end = session.execute(PURGE_END, {"cutoff": cutoff}).first()
     if end is None:
         return 0  # nothing sealed before the cutoff, or purged up to there already
-    # The append-only triggers let DELETEs through for as long as this is on: only these two statements.
+    # The append-only triggers let DELETEs through for as long as this is on: only this statement.
     session.execute(text("SELECT set_config('deepbatch.audit_purge', 'on', true)"))
     deleted = session.execute(DELETE_SEALS_AND_EVENTS, {"chain_seq": end.chain_seq}).rowcount
     session.execute(text("SELECT set_config('deepbatch.audit_purge', 'off', true)"))
-    session.execute(text(
-        "INSERT INTO audit_anchors (chain_seq, hash, purged_before) VALUES (:chain_seq, :hash, :cutoff)"),
-        {"chain_seq": end.chain_seq, "hash": end.hash, "cutoff": cutoff})
+    signature = None if key is None else purge_signature(key, end.chain_seq, end.hash, cutoff)
+    session.execute(text("INSERT INTO audit_anchors (chain_seq, hash, purged_before, hmac) "
+                         "VALUES (:chain_seq, :hash, :cutoff, :hmac)"),
+                    {"chain_seq": end.chain_seq, "hash": end.hash, "cutoff": cutoff, "hmac": signature})
     return deleted

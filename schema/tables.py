@@ -225,6 +225,24 @@ class AuditAnchor(Base):
     hash: Mapped[str] = mapped_column(String(64))  # and its hash
     purged_before: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = created_at_column()
+    hmac: Mapped[str | None] = mapped_column(String(64))  # signed by a purge run with the audit key (0012)
+
+
+class AuditSignature(Base):
+    """A head of the audit chain signed with the HMAC key that stays out of the database (migration 0012).
+
+    Written by `deepbatch audit anchor` after it verified the chain; append-only (the retention purge
+    deletes those of the seals it deletes). schema/audit_signing.py says what it protects against.
+    """
+
+    __tablename__ = "audit_signatures"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    chain_seq: Mapped[int] = mapped_column(BigInteger, index=True)  # the signed seal's
+    hash: Mapped[str] = mapped_column(String(64))  # and its hash
+    sealed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    signed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))  # the signer's clock
+    hmac: Mapped[str] = mapped_column(String(64))
 
 
 class DeadLetter(Base):
