@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from datetime import timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -119,6 +119,23 @@ def test_an_intact_chain_passes_its_anchors_through_a_signed_purge(chain, key, t
     assert report.problems == [] and report.checked == 5 and "anchors checked: 2" in report.notes
     assert report.signing_notes == [f"seals {report.last_seq}..{report.last_seq} are not signed yet (written "
                                     "after the last `deepbatch audit anchor`)"]  # the batch of 1
+    edited = lines[1][1].model_copy(update={"anchored_at": lines[1][1].anchored_at + timedelta(hours=1)})
+    assert anchor_problems(engine, key, [("line 2", edited)]) == [
+        f"line 2: its hmac does not match the key ({KEY_SETTING}): the line was edited, or written with another key"]
+    # What a forged purge would look like: unsigned, or dated before the seals it took.
+    as_superuser(engine, "UPDATE audit_anchors SET hmac = NULL")
+    purge = f"the retention purge of seals up to 1 (sealed before {utc(cutoff)})"
+    assert anchor_problems(engine, key, lines) == [
+        f"line 1: seal 1 went in {purge}, which is not signed (run without {KEY_SETTING}, or forged)"]
+    assert anchor_problems(engine, None, lines) == []
+    as_superuser(engine, "UPDATE audit_anchors SET purged_before = purged_before - interval '1 hour'")
+    assert anchor_problems(engine, None, lines)[0].startswith("line 1: seal 1 was sealed at ")
+    assert anchor_problems(engine, None, lines)[0].endswith("took it (seals deleted and passed off as a purge)")
+
+
+def anchor_problems(engine: Engine, key: bytes | None, anchors: list) -> list[str]:
+    with Session(engine) as session:
+        return verify_chain(session, key, anchors).problems
 
 
 def forge_from(seal_id: int) -> str:
@@ -181,4 +198,9 @@ def signed_at(engine: Engine, chain_seq: int) -> str:
     with engine.connect() as connection:
         moment = connection.execute(text("SELECT signed_at FROM audit_signatures WHERE chain_seq = :c"),
                                     {"c": chain_seq}).scalar_one()
+    return utc(moment)
+
+
+def utc(moment: datetime) -> str:
+    """A time as the problem messages write it."""
     return moment.astimezone(timezone.utc).isoformat(timespec="seconds")
