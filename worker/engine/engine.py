@@ -6,15 +6,20 @@ arrives, the loop waits up to `max_wait_ms` for company so that concurrent submi
 Each step: schedule, run the model, append sampled tokens, resolve the futures of finished requests.
 A step that runs out of memory is split in halves and retried; one that still fails (or raises anything
 else) fails only the futures of the requests in that step (out of memory as a TransientEngineError), and
-the loop carries on with the rest.
+the loop carries on with the rest. With tensor parallelism (worker/engine/parallel.py) this process is
+rank 0: it schedules and samples, each step runs on every rank, and a rank that dies or fails ends the
+engine, failing what it holds and calling `on_fatal_error` (the worker exits).
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import os
+import sys
 import threading
 import time
+from collections.abc import Callable
 from collections.abc import Sequence as SequenceOf
 from concurrent.futures import Future, InvalidStateError
 
@@ -23,7 +28,8 @@ import torch
 from worker.engine.block_manager import BlockManager
 from worker.engine.device import resolve_device, resolve_dtype
 from worker.engine.loader import load_model
-from worker.engine.model_runner import ModelRunner
+from worker.engine.model_runner import ModelRunner, build_runner
+from worker.engine.parallel import DrivingRunner, RankFailedError, RankProcesses, Shard, rank_device
 from worker.engine.scheduler import Scheduler, StepPlan
 from worker.engine.sequence import Sequence
 from worker.engine.sizing import choose_batch_limits, choose_num_kv_blocks
@@ -31,6 +37,7 @@ from worker.engine.tokenizer import load_tokenizer
 from worker.engine.types import (
     Completion,
     EngineConfig,
+    EngineError,
     FinishReason,
     PermanentEngineError,
     PromptTooLongError,
@@ -39,6 +46,8 @@ from worker.engine.types import (
 )
 
 log = logging.getLogger(__name__)
+
+FATAL_EXIT_CODE = 70  # sysexits' EX_SOFTWARE: the worker's engine stopped (a rank died or failed)
 
 def eos_token_ids_of(hf_config, tokenizer) -> frozenset[int]:
     configured = getattr(hf_config, "eos_token_id", None)
@@ -61,17 +70,39 @@ def resolve_future(future: Future, result: Completion | None = None, error: Base
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, tokenizer=None):
+    def __init__(self, config: EngineConfig, tokenizer=None,
+                 on_fatal_error: Callable[[EngineError], None] | None = None):
+        """on_fatal_error: called (from any thread) when the engine cannot go on, a rank of a tensor-parallel
+        engine having died or failed; the engine has then failed every request it held."""
         self.config = config
-        self.device = resolve_device(config.device)
+        self._on_fatal_error = on_fatal_error
+        self._fatal_error: EngineError | None = None
+        self._incoming: list[Sequence] = []
+        self._condition = threading.Condition()
+        self._stopping = False
+        self.ranks: RankProcesses | None = None
+        if config.tensor_parallel_size > 1:
+            self.ranks = RankProcesses.start(config, resolve_device(config.device), self._die)
+        try:
+            self._build(config, tokenizer)
+        except BaseException:
+            if self.ranks is not None:
+                self.ranks.abandon()
+            raise
+
+    def _build(self, config: EngineConfig, tokenizer) -> None:
+        shard = self.ranks.shard if self.ranks is not None else Shard()
+        self.device = rank_device(resolve_device(config.device), shard.rank)
         self.dtype = resolve_dtype(config.dtype, self.device)
-        self.model, self.hf_config = load_model(config.model, config.seed, self.device, self.dtype)
+        self.model, self.hf_config = load_model(config.model, config.seed, self.device, self.dtype, shard)
         if self.device.type == "cuda":  # what loading held (a random model's reference copy) goes back first
             gc.collect()
             torch.cuda.empty_cache()
         block_size = config.kv_block_size
         bytes_per_block = self.model.kv_cache_bytes_per_token(self.dtype) * block_size
         num_blocks = choose_num_kv_blocks(config, bytes_per_block, self.device)
+        if self.ranks is not None:  # every rank holds the same blocks: as many as the fullest device allows
+            num_blocks = self.ranks.groups.fewest(num_blocks)
         # A lone sequence must always fit the cache, or preemption could never make room for it.
         self.max_model_len = min(config.max_model_len, num_blocks * block_size)
         self.limits = choose_batch_limits(config, num_blocks, self.device)
@@ -81,9 +112,6 @@ class LLMEngine:
         self.runner = self._make_runner(num_blocks)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
         self.eos_token_ids = eos_token_ids_of(self.hf_config, self.tokenizer)
-        self._incoming: list[Sequence] = []
-        self._condition = threading.Condition()
-        self._stopping = False
         self._last_batch_size = 0
         self._thread = threading.Thread(target=self._run_loop, name="deepbatch-engine", daemon=True)
         self._thread.start()
@@ -96,18 +124,14 @@ class LLMEngine:
                  num_blocks, num_blocks * self.config.kv_block_size, num_blocks * bytes_per_block / (1 << 30),
                  self.max_batch_size, self.limits.max_num_batched_tokens, self.limits.reason)
 
-    def _make_runner(self, num_blocks: int) -> ModelRunner:
-        """The paged-kernel runner on a GPU (CUDA graphs for decode); the dense torch runner on the CPU."""
-        use_paged_kernel = self.config.use_paged_kernel
-        if use_paged_kernel is None:
-            use_paged_kernel = self.device.type == "cuda"
-        if not use_paged_kernel:
-            return ModelRunner(self.model, self.config.kv_block_size, num_blocks, self.device, self.dtype)
-        from worker.engine.gpu_runner import GpuModelRunner
-
-        return GpuModelRunner(self.model, self.config.kv_block_size, num_blocks, self.device, self.dtype,
-                              self.max_batch_size, self.max_model_len,
-                              use_cuda_graphs=self.config.use_cuda_graphs and self.device.type == "cuda")
+    def _make_runner(self, num_blocks: int) -> ModelRunner | DrivingRunner:
+        """This process's runner; under tensor parallelism the other ranks build theirs alike (same shape,
+        sent here) and rank 0's sends each step to them first."""
+        if self.ranks is not None:
+            self.ranks.groups.broadcast((num_blocks, self.max_batch_size, self.max_model_len))
+        runner = build_runner(self.model, self.config, num_blocks, self.device, self.dtype, self.max_batch_size,
+                              self.max_model_len)
+        return DrivingRunner(runner, self.ranks) if self.ranks is not None else runner
 
     # ---- the public interface (any thread) ----
 
@@ -119,7 +143,7 @@ class LLMEngine:
             return sequence.future
         with self._condition:
             if self._stopping:
-                resolve_future(sequence.future, error=TransientEngineError("the engine is shut down"))
+                resolve_future(sequence.future, error=self._fatal_error or TransientEngineError("the engine is shut down"))
             else:
                 self._incoming.append(sequence)
                 self._condition.notify()
@@ -146,6 +170,8 @@ class LLMEngine:
             self._stopping = True
             self._condition.notify_all()
         self._thread.join(timeout=60)
+        if self.ranks is not None:
+            self.ranks.stop()
 
     def _prompt_problem(self, prompt_token_ids: list[int]) -> Exception | None:
         if len(prompt_token_ids) + 1 > self.max_model_len:
@@ -175,7 +201,7 @@ class LLMEngine:
                 log.exception("engine step failed outside the model; failing its requests")
                 for sequence in [*self.scheduler.running, *self.scheduler.waiting]:
                     self._fail(sequence, error)
-        self._fail_everything(TransientEngineError("the engine shut down before the request finished"))
+        self._fail_everything(self._fatal_error or TransientEngineError("the engine shut down before the request finished"))
 
     def _wait_for_requests(self) -> list[Sequence] | None:
         """New sequences to schedule (waiting for some while idle); None once shutdown is asked."""
@@ -220,8 +246,11 @@ class LLMEngine:
         """Runs the step; out of memory splits it in halves (recursively) before anyone is failed.
 
         Re-running part of a step is safe: each sequence's cache slots are its own, and a repeated
-        write stores the same values.
+        write stores the same values. Not under tensor parallelism, where one rank's failure leaves the
+        others inside a collective: there any failure ends the engine.
         """
+        if self.ranks is not None:
+            return self._execute_on_ranks(scheduled)
         try:
             return self.runner.execute(scheduled)
         except torch.OutOfMemoryError:
@@ -234,6 +263,33 @@ class LLMEngine:
             first_sequences, first_tokens = self._execute_splitting(scheduled[:middle])
             second_sequences, second_tokens = self._execute_splitting(scheduled[middle:])
             return first_sequences + second_sequences, first_tokens + second_tokens
+
+    def _execute_on_ranks(self, scheduled: list) -> tuple[list[Sequence], list[int]]:
+        try:
+            return self.runner.execute(scheduled)
+        except Exception as error:
+            fatal = self.ranks.dead_rank_error() or RankFailedError(
+                f"tensor-parallel rank 0 failed a step ({type(error).__name__}: {error}); the engine stops")
+            self._die(fatal)
+            raise fatal from error
+
+    def _die(self, error: EngineError) -> None:
+        """The engine cannot go on: fail every request it holds with `error`, stop the loop, tell the owner.
+        Called from the rank watcher's thread too, while the loop may be blocked in a collective: the lists
+        are copied (atomically, under the GIL) and futures are safe to set from any thread."""
+        with self._condition:
+            if self._fatal_error is not None:
+                return
+            self._fatal_error, self._stopping = error, True
+            held, self._incoming = self._incoming, []
+            self._condition.notify_all()
+        scheduler = getattr(self, "scheduler", None)
+        if scheduler is not None:
+            held += list(scheduler.running) + list(scheduler.waiting)
+        for sequence in held:
+            resolve_future(sequence.future, error=error)
+        if self._on_fatal_error is not None:
+            self._on_fatal_error(error)
 
     def _append_token(self, sequence: Sequence, token_id: int) -> None:
         sampling = sequence.sampling
@@ -289,5 +345,13 @@ class LLMEngine:
 
 
 def build_engine(config: EngineConfig) -> LLMEngine:
-    """The engine the worker runs (`DEEPBATCH_ENGINE=deepbatch`)."""
-    return LLMEngine(config)
+    """The engine the worker runs (`DEEPBATCH_ENGINE=deepbatch`): when it cannot go on, the worker process
+    ends at once (the leases of its requests run out and they run again elsewhere)."""
+    return LLMEngine(config, on_fatal_error=exit_process)
+
+
+def exit_process(error: EngineError) -> None:
+    message = f"the engine cannot go on, the worker exits: {error}"
+    log.critical(message)
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    os._exit(FATAL_EXIT_CODE)

@@ -194,13 +194,12 @@ class GpuModelRunner(ModelRunner):
 
     # ---- decode steps from CUDA graphs ----
 
-    def execute(self, scheduled: list[ScheduledSequence]) -> tuple[list[Sequence], list[int]]:
+    def step_logits(self, scheduled: list[ScheduledSequence]) -> tuple[list[Sequence], torch.Tensor | None]:
         graph_size = self._graph_size_for(scheduled)
         if graph_size is None:
-            return super().execute(scheduled)
+            return super().step_logits(scheduled)
         sequences = [item.sequence for item in scheduled]
-        logits = self._replay(sequences, graph_size)
-        return sequences, self.sampler.sample(logits, sequences)
+        return sequences, self._replay(sequences, graph_size)
 
     def _graph_size_for(self, scheduled: list[ScheduledSequence]) -> int | None:
         """The smallest captured batch size that holds this step, if it is a pure decode step."""

@@ -23,15 +23,20 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from worker.engine.configs import builtin_config, resolve_model
 from worker.engine.gguf_file import is_gguf, open_gguf
 from worker.engine.models import build_model
+from worker.engine.parallel import Shard
 
 # Kept in float32 whatever the model's dtype, as transformers keeps them (they bias the expert choice).
 FLOAT32_TENSOR_NAMES = ("e_score_correction_bias",)
 
 
 def load_model(
-    model_name: str, seed: int, device: torch.device, dtype: torch.dtype
+    model_name: str, seed: int, device: torch.device, dtype: torch.dtype, shard: Shard = Shard()
 ) -> tuple[nn.Module, PretrainedConfig]:
-    """The engine model for a built-in name, a GGUF file or a checkpoint directory, on `device` in `dtype`."""
+    """The engine model for a built-in name, a GGUF file or a checkpoint directory, on `device` in `dtype`.
+
+    Under tensor parallelism each rank builds its part of the model (`shard`) and keeps its slice of each
+    named tensor: the whole tensors are read (or drawn) alike on every rank, then cut.
+    """
     model_name = model_path(model_name)
     hf_config = builtin_config(model_name)
     if hf_config is not None:
@@ -42,7 +47,7 @@ def load_model(
     else:
         hf_config = AutoConfig.from_pretrained(model_name)
         named_tensors = checkpoint_named_tensors(Path(model_name))
-    model = empty_model(hf_config, device, dtype)
+    model = empty_model(hf_config, device, dtype, shard)
     load_named_tensors(model, named_tensors)
     return model.eval(), hf_config
 
@@ -56,10 +61,11 @@ def model_path(model_name: str) -> str:
     return path
 
 
-def empty_model(hf_config: PretrainedConfig, device: torch.device, dtype: torch.dtype) -> nn.Module:
+def empty_model(hf_config: PretrainedConfig, device: torch.device, dtype: torch.dtype,
+                shard: Shard = Shard()) -> nn.Module:
     """The model with uninitialised storage: built on the meta device so that no init work is wasted."""
     with torch.device("meta"):
-        model = build_model(hf_config)
+        model = build_model(hf_config, shard)
     model = model.to_empty(device=device).to(dtype)
     if getattr(hf_config, "tie_word_embeddings", False):  # to_empty may have untied them
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -124,7 +130,12 @@ def load_named_tensors(model: nn.Module, named_tensors: Iterable[tuple[str, torc
     pieces_loaded: dict[str, int] = {}
     unexpected: list[str] = []
     expert_target = getattr(model, "checkpoint_expert_target", lambda name: None)
+    rank_part = getattr(model, "rank_part_of", None)
     for name, tensor in named_tensors:
+        if rank_part is not None:
+            name, tensor = rank_part(name, tensor)  # this rank's slice; None: another rank's expert
+            if tensor is None:
+                continue
         stacked = expert_target(name)
         packed = packed_target(model, name) if name not in targets else None
         if stacked is not None and stacked[0] in targets:

@@ -19,6 +19,7 @@ from worker.engine.models.common import AttentionGroup, AttentionMetadata
 from worker.engine.sampler import Sampler
 from worker.engine.scheduler import ScheduledSequence
 from worker.engine.sequence import Sequence
+from worker.engine.types import EngineConfig
 
 
 @dataclass
@@ -30,6 +31,21 @@ class StepBatch:
     sampled_sequences: list[Sequence]
 
 
+def build_runner(model: nn.Module, config: EngineConfig, num_blocks: int, device: torch.device, dtype: torch.dtype,
+                 max_batch_size: int, max_model_len: int) -> ModelRunner:
+    """The paged-kernel runner on a GPU (CUDA graphs for decode); the dense torch runner on the CPU. Every
+    rank of a tensor-parallel engine builds its runner here, alike."""
+    use_paged_kernel = config.use_paged_kernel
+    if use_paged_kernel is None:
+        use_paged_kernel = device.type == "cuda"
+    if not use_paged_kernel:
+        return ModelRunner(model, config.kv_block_size, num_blocks, device, dtype)
+    from worker.engine.gpu_runner import GpuModelRunner
+
+    return GpuModelRunner(model, config.kv_block_size, num_blocks, device, dtype, max_batch_size, max_model_len,
+                          use_cuda_graphs=config.use_cuda_graphs and device.type == "cuda")
+
+
 class ModelRunner:
     def __init__(self, model: nn.Module, block_size: int, num_blocks: int, device: torch.device, dtype: torch.dtype):
         self.model = model
@@ -38,15 +54,22 @@ class ModelRunner:
         self.sampler = Sampler()
         model.allocate_kv_cache(num_blocks, block_size, dtype, device)
 
-    @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSequence]) -> tuple[list[Sequence], list[int]]:
         """Runs the step; returns the sequences that got a next token, and those tokens."""
+        sequences, logits = self.step_logits(scheduled)
+        if not sequences:
+            return [], []
+        return sequences, self.sampler.sample(logits, sequences)
+
+    @torch.inference_mode()
+    def step_logits(self, scheduled: list[ScheduledSequence]) -> tuple[list[Sequence], torch.Tensor | None]:
+        """Runs the step's forward: the sequences that get a next token and their logits [sequences, vocab]
+        (None when the step only fills the cache). Ranks other than 0 of a tensor-parallel engine stop here."""
         batch = self.prepare_batch(scheduled)
         if not batch.sampled_sequences:
             self.forward(batch)
-            return [], []
-        logits = self.sampled_logits(batch)
-        return batch.sampled_sequences, self.sampler.sample(logits, batch.sampled_sequences)
+            return [], None
+        return batch.sampled_sequences, self.sampled_logits(batch)
 
     def forward(self, batch: StepBatch) -> torch.Tensor:
         return self.model(batch.input_ids, batch.positions, batch.metadata)

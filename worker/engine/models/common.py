@@ -21,6 +21,8 @@ from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from worker.engine.parallel import Shard, embed_vocab_parallel, slice_checkpoint_tensor
+
 
 @dataclass
 class AttentionGroup:
@@ -165,26 +167,37 @@ class GatedMLP(nn.Module):
     """down(act(gate(x)) * up(x)), the feed-forward of Llama, Qwen2 and DeepSeek's dense layers.
 
     gate and up are one packed projection (one matrix product instead of two); checkpoints keep them
-    apart and the loader fills the packed rows (`packed_projections`).
+    apart and the loader fills the packed rows (`packed_projections`). Under tensor parallelism each rank
+    holds a slice of the intermediate size: gate/up split by rows (column parallel), down by columns (row
+    parallel), and the ranks' partial outputs are summed (`reduce_output`; off when the caller sums
+    them with others, as the MoE layer does with its routed experts).
     """
 
-    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str, bias: bool = False):
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str, bias: bool = False,
+                 shard: Shard = Shard(), reduce_output: bool = True):
         super().__init__()
-        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.shard, self.reduce_output = shard, reduce_output
+        local_size = shard.part(intermediate_size, "MLP intermediate rows")
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * local_size, bias=bias)
+        self.down_proj = nn.Linear(local_size, hidden_size, bias=bias)
         self.act_fn = ACT2FN[hidden_act]
         self.is_silu = hidden_act == "silu"
-        self.packed_projections = packed_rows(gate_up_proj=[("gate_proj", intermediate_size),
-                                                            ("up_proj", intermediate_size)])
+        self.packed_projections = packed_rows(gate_up_proj=[("gate_proj", local_size), ("up_proj", local_size)])
+        rows, columns = shard.rows(local_size), shard.rows(local_size, dim=1)
+        self.checkpoint_slices = {"gate_proj.weight": rows, "gate_proj.bias": rows, "up_proj.weight": rows,
+                                  "up_proj.bias": rows, "down_proj.weight": columns,
+                                  "down_proj.bias": shard.first_rank_only()}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
         if self.is_silu and uses_fused_kernels(gate_up) and gate_up.dim() == 2:
             from worker.engine.kernels.fused import silu_and_mul
 
-            return self.down_proj(silu_and_mul(gate_up))
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.down_proj(self.act_fn(gate) * up)
+            output = self.down_proj(silu_and_mul(gate_up))
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+            output = self.down_proj(self.act_fn(gate) * up)
+        return self.shard.all_reduce(output) if self.reduce_output else output
 
 
 def packed_rows(**packed: list[tuple[str, int]]) -> dict[str, tuple[str, int, int]]:
@@ -285,12 +298,18 @@ class DecoderLayer(nn.Module):
         return self.mlp(normed), residual
 
 
+def vocab_part_size(vocab_size: int, shard: Shard) -> int:
+    """Vocabulary rows each rank holds of the embedding and the LM head; the last part is padded with
+    zero rows when the vocabulary does not divide evenly."""
+    return -(-vocab_size // shard.size)
+
+
 class DecoderStack(nn.Module):
     """Holds what transformers calls `model.*`, so that parameter names match its checkpoints."""
 
-    def __init__(self, hf_config: PretrainedConfig, layers: list[nn.Module]):
+    def __init__(self, hf_config: PretrainedConfig, layers: list[nn.Module], shard: Shard = Shard()):
         super().__init__()
-        self.embed_tokens = nn.Embedding(hf_config.vocab_size, hf_config.hidden_size)
+        self.embed_tokens = nn.Embedding(vocab_part_size(hf_config.vocab_size, shard), hf_config.hidden_size)
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
 
@@ -305,18 +324,22 @@ class PagedCausalLM(nn.Module):
     model: DecoderStack
     rotary_emb: RotaryEmbedding
 
-    def __init__(self, hf_config: PretrainedConfig, layers: list[nn.Module], rotary_dim: int):
+    def __init__(self, hf_config: PretrainedConfig, layers: list[nn.Module], rotary_dim: int,
+                 shard: Shard = Shard()):
         super().__init__()
         self.config = hf_config
-        self.model = DecoderStack(hf_config, layers)
+        self.shard = shard
+        self.model = DecoderStack(hf_config, layers, shard)
         self.rotary_emb = RotaryEmbedding(hf_config, rotary_dim)
-        self.lm_head = nn.Linear(hf_config.hidden_size, hf_config.vocab_size, bias=False)
+        vocab_part = vocab_part_size(hf_config.vocab_size, shard)
+        self.lm_head = nn.Linear(hf_config.hidden_size, vocab_part, bias=False)
         if getattr(hf_config, "tie_word_embeddings", False):
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.vocab_rows = shard.rows(vocab_part)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
         """Final hidden states [tokens, hidden] of the step's new tokens."""
-        hidden = self.model.embed_tokens(input_ids)
+        hidden = embed_vocab_parallel(self.model.embed_tokens, input_ids, self.shard)
         cos, sin = self.rotary_emb(positions, hidden.dtype)
         residual = None
         for layer in self.model.layers:
@@ -324,7 +347,19 @@ class PagedCausalLM(nn.Module):
         return self.model.norm.add_and_norm(hidden, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        """Logits [tokens, vocab]; under tensor parallelism every rank's vocabulary part, gathered."""
+        if not self.shard.is_parallel:
+            return self.lm_head(hidden)
+        return self.shard.all_gather_columns(self.lm_head(hidden))[:, : self.config.vocab_size]
+
+    def rank_part_of(self, name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor | None]:
+        """This rank's part of a checkpoint tensor, for the loader: vocabulary rows of the embedding and the
+        head, the slices the modules declare (`checkpoint_slices`) of the rest."""
+        if not self.shard.is_parallel:
+            return name, tensor
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            return name, self.vocab_rows(tensor)
+        return name, slice_checkpoint_tensor(self, name, tensor)
 
     def supports_cuda_graphs(self, device: torch.device, dtype: torch.dtype) -> bool:
         """Whether a decode step runs without asking the host anything, so a CUDA graph can hold it."""

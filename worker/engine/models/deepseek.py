@@ -15,6 +15,7 @@ expert with `group_limited_greedy`), then scales; transformers' V2 does not reno
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -36,6 +37,7 @@ from worker.engine.models.common import (
     gather_kv_cache,
     write_kv_cache,
 )
+from worker.engine.parallel import Shard
 
 
 def softmax_scale(hf_config: PretrainedConfig) -> float:
@@ -55,11 +57,17 @@ def uses_interleaved_rope(hf_config: PretrainedConfig) -> bool:
 
 
 class MultiHeadLatentAttention(nn.Module):
-    """MLA; cache entry per token: [kv_lora_rank normalised latent | qk_rope_head_dim rotated key]."""
+    """MLA; cache entry per token: [kv_lora_rank normalised latent | qk_rope_head_dim rotated key].
 
-    def __init__(self, hf_config: PretrainedConfig):
+    Under tensor parallelism each rank computes its share of the heads: q_b_proj (q_proj), kv_b_proj and
+    o_proj are split by heads, the low-rank projections before them are replicated, and so is the latent
+    cache (every head reads the whole latent); o_proj's partial sums are added across ranks.
+    """
+
+    def __init__(self, hf_config: PretrainedConfig, shard: Shard = Shard()):
         super().__init__()
-        self.num_heads = hf_config.num_attention_heads
+        self.shard = shard
+        self.num_heads = shard.part(hf_config.num_attention_heads, "attention heads")
         self.q_lora_rank = hf_config.q_lora_rank
         self.kv_lora_rank = hf_config.kv_lora_rank
         self.qk_nope_head_dim = hf_config.qk_nope_head_dim
@@ -81,6 +89,12 @@ class MultiHeadLatentAttention(nn.Module):
             self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False
         )
         self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, hidden_size, bias=bias)
+        query_heads = shard.rows(self.num_heads * self.qk_head_dim)
+        self.checkpoint_slices = {
+            "q_proj.weight": query_heads, "q_b_proj.weight": query_heads,
+            "kv_b_proj.weight": shard.rows(self.num_heads * (self.qk_nope_head_dim + self.v_head_dim)),
+            "o_proj.weight": shard.rows(self.num_heads * self.v_head_dim, dim=1),
+            "o_proj.bias": shard.first_rank_only()}
         self.kv_cache_entry_shape = (self.kv_lora_rank + self.qk_rope_head_dim,)
         self.kv_cache: torch.Tensor | None = None
 
@@ -104,7 +118,7 @@ class MultiHeadLatentAttention(nn.Module):
         else:
             query = torch.cat((query_nope, query_rope), dim=-1)
             output = attend_each_group(query, metadata, self._attend_group, self.v_head_dim)
-        return self.o_proj(output.reshape(num_tokens, -1))
+        return self.shard.all_reduce(self.o_proj(output.reshape(num_tokens, -1)))
 
     def _up_projections(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj's key half [heads, nope, lora] and value half [heads, v, lora]."""
@@ -266,10 +280,25 @@ class RoutedExperts(nn.Module):
 
 
 class MixtureOfExperts(nn.Module):
-    def __init__(self, hf_config: PretrainedConfig):
+    """Routed experts plus the shared expert(s). Under tensor parallelism the routed experts are split whole
+    across ranks (expert parallel: rank r owns experts [r·E/N, (r+1)·E/N)); every rank routes every token
+    and computes its own experts' share. The shared expert is split like a dense MLP (tensor parallel)
+    rather than run on one rank: it runs for every token, so splitting it spreads its weights and its
+    work evenly and leaves no rank waiting on another. Both partial outputs are summed locally and
+    added across ranks in one all-reduce.
+    """
+
+    def __init__(self, hf_config: PretrainedConfig, shard: Shard = Shard()):
         super().__init__()
+        self.shard = shard
         self.gate = TopKRouter(hf_config)
-        self.experts = RoutedExperts(hf_config)
+        self.num_local_experts = shard.part(hf_config.n_routed_experts, "routed experts")
+        self.first_local_expert = shard.rank * self.num_local_experts
+        local_config = hf_config
+        if shard.is_parallel:  # RoutedExperts sizes itself from the config: give it this rank's count
+            local_config = copy.copy(hf_config)
+            local_config.n_routed_experts = self.num_local_experts
+        self.experts = RoutedExperts(local_config)
         num_shared = hf_config.n_shared_experts or 0
         self.shared_experts = (
             GatedMLP(
@@ -277,6 +306,8 @@ class MixtureOfExperts(nn.Module):
                 hf_config.moe_intermediate_size * num_shared,
                 hf_config.hidden_act,
                 bool(getattr(hf_config, "mlp_bias", False)),
+                shard,
+                reduce_output=False,
             )
             if num_shared
             else None
@@ -284,32 +315,73 @@ class MixtureOfExperts(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         expert_weights, expert_ids = self.gate(hidden)
-        output = self.experts(hidden, expert_ids, expert_weights)
+        if self.shard.is_parallel:
+            output = self._local_experts(hidden, expert_ids, expert_weights)
+        else:
+            output = self.experts(hidden, expert_ids, expert_weights)
         if self.shared_experts is not None:
             output = output + self.shared_experts(hidden)
-        return output
+        return self.shard.all_reduce(output)
+
+    def _local_experts(self, hidden: torch.Tensor, expert_ids: torch.Tensor,
+                       expert_weights: torch.Tensor) -> torch.Tensor:
+        """This rank's experts' share of every token's output.
+
+        Eagerly, only the token-expert pairs routed to this rank are computed: each pair becomes a row with
+        one route. A CUDA graph cannot hold that (the number of pairs is asked of the host), so while one
+        is captured every pair is computed, the other ranks' pairs on a local expert with weight zero:
+        decode batches are small, and there the weights read, not the rows multiplied, set the pace.
+        """
+        local_ids = expert_ids - self.first_local_expert
+        is_local = (local_ids >= 0) & (local_ids < self.num_local_experts)
+        if hidden.is_cuda and torch.cuda.is_current_stream_capturing():
+            spread = torch.arange(local_ids.numel(), device=hidden.device).view_as(local_ids) % self.num_local_experts
+            return self.experts(hidden, torch.where(is_local, local_ids, spread),
+                                torch.where(is_local, expert_weights, 0.0))
+        token_of_pair, _ = is_local.nonzero(as_tuple=True)
+        pair_output = self.experts(hidden[token_of_pair], local_ids[is_local][:, None], expert_weights[is_local][:, None])
+        return torch.zeros_like(hidden).index_add_(0, token_of_pair, pair_output)
 
 
 class DeepseekForCausalLM(PagedCausalLM):
     """DeepSeek V2 or V3 (the first `first_k_dense_replace` layers dense, the rest MoE)."""
 
-    def __init__(self, hf_config: PretrainedConfig):
+    def __init__(self, hf_config: PretrainedConfig, shard: Shard = Shard()):
         mlp_bias = bool(getattr(hf_config, "mlp_bias", False))
         layers = []
         for layer_index in range(hf_config.num_hidden_layers):
             if layer_index >= hf_config.first_k_dense_replace:
-                mlp = MixtureOfExperts(hf_config)
+                mlp = MixtureOfExperts(hf_config, shard)
             else:
-                mlp = GatedMLP(hf_config.hidden_size, hf_config.intermediate_size, hf_config.hidden_act, mlp_bias)
-            layers.append(
-                DecoderLayer(MultiHeadLatentAttention(hf_config), mlp, hf_config.hidden_size, hf_config.rms_norm_eps)
-            )
-        super().__init__(hf_config, layers, rotary_dim=hf_config.qk_rope_head_dim)
+                mlp = GatedMLP(hf_config.hidden_size, hf_config.intermediate_size, hf_config.hidden_act, mlp_bias,
+                               shard)
+            attention = MultiHeadLatentAttention(hf_config, shard)
+            layers.append(DecoderLayer(attention, mlp, hf_config.hidden_size, hf_config.rms_norm_eps))
+        super().__init__(hf_config, layers, rotary_dim=hf_config.qk_rope_head_dim, shard=shard)
 
     def supports_cuda_graphs(self, device: torch.device, dtype: torch.dtype) -> bool:
         """The MoE layers' fallback without grouped GEMM asks the host for group sizes: no graphs then."""
         has_experts = self.config.num_hidden_layers > self.config.first_k_dense_replace
         return not has_experts or has_grouped_mm(device, dtype)
+
+    def rank_part_of(self, name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor | None]:
+        """Routed experts go whole to the rank that owns them: a per-expert checkpoint tensor is renamed to
+        its index among this rank's experts (None for another rank's), a stacked one [experts, ...] is cut
+        to this rank's rows; every other tensor is sliced as the base class says."""
+        if not self.shard.is_parallel:
+            return name, tensor
+        num_local = self.shard.part(self.config.n_routed_experts, "routed experts")
+        first_local = self.shard.rank * num_local
+        parts = name.split(".")
+        at = parts.index("experts") + 1 if "experts" in parts[:-1] else 0
+        if at and parts[at].isdigit():
+            local_index = int(parts[at]) - first_local
+            if not 0 <= local_index < num_local:
+                return name, None
+            return ".".join(parts[:at] + [str(local_index)] + parts[at + 1 :]), tensor
+        if at and parts[-1].removesuffix("_scale_inv") in ("gate_up_proj", "down_proj"):
+            return name, tensor[first_local : first_local + num_local]
+        return super().rank_part_of(name, tensor)
 
     @staticmethod
     def checkpoint_expert_target(name: str) -> tuple[str, int, str] | None:

@@ -24,20 +24,36 @@ from worker.engine.models.common import (
     packed_rows,
     write_kv_cache,
 )
+from worker.engine.parallel import Shard, TensorParallelError, TensorSlice
 
 
 def head_dim_of(hf_config: PretrainedConfig) -> int:
     return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
 
 
+def kv_heads_of_rank(num_kv_heads: int, shard: Shard) -> tuple[int, int]:
+    """(first KV head, KV heads) a rank keeps: its share when there are at least as many KV heads as
+    ranks; otherwise the one KV head its query heads read, replicated on the ranks that share it."""
+    if num_kv_heads >= shard.size:
+        count = shard.part(num_kv_heads, "key/value heads")
+        return shard.rank * count, count
+    if shard.size % num_kv_heads:
+        raise TensorParallelError(f"tensor_parallel_size={shard.size} is neither a divisor nor a multiple of the "
+                                  f"model's {num_kv_heads} key/value heads")
+    return shard.rank * num_kv_heads // shard.size, 1
+
+
 class GroupedQueryAttention(nn.Module):
     """Caches each token's key and value per KV head: entry shape [2, kv_heads, head_dim]. The query, key
-    and value projections are one packed matrix product (`qkv_proj`)."""
+    and value projections are one packed matrix product (`qkv_proj`). Under tensor parallelism each rank
+    computes its share of the query heads with the KV heads they read; o_proj's partial sums are added
+    across ranks."""
 
-    def __init__(self, hf_config: PretrainedConfig):
+    def __init__(self, hf_config: PretrainedConfig, shard: Shard = Shard()):
         super().__init__()
-        self.num_heads = hf_config.num_attention_heads
-        self.num_kv_heads = hf_config.num_key_value_heads
+        self.shard = shard
+        self.num_heads = shard.part(hf_config.num_attention_heads, "attention heads")
+        first_kv_head, self.num_kv_heads = kv_heads_of_rank(hf_config.num_key_value_heads, shard)
         self.head_dim = head_dim_of(hf_config)
         self.scaling = self.head_dim**-0.5
         is_qwen2 = hf_config.model_type == "qwen2"
@@ -49,6 +65,12 @@ class GroupedQueryAttention(nn.Module):
         self.packed_projections = packed_rows(
             qkv_proj=[("q_proj", query_rows), ("k_proj", key_value_rows), ("v_proj", key_value_rows)])
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden_size, bias=output_bias)
+        query_slice = shard.rows(query_rows)
+        key_value_slice = TensorSlice(0, first_kv_head * self.head_dim, key_value_rows)
+        self.checkpoint_slices = {
+            "q_proj.weight": query_slice, "q_proj.bias": query_slice, "k_proj.weight": key_value_slice,
+            "k_proj.bias": key_value_slice, "v_proj.weight": key_value_slice, "v_proj.bias": key_value_slice,
+            "o_proj.weight": shard.rows(query_rows, dim=1), "o_proj.bias": shard.first_rank_only()}
         self.kv_cache_entry_shape = (2, self.num_kv_heads, self.head_dim)
         self.kv_cache: torch.Tensor | None = None
 
@@ -70,7 +92,7 @@ class GroupedQueryAttention(nn.Module):
             output = attend_paged(query, key_cache, value_cache, metadata, self.scaling, self.head_dim, self.head_dim)
         else:
             output = attend_each_group(query, metadata, self._attend_group, self.head_dim)
-        return self.o_proj(output.view(num_tokens, -1))
+        return self.shard.all_reduce(self.o_proj(output.view(num_tokens, -1)))
 
     def _attend_group(self, group_query: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
         keys, values = gather_kv_cache(self.kv_cache, group.key_slots).unbind(dim=2)
@@ -80,15 +102,15 @@ class GroupedQueryAttention(nn.Module):
 class Qwen2ForCausalLM(PagedCausalLM):
     """Qwen2 or Llama, named like transformers' `*ForCausalLM` so its checkpoints load unchanged."""
 
-    def __init__(self, hf_config: PretrainedConfig):
+    def __init__(self, hf_config: PretrainedConfig, shard: Shard = Shard()):
         mlp_bias = bool(getattr(hf_config, "mlp_bias", False))
         layers = [
             DecoderLayer(
-                GroupedQueryAttention(hf_config),
-                GatedMLP(hf_config.hidden_size, hf_config.intermediate_size, hf_config.hidden_act, mlp_bias),
+                GroupedQueryAttention(hf_config, shard),
+                GatedMLP(hf_config.hidden_size, hf_config.intermediate_size, hf_config.hidden_act, mlp_bias, shard),
                 hf_config.hidden_size,
                 hf_config.rms_norm_eps,
             )
             for _ in range(hf_config.num_hidden_layers)
         ]
-        super().__init__(hf_config, layers, rotary_dim=head_dim_of(hf_config))
+        super().__init__(hf_config, layers, rotary_dim=head_dim_of(hf_config), shard=shard)
