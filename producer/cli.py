@@ -105,9 +105,8 @@ def parse_window(text: str) -> timedelta:
     """A bad --completion-window is a usage error naming the option."""
     try:
         return parse_duration(text)
-    except ValueError:
-        raise typer.BadParameter(f"{text!r} is not a duration like 24h, 90m, 30s or 2d",
-                                 param_hint="--completion-window") from None
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--completion-window") from None
 
 
 def parse_metadata(pairs: list[str]) -> dict[str, str]:

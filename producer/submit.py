@@ -12,6 +12,7 @@ same per line, Python's in this process and Postgres's in its backend, so on two
 from __future__ import annotations
 
 import hashlib
+import re
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -35,14 +36,20 @@ T = TypeVar("T")
 
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+DURATION = re.compile(r"0*([0-9]+)([smhd])")  # ASCII digits only
+MAX_DURATION = timedelta(days=365)  # a completion window longer than a year is a typo, and far ones overflow
 
 
 def parse_duration(text: str) -> timedelta:
-    """A completion window: `24h`, `90m`, `30s`, `2d` → a timedelta; anything else is a ValueError."""
-    number, unit = text[:-1], text[-1:]
-    if unit not in DURATION_UNITS or not number.isdigit() or int(number) == 0:
-        raise ValueError(f"{text!r} is not a duration like 24h, 90m, 30s or 2d")
-    return timedelta(seconds=int(number) * DURATION_UNITS[unit])
+    """A completion window: `24h`, `90m`, `30s`, `2d` → a timedelta, from 1s to 365d; anything else is a
+    ValueError whose message says what is wrong with it (the CLI and the API show it as it is)."""
+    match = DURATION.fullmatch(text)
+    if match is None or match[1] == "0":
+        raise ValueError(f"{text[:40]!r} is not a duration like 24h, 90m, 30s or 2d")
+    # Compared as seconds before any timedelta is made: a long enough number overflows one.
+    if len(match[1]) > 12 or int(match[1]) * DURATION_UNITS[match[2]] > MAX_DURATION.total_seconds():
+        raise ValueError(f"{text[:40]!r} is longer than the longest completion window, {MAX_DURATION.days}d")
+    return timedelta(seconds=int(match[1]) * DURATION_UNITS[match[2]])
 
 
 class SubmitError(Exception):

@@ -283,3 +283,5 @@ class StoredFile(Base):
     lines: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = created_at_column()
     deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # A batch's output or error file: the results it was written from; rewritten when they change (0013).
+    results_fingerprint: Mapped[str | None] = mapped_column(Text)

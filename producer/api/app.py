@@ -2,23 +2,27 @@
 
 Stateless: files live in DEEPBATCH_FILES_DIR, everything else in PostgreSQL, so any number of server
 processes can serve the same batches. Errors take OpenAI's shape (`{"error": {"message", "type", "param",
-"code"}}`) and status codes, so OpenAI's clients report them as they would OpenAI's own.
+"code"}}`) and status codes, so OpenAI's clients report them as they would OpenAI's own; a bad input is
+a 4xx whatever it holds (inputs.py), and a refused upload leaves nothing on disk.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from datetime import timedelta
 from typing import Annotated, Any
 
-from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
-from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.exceptions import HTTPException
 
 from producer import queries
 from producer.api import batches, files, keys
 from producer.api.auth import ApiError, Caller
+from producer.api.browsers import BrowserGuard
+from producer.api.inputs import CreateBatch, check_storable, storable_parameters, unstorable_reason
 from producer.api.pages import list_object
 from producer.submit import parse_duration, submit_file
 from schema.db import session_factory
@@ -26,30 +30,29 @@ from schema.settings import Settings
 from schema.tables import Job
 
 
-
 def not_found(what: str, identifier: str) -> ApiError:
-    return ApiError(404, f"No such {what}: '{identifier}'", code="not_found", param="id")
-
-
-class CreateBatch(BaseModel):
-    input_file_id: str
-    endpoint: str
-    completion_window: str = "24h"
-    metadata: dict[str, str] | None = Field(default=None)
+    return ApiError(404, f"No such {what}: {identifier!r}", code="not_found", param="id")
 
 
 def parse_window(window: str) -> timedelta:
     try:
         return parse_duration(window)
-    except ValueError:
-        raise ApiError(400, f"completion_window {window!r} is not a duration like 24h",
-                       param="completion_window") from None
+    except ValueError as error:
+        raise ApiError(400, f"completion_window: {error}", param="completion_window") from None
+
+
+def error_location(location: tuple) -> str | None:
+    """Where in the request a validation error is (`metadata.<key>`), spelled so any key can be shown."""
+    parts = [part if isinstance(part, str) and not unstorable_reason(part) and len(part) <= 64 else ascii(part)[:64]
+             for part in location[1:]]
+    return ".".join(str(part) for part in parts) or None
 
 
 def create_app(settings: Settings) -> FastAPI:
     from worker.app import make_celery_app
 
-    app = FastAPI(title="DeepBatch", docs_url=None, redoc_url=None)
+    app = FastAPI(title="DeepBatch", docs_url=None, redoc_url=None, dependencies=[Depends(storable_parameters)])
+    app.add_middleware(BrowserGuard)
     sessions: sessionmaker[Session] = session_factory(settings.sqlalchemy_url)
     app.state.settings, app.state.sessions = settings, sessions
     celery_app = make_celery_app(settings)
@@ -62,16 +65,22 @@ def create_app(settings: Settings) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, error: RequestValidationError) -> JSONResponse:
         problem = error.errors()[0]
-        param = ".".join(str(part) for part in problem["loc"][1:]) or None
+        param = error_location(problem["loc"])
         return ApiError(400, f"{param}: {problem['msg']}" if param else problem["msg"], param=param).response()
 
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        """Starlette's own answers (no such route, a body that is not JSON) in OpenAI's shape too."""
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
+        return ApiError(error.status_code, str(error.detail), code=code, headers=error.headers).response()
 
     @app.post("/v1/files")
     async def upload_file(owner: Caller, file: Annotated[UploadFile, File()],
                           purpose: Annotated[str, Form()]) -> dict[str, Any]:
         if purpose != files.BATCH_PURPOSE:
-            raise ApiError(400, f"purpose {purpose!r} is not supported; DeepBatch takes 'batch' files",
+            raise ApiError(400, f"purpose {purpose[:40]!r} is not supported; DeepBatch takes 'batch' files",
                            param="purpose")
+        filename = check_storable(file.filename or "", "filename")  # before anything is written
 
         async def chunks():
             while chunk := await file.read(files.CHUNK_BYTES):
@@ -82,8 +91,12 @@ def create_app(settings: Settings) -> FastAPI:
                                               settings.api_max_file_lines)
         except files.FileTooLarge as error:
             raise ApiError(413 if "bytes" in str(error) else 400, str(error), param="file") from None
-        with sessions.begin() as session:
-            return files.file_object(files.record_upload(session, upload, file.filename or upload.id, owner))
+        try:
+            with sessions.begin() as session:
+                return files.file_object(files.record_upload(session, upload, filename or upload.id, owner))
+        except BaseException:
+            (directory / upload.id).unlink(missing_ok=True)  # no row, no file
+            raise
 
     @app.get("/v1/files")
     def list_files(owner: Caller, purpose: str | None = None, limit: Annotated[int, Query(ge=1, le=10000)] = 10000,
@@ -105,6 +118,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/v1/files/{file_id}/content")
     def file_content(owner: Caller, file_id: str) -> FileResponse:
+        with sessions.begin() as session:
+            files.refresh_batch_file(session, file_row(session, file_id, owner), directory)
         with sessions() as session:
             row = file_row(session, file_id, owner)
         path = directory / row.id
@@ -120,9 +135,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     def batch_response(session: Session, job) -> dict[str, Any]:
         progress = batches.progress_of(session, job.id)
-        output_id = error_id = None
-        if progress.status in batches.FINAL_STATUSES:
-            output_id, error_id = files.write_batch_files(session, job.id, job.owner_key_id, directory)
+        output_id, error_id = files.batch_files(session, job, progress, directory)
         errors = queries.failed_lines(session, job.id)[:10] if progress.status == "failed" else None
         return batches.batch_object(job, progress, output_id, error_id, errors)
 
@@ -137,16 +150,19 @@ def create_app(settings: Settings) -> FastAPI:
             if input_file.purpose != files.BATCH_PURPOSE:
                 raise ApiError(400, f"file '{input_file.id}' has purpose {input_file.purpose!r}, not 'batch'",
                                param="input_file_id")
-            if owner is not None:
-                waiting = keys.queued_lines(session, owner)
-                if waiting + input_file.lines > settings.api_max_queued_lines:
-                    raise ApiError(429, f"{owner} has {waiting} requests queued or running; {input_file.lines} more "
-                                   f"would pass its limit of {settings.api_max_queued_lines} "
+        origin = queries.ApiOrigin(owner, input_file.id, body.endpoint)
+        try:
+            with keys.queued_lines_lock(sessions, owner) if owner is not None else nullcontext(0) as waiting:
+                if owner is not None and waiting + input_file.lines > settings.api_max_queued_lines:
+                    raise ApiError(429, f"{owner} has {waiting} requests queued or running; {input_file.lines} "
+                                   f"more would pass its limit of {settings.api_max_queued_lines} "
                                    "(DEEPBATCH_API_MAX_QUEUED_LINES)", code="queued_lines_limit_exceeded",
                                    kind="tokens", headers={"retry-after": "60"})
-        origin = queries.ApiOrigin(owner, input_file.id, body.endpoint)
-        job_id = submit_file(directory / input_file.id, settings, sessions, celery_app, completion_window=window,
-                             metadata=body.metadata, origin=origin)
+                job_id = submit_file(directory / input_file.id, settings, sessions, celery_app,
+                                     completion_window=window, metadata=body.metadata, origin=origin)
+        except keys.KeyBusy as error:
+            raise ApiError(429, f"{error}; try again", code="key_busy", kind="requests",
+                           headers={"retry-after": "5"}) from None
         with sessions.begin() as session:
             return batch_response(session, session.get(Job, job_id))
 

@@ -18,7 +18,6 @@ from schema.tables import Job
 
 CHAT_ENDPOINT, COMPLETIONS_ENDPOINT = "/v1/chat/completions", "/v1/completions"
 ENDPOINTS = (CHAT_ENDPOINT, COMPLETIONS_ENDPOINT)
-FINAL_STATUSES = ("completed", "failed", "expired", "cancelled")
 
 
 def owned_job(session: Session, job_id: str, owner_key_id: str | None) -> Job | None:
@@ -30,10 +29,10 @@ def owned_job(session: Session, job_id: str, owner_key_id: str | None) -> Job | 
 
 def list_jobs(session: Session, owner_key_id: str | None, limit: int, after: str | None) -> list[Job]:
     """Newest first; `after` is the id of the last batch of the previous page."""
-    query = select(Job)
+    owned = select(Job)
     if owner_key_id is not None:
-        query = query.where(Job.owner_key_id == owner_key_id)
-    return newest_first(session, query, Job, limit, after)
+        owned = owned.where(Job.owner_key_id == owner_key_id)
+    return newest_first(session, owned, owned, Job, limit, after)
 
 
 def progress_of(session: Session, job_id: str) -> queries.JobProgress:

@@ -1,6 +1,7 @@
 """The job dashboard at `/`: every job of the caller with a live progress bar, counts by state, tokens/s,
 ETA, its first failures, a cancel button and download links. Server-rendered HTML that reloads itself
-every two seconds: no front-end build, no script.
+every two seconds: no front-end build, no script. Its cancel is safe from other sites' pages, and no page
+can frame it (browsers.py).
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ def job_row(session: Session, job, directory) -> str:
                        f"{f' (and {error.count - 1} more)' if error.count > 1 else ''}</div>"
                        for error in queries.failed_lines(session, job.id)[:3])
     actions = ""
-    if progress.status in batches.FINAL_STATUSES:
-        output_id, error_id = files.write_batch_files(session, job.id, job.owner_key_id, directory)
+    output_id, error_id = files.batch_files(session, job, progress, directory)
+    if output_id:
         actions = f'<a href="/dashboard/files/{output_id}">results</a>'
         if error_id:
             actions += f' · <a href="/dashboard/files/{error_id}">errors</a>'

@@ -9,11 +9,14 @@ from __future__ import annotations
 import hashlib
 import math
 import secrets
+import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from sqlalchemy import select, text, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from schema.tables import ApiKey, AuditEvent
 
@@ -90,3 +93,31 @@ QUEUED_LINES = text("""
 def queued_lines(session: Session, key_id: str) -> int:
     """The key's requests still to run, across all its batches."""
     return session.execute(QUEUED_LINES, {"key_id": key_id}).scalar_one()
+
+
+# Checking a key's queued lines and storing a batch's are one step per key, across server processes: a
+# transaction holds this advisory lock (namespace, hashtext(key id)) from the count until the batch is stored.
+# Waiters poll rather than block, so that they hold no pooled connection the holder may need to store it.
+QUEUED_LINES_LOCK_NAMESPACE = 0x0DC
+TRY_QUEUED_LINES_LOCK = text("SELECT pg_try_advisory_xact_lock(:namespace, hashtext(:key_id))")
+LOCK_POLL_S, LOCK_WAIT_S = 0.05, 60.0
+
+
+class KeyBusy(Exception):
+    """Another batch of the key was being created for all of LOCK_WAIT_S."""
+
+
+@contextmanager
+def queued_lines_lock(sessions: sessionmaker[Session], key_id: str) -> Iterator[int]:
+    """Yield the key's queued lines while no other batch of the key can be created; what the caller stores
+    meanwhile (in transactions of its own) counts for the next one. The lock ends with this transaction,
+    so a failed creation or a lost connection never leaves it held."""
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while True:
+        with sessions.begin() as session:
+            if session.scalar(TRY_QUEUED_LINES_LOCK, {"namespace": QUEUED_LINES_LOCK_NAMESPACE, "key_id": key_id}):
+                yield queued_lines(session, key_id)
+                return
+        if time.monotonic() > deadline:
+            raise KeyBusy(f"another batch of {key_id} was being created for {LOCK_WAIT_S:g} s")
+        time.sleep(LOCK_POLL_S)

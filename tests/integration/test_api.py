@@ -1,20 +1,24 @@
 """`deepbatch serve` against the official `openai` client: real server processes, worker, PostgreSQL and
 each broker. The README's walk-through, cancel, pagination, broken lines, unknown ids, keys that see only
-their own batches, rate limits, and two servers sharing one database."""
+their own batches, rate limits, two servers sharing one database, and output files that follow a requeue."""
 
 from __future__ import annotations
 
 import json
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 from sqlalchemy import Engine, text
+from sqlalchemy.orm import sessionmaker
 
+from schema.tables import RequestState
 from tests.conftest import deepbatch
 from tests.integration.api_server import created_key, new_key, write_batch_file
+from worker.transitions import Failure, Success, Transitions
 
 pytestmark = pytest.mark.integration
 
@@ -139,3 +143,36 @@ def test_two_servers_serve_the_same_batches(tmp_path: Path, api_env: dict, start
     done = wait_for_batch(second, batch.id)
     assert second.files.content(done.output_file_id).text == first.files.content(done.output_file_id).text
     assert len(second.files.content(done.output_file_id).text.splitlines()) == 4
+
+
+@pytest.mark.parametrize("broker_url", ["redis"], indirect=True)
+def test_batch_files_follow_a_requeue_and_its_success(tmp_path: Path, api_env: dict, start_server, db_engine: Engine,
+                                                      queue_name: str) -> None:
+    """A dead request is in the error file; once requeued (`deepbatch dlq requeue`) and run, the same file
+    ids hold the results as the database has them: the output file has its line, the error file is gone."""
+    client = start_server().client(new_key(api_env))
+    uploaded = client.files.create(file=write_batch_file(tmp_path / "p.jsonl", 2).open("rb"), purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    worker = Transitions(sessionmaker(db_engine), "tests:1", timedelta(seconds=60), queue_name)  # as a worker would
+    first, second = sorted(worker.claim_next(2), key=lambda claim: claim.line_no)
+    worker.record([Success(first, "one", "stop", 3, 1)],
+                  [Failure(second, RequestState.dead, "engine_unavailable", "device lost")], "tiny-deepseek-v3")
+
+    ended = wait_for_batch(client, batch.id, ("completed", "failed"))
+    assert (ended.request_counts.completed, ended.request_counts.failed) == (1, 1)
+    output_id, error_id = ended.output_file_id, ended.error_file_id
+    assert [json.loads(line)["custom_id"] for line in client.files.content(output_id).text.splitlines()] == ["r1"]
+    assert [json.loads(line)["custom_id"] for line in client.files.content(error_id).text.splitlines()] == ["r2"]
+
+    deepbatch("dlq", "requeue", "--job", batch.id, env=api_env)
+    [again] = worker.claim_next(1)
+    worker.record([Success(again, "two", "stop", 3, 1)], [], "tiny-deepseek-v3")
+    # The output file is read before the batch is: reading it is enough to bring it up to date.
+    output = [json.loads(line) for line in client.files.content(output_id).text.splitlines()]
+    assert [(line["custom_id"], line["response"]["body"]["choices"][0]["message"]["content"]) for line in output] \
+        == [("r1", "one"), ("r2", "two")]
+    rerun = client.batches.retrieve(batch.id)
+    assert (rerun.request_counts.completed, rerun.request_counts.failed) == (2, 0)
+    assert rerun.output_file_id == output_id and rerun.error_file_id is None
+    with pytest.raises(openai.NotFoundError):
+        client.files.content(error_id)
