@@ -70,6 +70,8 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--max-batch-size", type=int, default=64, help="the engine's max_batch_size")
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192, help="the engine's step token budget")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly (to measure the graphs)")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1,
+                        help="GPUs the engine splits the model over (bench/tensor_parallel.py compares against one)")
     parser.add_argument("--skip-transformers", action="store_true",
                         help="engine figures only, no baseline and no ratio (quick looks while tuning)")
     parser.add_argument("--float32-check-prompts", type=int, default=64,
@@ -263,7 +265,7 @@ def run_engine(arguments: argparse.Namespace, device: torch.device, dtype: torch
         max_batch_size=arguments.max_batch_size, max_wait_ms=5.0,
         max_num_batched_tokens=arguments.max_num_batched_tokens,
         max_model_len=arguments.max_prompt_len + arguments.max_tokens + 1,
-        use_cuda_graphs=not arguments.no_cuda_graphs,
+        use_cuda_graphs=not arguments.no_cuda_graphs, tensor_parallel_size=arguments.tensor_parallel_size,
     ))
     engine.generate(prompts[:4], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
     steps = StepLog()
@@ -309,6 +311,7 @@ def main() -> None:
         "engine_max_batch_size": arguments.max_batch_size,
         "engine_max_num_batched_tokens": arguments.max_num_batched_tokens,
         "engine_cuda_graphs": device.type == "cuda" and not arguments.no_cuda_graphs,
+        "engine_tensor_parallel_size": arguments.tensor_parallel_size,
         "measured_copy_bandwidth_tb_s": round(arguments.bandwidth / 1e12, 3) if arguments.bandwidth else None,
     }
     hf_outputs = float32_outputs = None
@@ -373,6 +376,8 @@ def common_prefix_length(first: list[int], second: list[int]) -> int:
 def default_output(arguments: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Path:
     model_label = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(arguments.model).name or arguments.model)
     suffix = "" if dtype == resolve_dtype("auto", device) else "-" + str(dtype).removeprefix("torch.")
+    if arguments.tensor_parallel_size > 1:
+        suffix += f"-tp{arguments.tensor_parallel_size}"
     return RESULTS_DIRECTORY / f"engine-{device.type}-{model_label}{suffix}.json"
 
 

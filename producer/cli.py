@@ -130,6 +130,7 @@ def migrate() -> None:
 
 MODEL_HELP = "a built-in name (smollm2-135m-instruct, tiny-deepseek-v3, ...), a .gguf file or a checkpoint " \
              "directory; default DEEPBATCH_MODEL"
+TENSOR_PARALLEL_HELP = "GPUs the worker splits the model over, one process each; default DEEPBATCH_TENSOR_PARALLEL_SIZE"
 
 
 def check_engine_settings_or_exit(settings: Settings) -> None:
@@ -161,11 +162,14 @@ def worker(
     concurrency: Annotated[Optional[int], typer.Option(help="threads; default DEEPBATCH_WORKER_THREADS")] = None,
     loglevel: Annotated[str, typer.Option(help="Celery log level")] = "INFO",
     model: Annotated[Optional[str], typer.Option(help=MODEL_HELP)] = None,
+    tensor_parallel_size: Annotated[Optional[int], typer.Option(min=1, help=TENSOR_PARALLEL_HELP)] = None,
 ) -> None:
-    """Run a Celery worker: one per GPU, one engine per worker process."""
+    """Run a Celery worker: one per GPU (or per group of --tensor-parallel-size GPUs), one engine per worker process."""
     if model:  # the worker's runtime reads the settings again, from the environment
         os.environ["DEEPBATCH_MODEL"] = model
-        get_settings.cache_clear()
+    if tensor_parallel_size:
+        os.environ["DEEPBATCH_TENSOR_PARALLEL_SIZE"] = str(tensor_parallel_size)
+    get_settings.cache_clear()
     settings = configured_settings()
     start_engine_or_exit(settings)
     from worker.app import celery_app
@@ -451,7 +455,8 @@ def export_to_files(settings: Settings, job_id: str, output: Path, errors: Path)
 
 def start_worker_process(settings: Settings, log_path: Path) -> subprocess.Popen:
     env = {**os.environ, "DEEPBATCH_DATABASE_URL": settings.database_url or "",
-           "DEEPBATCH_BROKER_URL": settings.broker_url or "", "DEEPBATCH_MODEL": settings.model}
+           "DEEPBATCH_BROKER_URL": settings.broker_url or "", "DEEPBATCH_MODEL": settings.model,
+           "DEEPBATCH_TENSOR_PARALLEL_SIZE": str(settings.tensor_parallel_size)}
     log = log_path.open("ab")
     command = [sys.executable, "-m", "producer.cli", "worker", "--loglevel", "WARNING"]
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
@@ -487,6 +492,7 @@ def run(
     output: Annotated[Path, typer.Option("-o", "--output", help="results file")] = Path("results.jsonl"),
     errors: Annotated[Optional[Path], typer.Option("-e", "--errors", help="errors file; default OUTPUT.errors.jsonl")] = None,
     model: Annotated[Optional[str], typer.Option(help=MODEL_HELP)] = None,
+    tensor_parallel_size: Annotated[Optional[int], typer.Option(min=1, help=TENSOR_PARALLEL_HELP)] = None,
 ) -> None:
     """Everything in one command: services (embedded if unset), migrations, a worker, submit, wait, export."""
     from schema.migrate import upgrade
@@ -494,6 +500,8 @@ def run(
     base = get_settings()
     if model:
         base = base.model_copy(update={"model": model})
+    if tensor_parallel_size:
+        base = base.model_copy(update={"tensor_parallel_size": tensor_parallel_size})
     if not file.is_file():
         raise fail(f"no such file: {file}")
     check_engine_settings_or_exit(base)

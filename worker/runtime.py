@@ -29,6 +29,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms,
         max_num_batched_tokens=settings.max_num_batched_tokens, max_model_len=settings.max_model_len,
         gpu_memory_utilization=settings.gpu_memory_utilization, use_cuda_graphs=settings.cuda_graphs,
+        tensor_parallel_size=settings.tensor_parallel_size,
     )
 
 
@@ -80,6 +81,16 @@ def check_engine_settings(settings: Settings) -> None:
             model_path(settings.model)
         except ValueError as error:
             raise SettingError(f"DEEPBATCH_MODEL={settings.model!r}: {error}") from None
+        check_tensor_parallel_size(settings.tensor_parallel_size, device)
+
+
+def check_tensor_parallel_size(size: int, device) -> None:
+    """Each rank takes the next GPU from the configured one; on the CPU the ranks share the host (tests)."""
+    import torch
+
+    if device.type == "cuda" and (device.index or 0) + size > torch.cuda.device_count():
+        raise SettingError(f"DEEPBATCH_TENSOR_PARALLEL_SIZE={size}: needs GPUs {device.index or 0} to "
+                           f"{(device.index or 0) + size - 1}; this machine has {torch.cuda.device_count()}")
 
 
 def worker_identity() -> str:

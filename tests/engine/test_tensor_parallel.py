@@ -5,21 +5,25 @@ sum taken in another order (the all-reduce of two partial products) moves a logi
 far less than the gap between the best two tokens, so the greedy tokens must agree exactly, and the
 logits within a tolerance set a few times above that rounding. A seeded sampled request shows that
 sampling on rank 0 alone draws the same tokens. Then the failure case: a rank killed mid-generation
-ends the engine within seconds, with an error that names it.
+ends the engine within seconds, with an error that names it, and the process of the worker's engine
+(`build_engine`) exits.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from tests.engine.helpers import ARCHITECTURES, random_prompts
 from worker.engine.block_manager import PrefixMatch
-from worker.engine.engine import LLMEngine
+from worker.engine.engine import FATAL_EXIT_CODE, LLMEngine
 from worker.engine.parallel import RankFailedError, TensorParallelError
 from worker.engine.scheduler import ScheduledSequence
 from worker.engine.sequence import Sequence
@@ -86,3 +90,29 @@ def test_a_killed_rank_ends_the_engine_naming_it(tokenizer):
             engine.submit([5, 6], GREEDY).result(timeout=5)
     finally:
         engine.shutdown()
+
+
+WORKER_ENGINE_SCRIPT = """
+import os, signal, time
+from worker.engine.engine import build_engine
+from worker.engine.types import EngineConfig, SamplingParams
+
+if __name__ == "__main__":
+    engine = build_engine(EngineConfig(model="tiny-qwen2", tensor_parallel_size=2, max_wait_ms=1))
+    engine.submit([5, 6, 7], SamplingParams(max_tokens=3000, ignore_eos=True))
+    while engine.stats()["batch_size"] == 0:
+        time.sleep(0.01)
+    os.kill(engine.runner.ranks.processes[0].pid, signal.SIGKILL)
+    time.sleep(60)  # the engine ends the process long before
+"""
+
+
+def test_the_worker_engine_exits_its_process_when_a_rank_dies(tmp_path):
+    """What `deepbatch worker` builds (worker/runtime.py calls build_engine): its process ends, naming the rank."""
+    script = tmp_path / "worker_engine.py"
+    script.write_text(WORKER_ENGINE_SCRIPT)
+    repository = Path(__file__).resolve().parents[2]
+    completed = subprocess.run([sys.executable, str(script)], cwd=repository, capture_output=True, text=True,
+                               timeout=120, env={**os.environ, "PYTHONPATH": str(repository)})
+    assert completed.returncode == FATAL_EXIT_CODE, completed.stderr[-2000:]
+    assert "rank 1" in completed.stderr and "killed by SIGKILL" in completed.stderr
