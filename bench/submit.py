@@ -177,6 +177,7 @@ def time_baseline(path: Path) -> dict:
     """This process reading and validating the file (and, second, also encoding its rows for COPY)."""
     from producer.queries import copy_line
     from producer.reader import read_file
+    from schema.cache import CLI_OWNER, CacheScope
     from schema.settings import Settings
 
     settings = Settings(_env_file=None, model=MODEL, model_aliases="")  # as the child's environment says
@@ -184,7 +185,7 @@ def time_baseline(path: Path) -> dict:
     lines = sum(1 for _ in read_file(path, settings.max_line_bytes, settings.served_model_names))
     validated = time.perf_counter()
     for line in read_file(path, settings.max_line_bytes, settings.served_model_names):
-        copy_line(line, settings.model)
+        copy_line(line, CacheScope(settings.model, CLI_OWNER))
     encoded = time.perf_counter()
     return {"read_validate_seconds": round(validated - started, 2),
             "read_validate_lines_per_s": round(lines / (validated - started)),

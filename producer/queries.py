@@ -14,7 +14,7 @@ from sqlalchemy import RowMapping, delete, func, select, text, update
 from sqlalchemy.orm import Session
 
 from producer.reader import ReadLine
-from schema.cache import result_cache_key
+from schema.cache import CacheScope
 from schema.tables import AuditEvent, DeadLetter, Job, Request, RequestState, Result
 from worker.transitions import WORKER_LOST, move
 
@@ -58,7 +58,7 @@ class JobOptions:
     """What every request row of a job inherits."""
 
     max_attempts: int
-    cache_model: str | None = None  # the served model, when the job uses the result cache
+    cache_scope: CacheScope | None = None  # model and owner of its cache keys, when the job uses the result cache
     priority: int = 0
     queue: str = "deepbatch"
 
@@ -144,7 +144,7 @@ def copy_text(value: str | None) -> bytes:
     return value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r").encode()
 
 
-def copy_line(line: ReadLine, cache_model: str | None) -> bytes:
+def copy_line(line: ReadLine, cache_scope: CacheScope | None) -> bytes:
     """One staged row in COPY text format. Hand-written rather than psycopg's `write_row`: here it runs in
     the read-ahead thread, and the writing thread sends a whole chunk in one call instead of waiting (and
     queueing for the GIL) every 32 kB; the body is dumped to JSON once, by pydantic, straight to bytes."""
@@ -158,7 +158,7 @@ def copy_line(line: ReadLine, cache_model: str | None) -> bytes:
                   copy_text(line.error.message))
         return b"\t".join((str(line.line_no).encode(), *fields)) + b"\n"
     body = request.body
-    cache_key = result_cache_key(cache_model, request.url, body) if cache_model else None
+    cache_key = cache_scope.key(request.url, body) if cache_scope else None
     # JSON text never holds a raw tab, newline or CR (they are escaped): only its backslashes need doubling.
     body_json = to_json(body, exclude_none=True).replace(b"\\", b"\\\\")
     fields = (copy_text(request.custom_id), copy_text(repr(request.custom_id)), copy_text(request.url), body_json,
@@ -166,11 +166,11 @@ def copy_line(line: ReadLine, cache_model: str | None) -> bytes:
     return b"\t".join((str(line.line_no).encode(), *fields)) + b"\n"
 
 
-def stage_chunk(lines: Iterable[ReadLine], cache_model: str | None) -> StagedChunk:
+def stage_chunk(lines: Iterable[ReadLine], cache_scope: CacheScope | None) -> StagedChunk:
     """Encode `lines` as they come: only their COPY text is kept, never the chunk's parsed lines."""
     rows, line = [], None
     for line in lines:
-        rows.append(copy_line(line, cache_model))
+        rows.append(copy_line(line, cache_scope))
     if line is None:
         return StagedChunk(b"", 0)
     return StagedChunk(b"".join(rows), len(rows), line.line_no, line.end_offset)

@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from producer import queries
 from producer.reader import ReadLine, read_file
+from schema.cache import CacheScope, cache_owner
 from schema.settings import Settings
 from schema.tables import Job
 from worker.app import publish_slices
@@ -60,11 +61,11 @@ class SubmissionStopped(Exception):
     """The submission stopped, on request, after a committed chunk: what is stored stays, and runs."""
 
 
-def staged_chunks(lines: Iterator[ReadLine], size: int, cache_model: str | None, path: Path,
+def staged_chunks(lines: Iterator[ReadLine], size: int, cache_scope: CacheScope | None, path: Path,
                   prefix: FilePrefix) -> Iterator[queries.StagedChunk]:
     """`lines` in chunks of `size`, each encoded for COPY and carrying the sha256 of the file up to its end."""
     with path.open("rb") as stream:
-        while (chunk := queries.stage_chunk(islice(lines, size), cache_model)).lines:
+        while (chunk := queries.stage_chunk(islice(lines, size), cache_scope)).lines:
             chunk.prefix_sha256 = prefix.extend(stream, chunk.end_offset)
             yield chunk
 
@@ -167,7 +168,9 @@ def submit_file(
                                     use_result_cache, priority, settings.queue_name, origin)
     if on_job:
         on_job(job_id)
-    options = queries.JobOptions(settings.max_attempts, settings.model if use_result_cache else None, priority,
+    owner_key_id = origin.owner_key_id if origin else None
+    cache_scope = CacheScope(settings.model, cache_owner(owner_key_id, settings.result_cache_scope))
+    options = queries.JobOptions(settings.max_attempts, cache_scope if use_result_cache else None, priority,
                                  settings.queue_name)
     with submission_lock(sessions, job_id):
         submit_lines(path, job_id, options, settings, sessions, app, FilePrefix(), 0, on_chunk, stop)
@@ -208,7 +211,8 @@ def resume_locked(path: Path, job_id: str, settings: Settings, sessions: session
         if job.submitted_at is not None:
             raise SubmitError(f"job {job_id} is fully submitted ({job.total_lines} lines); there is nothing to resume")
         stored_lines, stored_bytes, stored_sha256 = job.submitted_lines, job.submitted_bytes, job.submitted_sha256
-        options = queries.JobOptions(settings.max_attempts, job.model if job.use_result_cache else None,
+        cache_scope = CacheScope(job.model, cache_owner(job.owner_key_id, settings.result_cache_scope))
+        options = queries.JobOptions(settings.max_attempts, cache_scope if job.use_result_cache else None,
                                      job.priority, job.queue)
         suspects, others = queries.queued_request_ids(session, job.queue, timedelta(0), job_id)
     prefix = FilePrefix()
@@ -228,7 +232,7 @@ def submit_lines(path: Path, job_id: str, options: queries.JobOptions, settings:
     """Store and publish the file's lines after `stored_lines` (at byte `prefix.length`), then mark the job
     submitted; stops early, leaving it as it is, if the job is cancelled meanwhile."""
     lines = read_file(path, settings.max_line_bytes, settings.served_model_names, stored_lines + 1, prefix.length)
-    chunks = read_ahead(staged_chunks(lines, settings.insert_chunk_size, options.cache_model, path, prefix))
+    chunks = read_ahead(staged_chunks(lines, settings.insert_chunk_size, options.cache_scope, path, prefix))
     with prompt_thread_switches():
         total_lines = write_chunks(chunks, job_id, options, sessions, SlicePublisher(app, settings.slice_size),
                                    on_chunk, stored_lines, stop)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
+
 from pydantic import AliasChoices, Field, PositiveFloat, PositiveInt, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -84,6 +86,9 @@ class Settings(BaseSettings):
 
     # Producer.
     insert_chunk_size: PositiveInt = 5000
+    # Whose stored results a greedy request may reuse (schema/cache.py): its owner's — its API key's, or
+    # the CLI's — or, shared, the whole deployment's.
+    result_cache_scope: Literal["owner", "deployment"] = "owner"
     max_line_bytes: PositiveInt = 4 * 1024 * 1024  # far above any context window; a longer line is an error
 
     @model_validator(mode="after")

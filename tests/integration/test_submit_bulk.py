@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from producer.reader import validate_line
 from schema.audit import verify_chain
-from schema.cache import result_cache_key
+from schema.cache import CLI_OWNER, result_cache_key
 from schema.settings import Settings
 from tests.conftest import deepbatch, wait_until
 from worker.app import make_celery_app, queue_length, work_queue
@@ -85,7 +85,8 @@ def expected_rows(lines: list[bytes], served_models: frozenset[str]) -> dict[int
         first_use[custom_id] = line_no
         body = read.request.body_json()
         rows[line_no] = {"state": "queued", "custom_id": custom_id, "url": read.request.url, "body": body,
-                         "cache_key": result_cache_key(MODEL, read.request.url, read.request.body), "error_code": None}
+                         "cache_key": result_cache_key(MODEL, read.request.url, read.request.body, CLI_OWNER),
+                         "error_code": None}
     return rows
 
 

@@ -1,13 +1,13 @@
 """The result cache key: equal greedy requests share it, whatever the line's key order or label fields."""
 
-from schema.cache import result_cache_key
+from schema.cache import CLI_OWNER, cache_owner, result_cache_key
 from schema.lines import CHAT_URL, COMPLETIONS_URL, parse_line
 
 MODEL = "tiny-deepseek-v3"
 
 
-def key(line: str, url: str = CHAT_URL, model: str = MODEL) -> str | None:
-    return result_cache_key(model, url, parse_line(line, 1).body)
+def key(line: str, url: str = CHAT_URL, model: str = MODEL, owner: str = CLI_OWNER) -> str | None:
+    return result_cache_key(model, url, parse_line(line, 1).body, owner)
 
 
 def test_key_ignores_field_order_and_label_fields():
@@ -30,3 +30,11 @@ def test_only_greedy_requests_have_a_key():
     assert key('{"prompt": "hi"}', COMPLETIONS_URL) is None
     assert key('{"prompt": "hi", "temperature": 0.7}', COMPLETIONS_URL) is None
     assert key('{"prompt": "hi", "top_k": 1, "temperature": 0.7}', COMPLETIONS_URL) is not None
+
+
+def test_owners_never_share_a_key_unless_the_deployment_shares_its_cache():
+    line = '{"prompt": "hi", "temperature": 0}'
+    owners = {cache_owner("key_a", "owner"), cache_owner("key_b", "owner"), cache_owner(None, "owner")}
+    assert len({key(line, COMPLETIONS_URL, owner=owner) for owner in owners}) == 3
+    assert cache_owner("key_a", "deployment") == cache_owner("key_b", "deployment") == cache_owner(None, "deployment")
+    assert cache_owner("key_a", "deployment") not in owners
