@@ -1,11 +1,16 @@
 """The job dashboard in headless Chromium: a running job is visible, its progress advances, its cancel
-button works, and nothing is shown without a key. Screenshots go to test-output/ and are checked."""
+button works, and nothing is shown without a key. Another site's page can neither cancel a job through the
+browser's credentials (CSRF) nor frame the dashboard. Screenshots go to test-output/ and are checked."""
 
 from __future__ import annotations
 
 import base64
 import re
 import struct
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -13,7 +18,7 @@ import pytest
 from selenium.common.exceptions import WebDriverException
 
 from tests.conftest import SCREENSHOTS, wait_until
-from tests.integration.api_server import created_key, write_batch_file
+from tests.integration.api_server import created_key, free_port, write_batch_file
 
 pytestmark = pytest.mark.integration
 
@@ -49,6 +54,45 @@ def screenshot(browser, name: str) -> Path:
     return path
 
 
+@contextmanager
+def foreign_site(pages: dict[str, str]) -> Iterator[str]:
+    """Another site (http://localhost:PORT, where the dashboard is http://127.0.0.1:...) serving `pages`."""
+    class Pages(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = pages.get(self.path, "").encode()
+            self.send_response(200 if body else 404)
+            self.send_header("content-type", "text/html")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), Pages)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://localhost:{server.server_port}"
+    finally:
+        server.shutdown()
+
+
+def refuses_foreign_pages(browser, dashboard_url: str, batch_id: str) -> None:
+    """A foreign page that posts the dashboard's cancel form (the browser adds the key's credentials, as
+    it would once the user logged in) is refused, and one that frames the dashboard shows nothing of it."""
+    pages = {"/cancel.html": f'<form method="post" action="{dashboard_url}/dashboard/batches/{batch_id}/cancel">'
+                             '</form><script>document.forms[0].submit()</script>',
+             "/frame.html": f'<h1>foreign</h1><iframe id="framed" src="{dashboard_url}/"></iframe>'}
+    with foreign_site(pages) as site:
+        browser.get(site + "/cancel.html")
+        wait_until(lambda: browser.current_url.startswith(dashboard_url), timeout=30, message="the form to post")
+        assert "cross_origin_request" in browser.page_source, browser.page_source[:500]
+        browser.get(site + "/frame.html")
+        browser.switch_to.frame(browser.find_element("id", "framed"))
+        framed = browser.page_source
+        browser.switch_to.default_content()
+        assert "DeepBatch jobs" not in framed and batch_id not in framed, framed[:500]
+
+
 @pytest.mark.parametrize("broker_url", ["redis"], indirect=True)
 def test_dashboard_shows_live_progress_and_cancels(tmp_path: Path, api_env: dict, start_server, start_worker,
                                                    browser) -> None:
@@ -76,6 +120,15 @@ def test_dashboard_shows_live_progress_and_cancels(tmp_path: Path, api_env: dict
     assert status_of(browser, batch.id) == "in_progress"
     failures = browser.find_element("id", batch.id).find_element("class name", "failures").text
     assert "line 3: invalid_json" in failures, failures
+
+    answer = httpx.get(server.url + "/", auth=("key", secret))
+    assert answer.headers["x-frame-options"] == "DENY", answer.headers
+    assert "frame-ancestors 'none'" in answer.headers["content-security-policy"], answer.headers
+    refuses_foreign_pages(browser, server.url, batch.id)
+    assert client.batches.retrieve(batch.id).status == "in_progress"  # the foreign form cancelled nothing
+    browser.get(server.url + "/")
+    wait_until(lambda: status_of(browser, batch.id) == "in_progress", timeout=30, interval=1,
+               message="the dashboard again")
 
     browser.find_element("id", batch.id).find_element("css selector", "button").click()
     wait_until(lambda: status_of(browser, batch.id) in ("cancelling", "cancelled"), timeout=60, interval=1,
