@@ -35,7 +35,9 @@ def needs_escape(text: str) -> bool:
 
 def to_stored(text: str) -> str:
     """`text` as the results table holds it (unchanged unless it holds a character PostgreSQL refuses)."""
-    if not needs_escape(text):
+    if text.isascii():  # no surrogate, no U+FFFF: only NUL can need escaping
+        return text.replace("\x00", ESCAPE + "0000") if "\x00" in text else text
+    if UNSTORABLE.search(text) is None:
         return text
     return UNSTORABLE.sub(lambda match: f"{ESCAPE}{ord(match.group()):04x}", text)
 
