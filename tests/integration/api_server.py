@@ -23,6 +23,7 @@ def free_port() -> int:
 
 class Server:
     def __init__(self, env: dict[str, str], log_path: Path):
+        self.env = env
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path

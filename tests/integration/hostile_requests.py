@@ -5,17 +5,44 @@ OpenAI's error shape and that nothing is left on disk without a row."""
 from __future__ import annotations
 
 import json
+import os
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import httpx
+import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
 from producer.api.keys import create_key
+from tests.conftest import REDIS_URL
+from tests.integration.api_server import Server
 
 BOUNDARY = "deepbatch-hostile-boundary"
+# Small limits, so that the tests reach them with small files; a rate no test reaches.
+HOSTILE_LIMITS = {"DEEPBATCH_API_MAX_FILE_LINES": "5", "DEEPBATCH_API_MAX_FILE_BYTES": "4000",
+                  "DEEPBATCH_API_MAX_QUEUED_LINES": "10", "DEEPBATCH_API_REQUESTS_PER_S": "10000",
+                  "DEEPBATCH_API_BURST": "10000"}
+
+
+@pytest.fixture(scope="module")
+def hostile_server(migrated_database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One `deepbatch serve` (HOSTILE_LIMITS, Redis) for a module's tests, each with keys of its own: a
+    server costs seconds to start. No worker: batches stay queued."""
+    directory = tmp_path_factory.mktemp("hostile")
+    env = {**os.environ, "DEEPBATCH_DATABASE_URL": migrated_database_url, "DEEPBATCH_BROKER_URL": REDIS_URL,
+           "DEEPBATCH_QUEUE_NAME": f"deepbatch-test-{uuid.uuid4().hex[:8]}", "DEEPBATCH_DATA_DIR": str(directory),
+           "DEEPBATCH_FILES_DIR": str(directory / "files"), "DEEPBATCH_METRICS_PORT": "0", **HOSTILE_LIMITS}
+    server = Server(env, directory / "serve.log")
+    yield server
+    server.stop()
+
+
+def files_dir(server: Server) -> Path:
+    return Path(server.env["DEEPBATCH_FILES_DIR"])
 
 
 def encoded(value: str) -> str:

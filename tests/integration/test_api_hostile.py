@@ -1,24 +1,53 @@
 """`deepbatch serve` against hostile callers: every bad input the issue found answered with a 4xx in
 OpenAI's shape (NUL and unpaired surrogates anywhere, completion windows past any calendar, metadata
 over OpenAI's limits), no file left on disk by a refused upload, list cursors that tell one key nothing
-of another's objects, the upload line limit to the line, and the queued-lines limit under concurrent
-creates from two servers."""
+of another's objects, the upload line limit to the line, the queued-lines limit under concurrent
+creates from two servers; and every route driven with hostile strings by hypothesis (250 examples) without
+a 5xx or an orphan file. One server for the module (HOSTILE_LIMITS), each test with keys of its own."""
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import Engine, text
 
-from tests.integration.api_server import write_batch_file
-from tests.integration.hostile_requests import HostileClient, new_key, openai_error, orphan_files
+from tests.integration.api_server import Server, write_batch_file
+from tests.integration.hostile_requests import (HostileClient, encoded, files_dir, new_key, openai_error,
+                                                orphan_files)
+from tests.integration.hostile_requests import hostile_server  # noqa: F401  (this module's server)
 
 pytestmark = pytest.mark.integration
 
-UNLIMITED_RATE = {"DEEPBATCH_API_REQUESTS_PER_S": "1000", "DEEPBATCH_API_BURST": "1000"}
 CHAT = "/v1/chat/completions"
+
+# The fuzz test's strings: hostile characters and strings, in any mixture.
+EXAMPLES = 250
+NASTY_CHARACTERS = ["\x00", "\ud800", "\udfff", "\u202e", "\ufeff", "%", "/", "?", "#", "&", "=", "\\", '"', "\r",
+                    "\n", "\t", ".", "💥"]
+NASTY_STRINGS = ["", " ", "\x00", "\ud800", "a\x00b", "file-\x00", "batch_\ud800", "999999999d",
+                 "99999999999999999999d", "0d", "-1h", "1.5h", "24h", "365d", "../../etc/passwd", "%00", "%ed%a0%80",
+                 "null", "{}", "[]", "file-doesnotexist", "batch_doesnotexist", "A" * 5000, "9" * 400,
+                 "/v1/chat/completions", "batch", "-1", "0", "1e309"]
+hostile_text = st.one_of(
+    st.sampled_from(NASTY_STRINGS),
+    st.text(st.one_of(st.sampled_from(NASTY_CHARACTERS), st.characters(exclude_categories=[])), max_size=40),
+)
+json_value = st.one_of(hostile_text, st.integers(), st.floats(allow_nan=False), st.none(), st.booleans(),
+                       st.lists(hostile_text, max_size=3))
+metadata = st.one_of(st.none(), hostile_text, st.dictionaries(hostile_text, json_value, max_size=20),
+                     st.dictionaries(st.text(max_size=70), st.text(max_size=600), max_size=18))
+file_content = st.one_of(
+    st.binary(max_size=300),
+    st.lists(st.one_of(hostile_text, st.builds(lambda custom_id, content: json.dumps(
+        {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "tiny-deepseek-v3", "messages": [{"role": "user", "content": content}]}}),
+        hostile_text, hostile_text)), max_size=4).map(lambda lines: "\n".join(lines).encode("utf-8", "surrogatepass")),
+)
 
 
 def upload(client: HostileClient, path: Path) -> str:
@@ -27,11 +56,9 @@ def upload(client: HostileClient, path: Path) -> str:
     return response.json()["id"]
 
 
-@pytest.mark.parametrize("broker_url", ["redis"], indirect=True)
-def test_hostile_strings_are_refused_in_openai_shape_and_leave_no_file(tmp_path: Path, api_env: dict, start_server,
+def test_hostile_strings_are_refused_in_openai_shape_and_leave_no_file(tmp_path: Path, hostile_server: Server,
                                                                        db_engine: Engine) -> None:
-    server = start_server(**UNLIMITED_RATE)
-    client = HostileClient(server.url, new_key(db_engine, "hostile")[1])
+    client = HostileClient(hostile_server.url, new_key(db_engine, "hostile")[1])
     file_id = upload(client, write_batch_file(tmp_path / "p.jsonl", 2))
 
     for path in ("/v1/files/abc\x00def", "/v1/files/abc\x00def/content", "/v1/batches/batch_\x00"):
@@ -65,9 +92,9 @@ def test_hostile_strings_are_refused_in_openai_shape_and_leave_no_file(tmp_path:
     assert openai_error(client.upload("evil\x00.jsonl", lines), 400)["param"] == "filename"
     openai_error(client.upload("p.jsonl", lines, purpose="batch\x00"), 400)
     openai_error(client.upload("p.jsonl", lines, purpose="\ud800"), 400)
-    assert orphan_files(Path(api_env["DEEPBATCH_FILES_DIR"]), db_engine) == set()
+    assert orphan_files(files_dir(hostile_server), db_engine) == set()
     with db_engine.connect() as connection:
-        assert connection.scalar(text("SELECT count(*) FROM files WHERE purpose = 'batch'")) == 1
+        assert connection.scalar(text("SELECT count(*) FROM files WHERE filename LIKE 'evil%'")) == 0
     # (A filename's bytes that are not UTF-8, a surrogate's among them, are read as Latin-1: no error to give.)
 
     # A state change another site's page asks a browser for is refused; API clients send no Origin.
@@ -77,12 +104,11 @@ def test_hostile_strings_are_refused_in_openai_shape_and_leave_no_file(tmp_path:
     assert client.get("/v1/files").headers["x-frame-options"] == "DENY"
 
 
-@pytest.mark.parametrize("broker_url", ["redis"], indirect=True)
-def test_list_cursors_consider_only_the_callers_objects(tmp_path: Path, start_server, db_engine: Engine) -> None:
+def test_list_cursors_consider_only_the_callers_objects(tmp_path: Path, hostile_server: Server,
+                                                        db_engine: Engine) -> None:
     """B's `after=<A's id>` answers exactly as `after=<an id that never existed>`: no existence oracle."""
-    server = start_server(**UNLIMITED_RATE)
-    alice = HostileClient(server.url, new_key(db_engine, "alice")[1])
-    bob = HostileClient(server.url, new_key(db_engine, "bob")[1])
+    alice = HostileClient(hostile_server.url, new_key(db_engine, "alice")[1])
+    bob = HostileClient(hostile_server.url, new_key(db_engine, "bob")[1])
     alice_file = upload(alice, write_batch_file(tmp_path / "a.jsonl", 1))
     alice_batch = alice.post_json("/v1/batches", {"input_file_id": alice_file, "endpoint": CHAT}).json()["id"]
     bob_files = [upload(bob, write_batch_file(tmp_path / f"b{n}.jsonl", 1)) for n in range(2)]
@@ -101,38 +127,79 @@ def test_list_cursors_consider_only_the_callers_objects(tmp_path: Path, start_se
     assert [f["id"] for f in alice.get("/v1/files").json()["data"]] == [alice_file]
 
 
-@pytest.mark.parametrize("broker_url", ["redis"], indirect=True)
-def test_upload_line_limit_is_exact(tmp_path: Path, api_env: dict, start_server, db_engine: Engine) -> None:
-    server = start_server(DEEPBATCH_API_MAX_FILE_LINES="5", **UNLIMITED_RATE)
-    client = HostileClient(server.url, new_key(db_engine, "lines")[1])
+def test_upload_line_limit_is_exact(tmp_path: Path, hostile_server: Server, db_engine: Engine) -> None:
+    """DEEPBATCH_API_MAX_FILE_LINES is 5 (HOSTILE_LIMITS)."""
+    client = HostileClient(hostile_server.url, new_key(db_engine, "lines")[1])
     five = write_batch_file(tmp_path / "five.jsonl", 5).read_bytes()
     six = write_batch_file(tmp_path / "six.jsonl", 6).read_bytes()
     assert client.upload("five.jsonl", five).json()["bytes"] == len(five)
     assert client.upload("five.jsonl", five.rstrip(b"\n")).status_code == 200  # the last newline is optional
     for refused in (six, six.rstrip(b"\n")):
         assert "DEEPBATCH_API_MAX_FILE_LINES" in openai_error(client.upload("six.jsonl", refused), 400)["message"]
-    assert orphan_files(Path(api_env["DEEPBATCH_FILES_DIR"]), db_engine) == set()
+    assert orphan_files(files_dir(hostile_server), db_engine) == set()
 
 
-@pytest.mark.parametrize("broker_url", ["redis"], indirect=True)
-def test_queued_lines_limit_holds_under_concurrent_creates(tmp_path: Path, api_env: dict, start_server,
+def test_queued_lines_limit_holds_under_concurrent_creates(tmp_path: Path, hostile_server: Server,
                                                           db_engine: Engine) -> None:
-    """Limit 10 with 1 line queued: of six concurrent creates of a 5-line file, on two servers, one fits."""
-    limits = {"DEEPBATCH_API_MAX_QUEUED_LINES": "10", **UNLIMITED_RATE}
+    """Limit 10 (HOSTILE_LIMITS) with 1 line queued: of six concurrent creates of a 5-line file, on two
+    servers sharing the database and the files, one fits."""
     key_id, secret = new_key(db_engine, "busy")
-    with ThreadPoolExecutor(2) as pool:  # started together: each takes seconds
-        clients = [HostileClient(server.url, secret) for server in pool.map(lambda _: start_server(**limits), range(2))]
-    one, five = (upload(clients[0], write_batch_file(tmp_path / f"{n}.jsonl", n)) for n in (1, 5))
-    assert clients[0].post_json("/v1/batches", {"input_file_id": one, "endpoint": CHAT}).status_code == 200
+    second_server = Server(hostile_server.env, tmp_path / "serve-second.log")
+    try:
+        clients = [HostileClient(server.url, secret) for server in (hostile_server, second_server)]
+        one, five = (upload(clients[0], write_batch_file(tmp_path / f"{n}.jsonl", n)) for n in (1, 5))
+        assert clients[0].post_json("/v1/batches", {"input_file_id": one, "endpoint": CHAT}).status_code == 200
 
-    def create(n: int):
-        return clients[n % 2].post_json("/v1/batches", {"input_file_id": five, "endpoint": CHAT})
+        def create(n: int):
+            return clients[n % 2].post_json("/v1/batches", {"input_file_id": five, "endpoint": CHAT})
 
-    with ThreadPoolExecutor(6) as pool:
-        answers = list(pool.map(create, range(6)))
-    assert sorted(answer.status_code for answer in answers) == [200] + [429] * 5, [a.text for a in answers]
-    assert {openai_error(a)["code"] for a in answers if a.status_code == 429} == {"queued_lines_limit_exceeded"}
-    with db_engine.connect() as connection:
-        queued = connection.scalar(text("SELECT count(*) FROM requests r JOIN jobs j ON j.id = r.job_id "
-                                        "WHERE j.owner_key_id = :k AND r.state = 'queued'"), {"k": key_id})
-    assert queued == 6
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(create, range(6)))
+        assert sorted(answer.status_code for answer in answers) == [200] + [429] * 5, [a.text for a in answers]
+        assert {openai_error(a)["code"] for a in answers if a.status_code == 429} == {"queued_lines_limit_exceeded"}
+        with db_engine.connect() as connection:
+            queued = connection.scalar(text("SELECT count(*) FROM requests r JOIN jobs j ON j.id = r.job_id "
+                                            "WHERE j.owner_key_id = :k AND r.state = 'queued'"), {"k": key_id})
+        assert queued == 6
+    finally:
+        second_server.stop()
+
+
+def test_hostile_strings_never_get_a_5xx_nor_leave_an_orphan_file(tmp_path: Path, hostile_server: Server,
+                                                                  db_engine: Engine) -> None:
+    client = HostileClient(hostile_server.url, new_key(db_engine, "fuzz")[1])
+    real_file = client.upload("p.jsonl", write_batch_file(tmp_path / "p.jsonl", 2).read_bytes()).json()["id"]
+    real_batch = client.post_json("/v1/batches", {"input_file_id": real_file, "endpoint": "/v1/chat/completions"})
+    ids = st.one_of(hostile_text, st.just(real_file), st.just(real_batch.json()["id"]))
+
+    routes = {
+        "retrieve file": lambda s, t, m, c: client.get(f"/v1/files/{encoded(s)}"),
+        "file content": lambda s, t, m, c: client.get(f"/v1/files/{encoded(s)}/content"),
+        "delete file": lambda s, t, m, c: client.request("DELETE", f"/v1/files/{encoded(s)}-{encoded(t)}"),
+        "list files": lambda s, t, m, c: client.get("/v1/files", after=s, purpose=t),
+        "list files by limit": lambda s, t, m, c: client.get("/v1/files", **{"limit": s, t: s}),
+        "retrieve batch": lambda s, t, m, c: client.get(f"/v1/batches/{encoded(s)}"),
+        "cancel batch": lambda s, t, m, c: client.request("POST", f"/v1/batches/{encoded(s)}-{encoded(t)}/cancel"),
+        "list batches": lambda s, t, m, c: client.get("/v1/batches", after=s, limit=t),
+        "create batch": lambda s, t, m, c: client.post_json("/v1/batches", {
+            "input_file_id": s, "endpoint": "/v1/chat/completions", "completion_window": t, "metadata": m}),
+        "create batch, any body": lambda s, t, m, c: client.post_json("/v1/batches", {s: t, "metadata": m}),
+        "upload": lambda s, t, m, c: client.upload(s, c, purpose=t),
+        "upload a batch file": lambda s, t, m, c: client.upload(s, c),
+        "unknown route": lambda s, t, m, c: client.get(f"/v1/{encoded(s)}"),
+        "dashboard cancel": lambda s, t, m, c: client.request("POST", f"/dashboard/batches/{encoded(s)}/cancel"),
+        "dashboard download": lambda s, t, m, c: client.get(f"/dashboard/files/{encoded(s)}"),
+    }
+
+    @settings(max_examples=EXAMPLES, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(st.sampled_from(sorted(routes)), ids, hostile_text, metadata, file_content)
+    def answers_without_5xx(route: str, first: str, second: str, pairs, content: bytes) -> None:
+        response = routes[route](first, second, pairs, content)
+        assert response.status_code < 500, (route, response.status_code, response.text[:300])
+        if response.status_code >= 400 and not route.startswith("dashboard"):
+            openai_error(response)
+
+    answers_without_5xx()
+    assert orphan_files(files_dir(hostile_server), db_engine) == set()
+    assert "Traceback" not in hostile_server.log_path.read_text(errors="replace")
