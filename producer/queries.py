@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from producer.reader import ReadLine
 from schema.cache import CacheScope
 from schema.tables import AuditEvent, DeadLetter, Job, Request, RequestState, Result
-from worker.transitions import WORKER_LOST, move
+from worker.transitions import move
 
 
 def new_job_id() -> str:
@@ -385,18 +385,22 @@ def expire_overdue(session: Session, actor: str) -> int:
 
 
 def queued_request_ids(session: Session, queue: str, older_than: timedelta,
-                       job_id: str | None = None) -> tuple[list[int], list[int]]:
+                       job_id: str | None = None) -> tuple[dict[int, list[int]], list[int]]:
     """The queue's requests queued and untouched for `older_than`, to re-publish if the broker lost them:
-    (suspects, which run alone; the others)."""
-    statement = select(Request.id, Request.error_code).where(
+    (suspects by isolation group, each group run apart; the others)."""
+    statement = select(Request.id, Request.isolation_group).where(
         Request.queue == queue, Request.state == RequestState.queued, Request.updated_at < func.now() - older_than,
     ).order_by(Request.priority.desc(), Request.id)
     if job_id is not None:
         statement = statement.where(Request.job_id == job_id)
-    suspects, others = [], []
-    for request_id, error_code in session.execute(statement):
-        (suspects if error_code == WORKER_LOST else others).append(request_id)
-    return suspects, others
+    groups: dict[int, list[int]] = {}
+    others = []
+    for request_id, isolation_group in session.execute(statement):
+        if isolation_group is None:
+            others.append(request_id)
+        else:
+            groups.setdefault(isolation_group, []).append(request_id)
+    return groups, others
 
 
 def dead_letters(session: Session, job_id: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
@@ -420,7 +424,7 @@ def requeue_dead(session: Session, queue: str, actor: str, request_ids: Sequence
     if job_id is not None:
         which = which & (Request.job_id == job_id)
     rows = move(session, which, RequestState.dead, RequestState.queued, "requeued", actor,
-                "from the dead-letter queue", attempt=0, retry_after=None)
+                "from the dead-letter queue", attempt=0, retry_after=None, isolation_group=None)
     requeued = [row.id for row in rows]
     if requeued:
         session.execute(delete(DeadLetter).where(DeadLetter.request_id.in_(requeued)))

@@ -31,7 +31,7 @@ from producer.reader import ReadLine, read_file
 from schema.cache import CacheScope, cache_owner
 from schema.settings import Settings
 from schema.tables import Job
-from worker.app import publish_slices
+from worker.app import publish_groups, publish_slices
 
 T = TypeVar("T")
 
@@ -214,14 +214,14 @@ def resume_locked(path: Path, job_id: str, settings: Settings, sessions: session
         cache_scope = CacheScope(job.model, cache_owner(job.owner_key_id, settings.result_cache_scope))
         options = queries.JobOptions(settings.max_attempts, cache_scope if job.use_result_cache else None,
                                      job.priority, job.queue)
-        suspects, others = queries.queued_request_ids(session, job.queue, timedelta(0), job_id)
+        suspect_groups, others = queries.queued_request_ids(session, job.queue, timedelta(0), job_id)
     prefix = FilePrefix()
     with path.open("rb") as stream:
         if stored_bytes and prefix.extend(stream, stored_bytes) != stored_sha256:
             raise SubmitError(f"the first {stored_lines} lines of {path} are not those job {job_id} stored: "
                               "resume only with the same file")
     publish_slices(app, others, settings.slice_size)
-    publish_slices(app, suspects, settings.slice_size, isolate=True)
+    publish_groups(app, suspect_groups)
     submit_lines(path, job_id, options, settings, sessions, app, prefix, stored_lines, on_chunk, stop)
     return stored_lines + 1
 

@@ -54,6 +54,7 @@ class Settings(BaseSettings):
     lease_s: PositiveFloat = 120.0  # a running request whose worker stops renewing this is taken back
     reconcile_interval_s: PositiveFloat = 60.0  # how often workers look for expired leases and lost messages
     broker_delivery_limit: PositiveInt = 20  # RabbitMQ quorum queue: redeliveries before the broker dead-letters
+    circuit_failures: PositiveInt = 5  # a worker failing this many distinct requests in a row gives them back and exits
     database_retry_s: PositiveFloat = 600.0  # how long a worker waits out a lost Postgres before giving up a write
     audit_retention_days: PositiveInt = 180  # `deepbatch audit purge` deletes older audit events
     audit_hmac_key_file: Path | None = None  # the key that signs the audit chain; kept out of the database

@@ -131,6 +131,8 @@ class Request(Base):
     error_message: Mapped[str | None] = mapped_column(Text)
     # A retried request waits out its backoff queued; only the worker retrying it claims it before then.
     retry_after: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # A suspect: the requests a lost worker held, run together and apart from the rest (worker/transitions.py).
+    isolation_group: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = created_at_column()
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()

@@ -100,18 +100,25 @@ def slices(request_ids: Sequence[int], slice_size: int) -> list[list[int]]:
     return [list(request_ids[start:start + slice_size]) for start in range(0, len(request_ids), slice_size)]
 
 
-def publish_slices(app: Celery, request_ids: Sequence[int], slice_size: int, isolate: bool = False) -> int:
-    """Publish `request_ids` as messages of up to `slice_size` ids, on one connection; returns the count.
+def publish_slices(app: Celery, request_ids: Sequence[int], slice_size: int) -> int:
+    """Publish `request_ids` as messages of up to `slice_size` ids, on one connection; returns the count."""
+    return _publish(app, [(message, None) for message in slices(request_ids, slice_size)])
 
-    `isolate`: each id alone in its message, to be run with nothing else in the engine (worker/isolation.py).
-    """
-    messages = [[request_id] for request_id in request_ids] if isolate else slices(request_ids, slice_size)
+
+def publish_groups(app: Celery, groups: dict[int, list[int]]) -> int:
+    """Publish each isolation group as one message, to be run by one worker with nothing else in its
+    engine (worker/isolation.py); returns the count."""
+    return _publish(app, [(request_ids, group) for group, request_ids in groups.items()])
+
+
+def _publish(app: Celery, messages: list[tuple[list[int], int | None]]) -> int:
     if not messages:
         return 0
     with app.producer_or_acquire() as producer:
-        for message in messages:
-            app.send_task(PROCESS_SLICE_TASK, args=[message], kwargs={"isolate": isolate}, producer=producer,
-                          argsrepr=slice_repr(message), kwargsrepr=f"{{'isolate': {isolate}}}")
+        for request_ids, group in messages:
+            app.send_task(PROCESS_SLICE_TASK, args=[request_ids], kwargs={"isolation_group": group},
+                          producer=producer, argsrepr=slice_repr(request_ids),
+                          kwargsrepr=f"{{'isolation_group': {group}}}")
     return len(messages)
 
 

@@ -8,9 +8,13 @@ request goes to the recorder. The thread returns (and the message is acknowledge
 claimed is recorded, retries included: a transient failure waits out its backoff queued, then this thread
 claims it again by id.
 
-A message marked `isolate` holds one suspect (its last worker died while running it): it runs alone,
-with nothing else in the engine (worker/isolation.py), so a request that kills its worker takes no
-innocent requests with it.
+A message naming an `isolation_group` holds suspects: requests lost together with a worker. The group runs
+with nothing else in the engine (worker/isolation.py), all of it at once — a hung worker's requests are
+finished at full depth, not one by one — so that, should it kill this worker too, only the group is
+lost, and it is split (worker/transitions.py, RECLAIM_EXPIRED).
+
+Failures pass through a circuit breaker (worker/circuit.py): a worker whose engine keeps failing stops
+claiming, gives back what it holds without counting those attempts, and hands over to `on_circuit_open`.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import Any, Protocol
 from schema.lines import CHAT_URL
 from schema.settings import Settings
 from worker import metrics
+from worker.circuit import CircuitBreaker
 from worker.engine.types import Completion, PermanentEngineError, SamplingParams
 from worker.isolation import IsolationLock
 from worker.recorder import Outcome, Recorder
@@ -69,11 +74,6 @@ class SliceTracker:
         with self.condition:
             self.outstanding += count
 
-    def count(self, outcome: str, requests: int) -> None:
-        """Requests that ended without being claimed here (dead-lettered at the claim)."""
-        with self.condition:
-            self.counts[outcome] += requests
-
     def settle(self, outcome: str, request_id: int, retry_after_s: float = 0.0) -> None:
         with self.condition:
             self.outstanding -= 1
@@ -99,11 +99,16 @@ class SliceTracker:
 
 class Feeder:
     def __init__(self, settings: Settings, engine: Engine, encoder: Any, transitions: Transitions,
-                 announce_dead: Any = lambda letters: None):
+                 announce_dead: Any = lambda letters: None, republish: Any = lambda ordinary, groups: None,
+                 on_circuit_open: Any = lambda: None):
         self.settings, self.engine, self.encoder, self.transitions = settings, engine, encoder, transitions
         self.announce_dead = announce_dead  # copies dead-lettered requests to the broker's dead-letter queue
+        self.republish = republish  # publishes given-back requests again: (ordinary ids, isolation groups)
+        self.on_circuit_open = on_circuit_open  # called once what this worker held is given back: it exits
+        self.circuit = CircuitBreaker(settings.circuit_failures)
         self.isolation = IsolationLock()
-        self.held: dict[int, tuple[SliceTracker, float]] = {}  # claimed, not yet recorded: slice, claim time
+        # Claimed, not yet recorded: the claim, its slice, the claim time.
+        self.held: dict[int, tuple[ClaimedRequest, SliceTracker, float]] = {}
         self.held_lock = threading.Lock()
         self.room = threading.Condition()
         self.in_engine = 0  # submitted to the engine and not yet finished, or reserved for a claim under way
@@ -115,20 +120,20 @@ class Feeder:
 
     # ---- a slice's life (a Celery thread) ----
 
-    def run_slice(self, request_ids: Sequence[int], isolate: bool = False) -> dict[str, int]:
+    def run_slice(self, request_ids: Sequence[int], isolation_group: int | None = None) -> dict[str, int]:
         tracker = SliceTracker()
-        with self.isolation.alone() if isolate else self.isolation.shared():
-            if isolate:
-                self._claim_ids(request_ids, tracker)
-            else:
+        with self.isolation.shared() if isolation_group is None else self.isolation.alone():
+            if isolation_group is None:
                 self._claim_budget(len(request_ids), tracker)
+            else:
+                self._start(self._db(lambda: self.transitions.claim_group(request_ids, isolation_group)), tracker)
             while (due := tracker.wait()) is not None:
                 self._claim_ids(due, tracker)
         return dict(tracker.counts)
 
     def _claim_budget(self, budget: int, tracker: SliceTracker) -> None:
         """Claim up to `budget` requests, a batch whenever the engine has room, until none are queued."""
-        while budget > 0:
+        while budget > 0 and not self.circuit.is_open:
             reserved = self._reserve_room(budget)
             claims = []
             try:
@@ -141,11 +146,7 @@ class Feeder:
             self._start(claims, tracker, room_reserved=True)
 
     def _claim_ids(self, request_ids: Sequence[int], tracker: SliceTracker) -> None:
-        claims, dead = self._db(lambda: self.transitions.claim_ids(request_ids))
-        if dead:
-            self._announce(dead)
-            tracker.count("dead", len(dead))
-        self._start(claims, tracker)
+        self._start(self._db(lambda: self.transitions.claim_ids(request_ids)), tracker)
 
     def _reserve_room(self, wanted: int) -> int:
         """Waits until the engine can take a worthwhile batch — all of `wanted`, or a quarter of the target
@@ -177,10 +178,16 @@ class Feeder:
             return
         if not room_reserved:
             self._release_room(-len(claims))
-        tracker.add(len(claims))
         now = time.monotonic()
-        with self.held_lock:
-            self.held.update((claim.id, (tracker, now)) for claim in claims)
+        with self.held_lock:  # the circuit opens before what is held is given back, under this lock
+            refused = self.circuit.is_open
+            if not refused:
+                tracker.add(len(claims))
+                self.held.update((claim.id, (claim, tracker, now)) for claim in claims)
+        if refused:  # claimed as the circuit opened
+            self._release_room(len(claims))
+            self._give_back(claims, {})
+            return
         metrics.in_flight.inc(len(claims))
         for claim in claims:
             if claim.attempt == 1:
@@ -232,11 +239,58 @@ class Feeder:
         if completion is not None:
             self.recorder.put(Success(claim, completion.text, completion.finish_reason, completion.prompt_tokens,
                                       completion.completion_tokens))
+            self._record_failures(self.circuit.succeeded())
+        elif isinstance(error, PermanentEngineError):  # the request's own fault, whatever the engine's state
+            self.recorder.put(failure_for(claim, error, self.settings))
         else:
             assert error is not None
-            if not isinstance(error, PermanentEngineError):
+            if not self.circuit.is_open:
                 log.warning("request %s attempt %s failed: %r", claim.id, claim.attempt, error)
+            if self.circuit.failed(claim, error):  # held for a verdict (worker/circuit.py)
+                threading.Thread(target=self._open_circuit, name="deepbatch-circuit").start()
+
+    def _record_failures(self, failures: list[tuple[ClaimedRequest, BaseException]]) -> None:
+        for claim, error in failures:
             self.recorder.put(failure_for(claim, error, self.settings))
+
+    def judge_failures_alone(self) -> None:
+        """With nothing in the engine to judge them by, the failures held are taken as the requests' own
+        (the maintenance thread calls this each tick)."""
+        with self.room:
+            idle = self.in_engine == 0
+        if idle:
+            self._record_failures(self.circuit.judge_alone())
+
+    # ---- the circuit opened (a thread of its own) ----
+
+    def _open_circuit(self) -> None:
+        """Record as their own the failures of requests that already failed on another worker whose circuit
+        opened, give back the rest of what this worker holds, uncounted, publish it again for the other
+        workers, and hand over to `on_circuit_open`, whatever fails on the way (the leases then expire)."""
+        log.error("circuit open: %s; this worker claims no more requests, gives back the ones it holds and "
+                  "exits", self.circuit.open_reason)
+        metrics.circuit_open.set(1)
+        try:
+            failures = self.circuit.failures_held()
+            own_fault = self._db(lambda: self.transitions.failed_elsewhere(list(failures)))
+            self._record_failures([failures[request_id] for request_id in own_fault])
+            failed_here = {request_id: f"{type(error).__name__}: {error}"
+                           for request_id, (_, error) in failures.items() if request_id not in own_fault}
+            self.recorder.stop()  # what finished is written; what is still held is given back below
+            with self.held_lock:
+                held = [claim for claim, _, _ in self.held.values()]
+            self._give_back(held, failed_here)
+        except Exception:  # noqa: BLE001 - the worker stops all the same; its leases will expire
+            log.exception("could not give back the requests this worker holds; their leases will expire")
+        finally:
+            self.on_circuit_open()
+
+    def _give_back(self, claims: list[ClaimedRequest], failed_here: dict[int, str]) -> None:
+        ordinary, groups = self._db(lambda: self.transitions.give_back(claims, failed_here))
+        given = len(ordinary) + sum(len(group) for group in groups.values())
+        metrics.given_back.inc(given)
+        log.error("circuit open: gave back %d requests, their attempts not counted", given)
+        self.republish(ordinary, groups)
 
     # ---- out of the recorder (the recorder's thread) ----
 
@@ -253,7 +307,7 @@ class Feeder:
                 dead.append(DeadRequest(outcome.claim.id, outcome.claim.job_id, outcome.claim.attempt,
                                         f"{outcome.error_code}: {outcome.error_message}"))
             if holder is not None:
-                tracker, claimed_at = holder
+                _, tracker, claimed_at = holder
                 metrics.request_latency.observe(now - claimed_at)
                 retry_after = outcome.retry_after_s if isinstance(outcome, Failure) else 0.0
                 tracker.settle(name, outcome.claim.id, retry_after)

@@ -1,10 +1,10 @@
-"""Running suspects alone, so that a request that crashes its worker takes no innocent requests with it.
+"""Running suspects apart, so that a request that crashes its worker takes no other requests with it.
 
-When a worker dies, every request it was running loses an attempt: the culprit cannot be told from its
-batch-mates. Those requests come back marked `worker_lost`; each then runs alone — no other request of
-this process is claimed or in the engine meanwhile — so the next crash is charged to the culprit only,
-and the innocent ones succeed. A readers-writer lock: ordinary requests share it, a suspect takes it
-whole. Waiting suspects go first, so a steady stream of ordinary requests cannot starve them.
+When a worker is lost, the culprit (if a request was one) cannot be told from its batch-mates: they come
+back together as an isolation group (worker/transitions.py), which runs with no other request of this
+process claimed or in the engine meanwhile, so that a second loss falls on the group alone, which is then
+split. A readers-writer lock: ordinary slices share it, a group takes it whole. Waiting groups go first,
+so a steady stream of ordinary requests cannot starve them.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Prometheus metrics of a worker process, served on DEEPBATCH_METRICS_PORT (README: Metrics).
 
-Counters and histograms are updated where requests finish (worker/runtime.py); engine gauges are read
+Counters and histograms are updated where requests finish (worker/feeder.py); engine gauges are read
 from the engine's optional `stats()` by the maintenance thread, so the engine stays free of this module.
 """
 
@@ -26,6 +26,9 @@ request_latency = Histogram("deepbatch_request_latency_seconds", "From claim to 
                             buckets=LATENCY_BUCKETS)
 queue_wait = Histogram("deepbatch_queue_wait_seconds", "From submission to the first claim", buckets=WAIT_BUCKETS)
 in_flight = Gauge("deepbatch_requests_in_flight", "Requests this worker is running now")
+circuit_open = Gauge("deepbatch_circuit_open", "1 once this worker's engine failed too often (it then exits)")
+given_back = Counter("deepbatch_requests_given_back_total",
+                     "Requests given back, their attempts not counted, when this worker's circuit opened")
 batch_size = Gauge("deepbatch_engine_batch_size", "Sequences in the engine's latest step")
 kv_cache_usage = Gauge("deepbatch_engine_kv_cache_usage", "Fraction of the engine's KV-cache blocks in use")
 

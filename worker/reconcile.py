@@ -1,12 +1,12 @@
 """Rebuilding the broker's view from Postgres, the source of truth.
 
 Also where completion windows are enforced: queued requests of an overdue job become `expired`.
-Two kinds of loss are repaired: requests held by a worker that died (lease expired: re-queued as
-suspects, each in a message of its own to run alone, or dead-lettered after the last attempt) and
-messages the broker lost (a Redis restarted without persistence, a purged queue): when the queue is
-empty but Postgres still holds queued requests that nobody touched for a while, they are published again
-as slices. Duplicates are harmless: a slice is a right to claim, and the claim in Postgres lets each
-request through once.
+Two kinds of loss are repaired: requests held by a worker that died (lease expired: re-queued in
+isolation groups, each group in a message of its own, or dead-lettered — worker/transitions.py,
+RECLAIM_EXPIRED, says which and what it costs them) and messages the broker lost (a Redis restarted
+without persistence, a purged queue): when the queue is empty but Postgres still holds queued requests
+that nobody touched for a while, they are published again as slices (suspects, as their groups). Duplicates are harmless: a slice is a right to claim, a group
+message claims only while its group is unchanged, and the claim in Postgres lets each request through once.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from celery import Celery
 
 from producer import queries
 from schema.settings import Settings
-from worker.app import publish_dead_letters, publish_slices, queue_length
+from worker.app import publish_dead_letters, publish_groups, publish_slices, queue_length
 from worker.transitions import DeadRequest, Transitions
 
 log = logging.getLogger(__name__)
@@ -44,18 +44,19 @@ def reconcile(transitions: Transitions, app: Celery, settings: Settings, quiet_f
     """
     with transitions.sessions.begin() as session:
         expired = queries.expire_overdue(session, transitions.worker)
-    requeued, dead = transitions.reclaim_expired()
-    publish_slices(app, requeued, settings.slice_size, isolate=True)
+    requeued_groups, dead = transitions.reclaim_expired()
+    publish_groups(app, requeued_groups)
     publish_dead_letters(app, settings, [asdict(letter) for letter in dead])
+    requeued = [request_id for group in requeued_groups.values() for request_id in group]
     republished: list[int] = []
     if force or queue_length(app, settings.queue_name) == 0:
         with transitions.sessions() as session:
-            suspects, others = queries.queued_request_ids(session, settings.queue_name, quiet_for)
-        just_requeued = set(requeued)  # published as suspects above already
-        suspects = [request_id for request_id in suspects if request_id not in just_requeued]
-        publish_slices(app, suspects, settings.slice_size, isolate=True)
+            suspect_groups, others = queries.queued_request_ids(session, settings.queue_name, quiet_for)
+        for group in requeued_groups:  # published above already
+            suspect_groups.pop(group, None)
+        publish_groups(app, suspect_groups)
         publish_slices(app, others, settings.slice_size)
-        republished = suspects + others
+        republished = [request_id for group in suspect_groups.values() for request_id in group] + others
     return ReconcileReport(requeued, dead, republished, expired)
 
 

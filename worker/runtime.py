@@ -7,16 +7,18 @@ cache, and every slice's requests must land in the same continuous batch.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import socket
 import threading
 from datetime import timedelta
-from typing import Any
+from functools import partial
 
 from schema.db import session_factory
 from schema.settings import Settings, get_settings
 from worker import metrics
-from worker.app import celery_app, publish_dead_letters
+from worker.app import celery_app, publish_dead_letters, publish_groups, publish_slices
+from worker.circuit import EXIT_CIRCUIT_OPEN
 from worker.engine.types import EngineConfig
 from worker.feeder import Engine, Feeder
 from worker.reconcile import Maintenance
@@ -116,13 +118,29 @@ def get_feeder() -> Feeder:
                                       settings.queue_name)
             encoder = PromptEncoder(load_tokenizer(settings.model))
             _feeder = Feeder(settings, build_engine(settings), encoder, transitions,
-                             announce_dead=lambda letters: publish_dead_letters(celery_app, settings, letters))
-            engine: Any = _feeder.engine
+                             announce_dead=lambda letters: publish_dead_letters(celery_app, settings, letters),
+                             republish=lambda ordinary, groups: (publish_slices(celery_app, ordinary,
+                                                                                settings.slice_size),
+                                                                 publish_groups(celery_app, groups)),
+                             on_circuit_open=exit_for_supervisor)
             _maintenance = Maintenance(transitions, celery_app, settings, _feeder.held_request_ids,
-                                       on_tick=lambda: metrics.record_engine_stats(engine))
+                                       on_tick=partial(on_tick, _feeder))
             _maintenance.start()
             metrics.serve(settings.metrics_port)
         return _feeder
+
+
+def on_tick(feeder: Feeder) -> None:
+    feeder.judge_failures_alone()
+    metrics.record_engine_stats(feeder.engine)
+
+
+def exit_for_supervisor() -> None:
+    """The circuit opened (worker/circuit.py) and what this worker held is given back: exit at once, with
+    no warm shutdown, so that the broker redelivers the slices it holds (their unclaimed requests) to the
+    other workers, and the supervisor restarts it."""
+    logging.shutdown()
+    os._exit(EXIT_CIRCUIT_OPEN)
 
 
 def shutdown() -> None:

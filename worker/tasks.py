@@ -10,9 +10,10 @@ from worker.runtime import get_feeder, shutdown
 
 
 @celery_app.task(name=PROCESS_SLICE_TASK)
-def process_slice(request_ids: list[int], isolate: bool = False) -> dict[str, int]:
-    """Returns what became of the requests this slice claimed: {"succeeded": n, "retried": n, ...}."""
-    return get_feeder().run_slice(request_ids, isolate)
+def process_slice(request_ids: list[int], isolation_group: int | None = None) -> dict[str, int]:
+    """Returns what became of the requests this slice claimed: {"succeeded": n, "retried": n, ...}.
+    With `isolation_group`, the message holds that group of suspects (worker/transitions.py)."""
+    return get_feeder().run_slice(request_ids, isolation_group)
 
 
 @worker_init.connect

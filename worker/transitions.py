@@ -6,8 +6,13 @@ gets no event — which is what makes a redelivered slice or a late worker harml
 transitions costs one round trip and one audit INSERT (sealed as one batch by the audit chain), not N.
 
 Leases: a worker renews the leases of the requests it holds; a running request whose lease expired
-belongs to a dead worker and is taken back by `reclaim_expired` — re-queued as a suspect while attempts
-remain, dead-lettered after the last (a request that kills its worker cannot loop forever).
+belongs to a lost worker and is taken back by `reclaim_expired`, into an isolation group (RECLAIM_EXPIRED
+says how groups run, split and are charged: a request that kills its worker cannot loop forever, nor
+take innocent requests with it). A worker whose engine is broken gives back what it holds (`give_back`).
+
+An attempt that is not the request's fault is not counted by raising the request's `max_attempts` by one,
+never by lowering `attempt`: the attempt number guards every record, and a number that came round again
+would let the worker that lost the request (hung, not dead) record over the attempt that replaced it.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from schema.tables import Request, RequestState
 
 RECONCILE_LOCK = "deepbatch.reconcile"
 WORKER_LOST = "worker_lost"
+FAILED_HERE = "failed here: "  # how a given-back request's audit event begins when its attempt failed
+IsolationGroups = dict[int, list[int]]  # isolation group → its request ids
 
 
 @dataclass(frozen=True)
@@ -107,20 +114,26 @@ def _claim_statement(picked: str) -> TextClause:
 
 
 # The most urgent queued requests of the queue (priority, then age), skipping rows another worker is
-# claiming, suspects (they run alone, from their own messages) and retries still in their backoff.
+# claiming, suspects (their isolation group runs apart, from its own message) and retries in their backoff.
 CLAIM_NEXT = _claim_statement("""
     SELECT id, state FROM requests
-    WHERE queue = :queue AND state = 'queued' AND error_code IS DISTINCT FROM 'worker_lost'
+    WHERE queue = :queue AND state = 'queued' AND isolation_group IS NULL
       AND (retry_after IS NULL OR retry_after <= now())
     ORDER BY priority DESC, id LIMIT :limit
     FOR UPDATE SKIP LOCKED
 """)
 
-# These requests, if queued (any backoff is the caller's to wait) or held by a dead worker with attempts left.
+# These requests, if queued: retries whose backoff the caller waited out. A lost worker's requests are
+# not taken over here but by RECLAIM_EXPIRED, which alone decides what their loss costs them.
 CLAIM_IDS = _claim_statement("""
+    SELECT id, state FROM requests WHERE id = ANY(:ids) AND state = 'queued' FOR UPDATE
+""").bindparams(*_arrays(ids=BIGINT))
+
+# An isolation group's queued requests, if the group is still the one its message names: a stale message
+# (a group since split, redelivered by the broker) claims nothing.
+CLAIM_GROUP = _claim_statement("""
     SELECT id, state FROM requests
-    WHERE id = ANY(:ids)
-      AND (state = 'queued' OR (state = 'running' AND lease_expires_at < now() AND attempt < max_attempts))
+    WHERE id = ANY(:ids) AND isolation_group = :isolation_group AND state = 'queued'
     FOR UPDATE
 """).bindparams(*_arrays(ids=BIGINT))
 
@@ -187,40 +200,103 @@ RECORD_FAILURES = text("""
 """)
 
 
-def _lost_statement(lost: str, to_state: RequestState, event: str) -> TextClause:
-    """Running requests whose worker stopped renewing their lease (`lost` picks them) → `to_state`."""
-    dead_letter = """
-        , buried AS (
-            INSERT INTO dead_letters (request_id, job_id, attempts, last_error)
-            SELECT id, job_id, attempt, 'worker_lost: ' || error_message FROM moved
-            ON CONFLICT (request_id) DO NOTHING
-        )""" if to_state is RequestState.dead else ""
-    return text(f"""
-        WITH lost AS ({lost} FOR UPDATE SKIP LOCKED),
-        moved AS (
-            UPDATE requests r
-            SET state = '{to_state.value}', lease_expires_at = NULL, updated_at = now(), error_code = 'worker_lost',
-                error_message = 'lease expired: worker ' || coalesce(r.worker, '?')
-                                || ' stopped during attempt ' || r.attempt
-            FROM lost WHERE r.id = lost.id
-            RETURNING r.id, r.job_id, r.attempt, r.error_message
-        ){dead_letter},
-        audited AS (
-            INSERT INTO audit_events (job_id, request_id, event, from_state, to_state, attempt, worker, detail)
-            SELECT job_id, id, '{event}', 'running', '{to_state.value}', attempt, :worker, error_message
-            FROM moved ORDER BY id
-        )
-        SELECT id, job_id, attempt, 'worker_lost: ' || error_message AS error FROM moved ORDER BY id
-    """)
+# Running requests whose worker stopped renewing their leases (it died, hung or lost its database), taken
+# back: all that worker holds, as soon as one of its leases has expired (it renews them all at once), so
+# that what it held comes back together. Which of them (if any) stopped it cannot be told, so the loss is
+# charged only to a request that was running alone: lost with others, its attempt is not counted. They
+# come back as one isolation group, which runs with nothing else in a worker's engine — at full depth, so
+# that a hung worker's requests are finished at the normal rate, where running each suspect alone made a
+# hung worker's 128 requests a tail of one at a time — and a group that loses its worker again is split
+# in two, each half a group of its own (bisection): a request that kills every worker it runs on is alone
+# after a few losses (one per halving), is charged from then on, and is dead-lettered after its last
+# attempt, while its innocent group-mates succeed, never charged. Bisection costs a few more lost workers
+# in that rare case (each a lease and a restart) for a full-depth recovery in the common one (a hang, a
+# kill, a lost host), and while it halves, the other half and every other worker run at full depth.
+RECLAIM_EXPIRED = text(f"""
+    WITH lost_workers AS (
+        SELECT DISTINCT worker FROM requests
+        WHERE queue = :queue AND state = 'running' AND lease_expires_at < now()
+    ),
+    taken AS (
+        SELECT id FROM requests
+        WHERE queue = :queue AND state = 'running' AND worker IN (SELECT worker FROM lost_workers)
+        FOR UPDATE SKIP LOCKED
+    ),
+    lost AS (
+        SELECT r.id, r.worker, r.attempt, r.max_attempts,
+               bool_or(r.isolation_group IS NOT NULL) OVER (PARTITION BY r.worker) AS was_isolated,
+               row_number() OVER (PARTITION BY r.worker ORDER BY r.id) AS position,
+               count(*) OVER (PARTITION BY r.worker) AS held
+        FROM requests r JOIN taken USING (id)
+    ),
+    parted AS (
+        SELECT id, worker, attempt, held,
+               CASE WHEN was_isolated AND position > (held + 1) / 2 THEN 2 ELSE 1 END AS part,
+               held = 1 AND attempt >= max_attempts AS buried
+        FROM lost
+    ),
+    groups AS (
+        SELECT worker, part, nextval('request_isolation_groups') AS isolation_group
+        FROM (SELECT DISTINCT worker, part FROM parted WHERE NOT buried) AS parts
+    ),
+    moved AS (
+        UPDATE requests r
+        SET state = CASE WHEN p.buried THEN 'dead' ELSE 'queued' END::request_state,
+            max_attempts = r.max_attempts + CASE WHEN p.held > 1 THEN 1 ELSE 0 END,
+            isolation_group = g.isolation_group, lease_expires_at = NULL, updated_at = now(),
+            error_code = '{WORKER_LOST}',
+            error_message = 'lease expired: worker ' || coalesce(r.worker, '?') || ' stopped during attempt '
+                            || r.attempt || CASE WHEN p.held > 1 THEN ' (lost with ' || p.held - 1
+                                                 || ' other requests: not counted)' ELSE '' END
+        FROM parted p LEFT JOIN groups g ON g.worker = p.worker AND g.part = p.part
+        WHERE r.id = p.id
+        RETURNING r.id, r.job_id, r.attempt, r.state::text AS to_state, r.isolation_group, r.error_message
+    ),
+    buried AS (
+        INSERT INTO dead_letters (request_id, job_id, attempts, last_error)
+        SELECT id, job_id, attempt, '{WORKER_LOST}: ' || error_message FROM moved WHERE to_state = 'dead'
+        ON CONFLICT (request_id) DO NOTHING
+    ),
+    audited AS (
+        INSERT INTO audit_events (job_id, request_id, event, from_state, to_state, attempt, worker, detail)
+        SELECT job_id, id, CASE to_state WHEN 'dead' THEN 'dead_lettered' ELSE 'requeued' END, 'running', to_state,
+               attempt, :worker, error_message
+        FROM moved ORDER BY id
+    )
+    SELECT id, job_id, attempt, to_state, isolation_group, '{WORKER_LOST}: ' || error_message AS error
+    FROM moved ORDER BY id
+""")
 
+# What a worker whose circuit opened (worker/circuit.py) held: running → queued, the attempt not counted,
+# into the isolation group each had (none, for most). Guarded by the worker and the attempt, so a request
+# that another worker has taken back meanwhile is left alone.
+GIVE_BACK = text("""
+    WITH given AS (
+        SELECT * FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS g(id bigint, attempt int, detail text)
+    ),
+    moved AS (
+        UPDATE requests r
+        SET state = 'queued', max_attempts = r.max_attempts + 1, lease_expires_at = NULL, retry_after = NULL,
+            updated_at = now()
+        FROM given g
+        WHERE r.id = g.id AND r.state = 'running' AND r.worker = :worker AND r.attempt = g.attempt
+        RETURNING r.id, r.job_id, r.attempt, r.max_attempts, r.isolation_group, g.detail
+    ),
+    audited AS (
+        INSERT INTO audit_events (job_id, request_id, event, from_state, to_state, attempt, worker, detail)
+        SELECT job_id, id, 'given_back', 'running', 'queued', attempt, :worker,
+               detail || '; attempt ' || attempt || ' not counted (attempts allowed: ' || max_attempts || ')'
+        FROM moved ORDER BY id
+    )
+    SELECT id, isolation_group FROM moved ORDER BY id
+""")
 
-EXPIRED_LEASES = "SELECT id FROM requests WHERE state = 'running' AND lease_expires_at < now()"
-REQUEUE_EXPIRED = _lost_statement(EXPIRED_LEASES + " AND queue = :queue AND attempt < max_attempts",
-                                  RequestState.queued, "requeued")
-BURY_EXPIRED = _lost_statement(EXPIRED_LEASES + " AND queue = :queue AND attempt >= max_attempts",
-                               RequestState.dead, "dead_lettered")
-BURY_EXPIRED_IDS = _lost_statement(EXPIRED_LEASES + " AND id = ANY(:ids) AND attempt >= max_attempts",
-                                   RequestState.dead, "dead_lettered").bindparams(*_arrays(ids=BIGINT))
+# Which of these requests an opened circuit of another worker gave back after they failed there: failing
+# again, on a second worker, the fault is plausibly the request's own, and the attempt counts.
+FAILED_ELSEWHERE = text("""
+    SELECT DISTINCT request_id FROM audit_events
+    WHERE request_id = ANY(:ids) AND event = 'given_back' AND worker <> :worker AND detail LIKE :failed_here
+""").bindparams(*_arrays(ids=BIGINT))
 
 
 # An earlier succeeded request with the same cache key (schema/cache.py), for each key asked.
@@ -256,14 +332,17 @@ class Transitions:
             return _claims(session.execute(CLAIM_NEXT, {"queue": self.queue, "limit": limit, "worker": self.worker,
                                                         "lease": self.lease}))
 
-    def claim_ids(self, request_ids: Sequence[int]) -> tuple[list[ClaimedRequest], list[DeadRequest]]:
-        """These requests: queued (or held by a dead worker) → running. A request whose worker died during
-        its last attempt is not run again: it is dead-lettered here, as `reclaim_expired` would."""
+    def claim_ids(self, request_ids: Sequence[int]) -> list[ClaimedRequest]:
+        """Those of these requests that are queued: queued → running."""
         with self.sessions.begin() as session:
-            ids = list(request_ids)
-            dead = _dead(session.execute(BURY_EXPIRED_IDS, {"ids": ids, "worker": self.worker}))
-            claims = _claims(session.execute(CLAIM_IDS, {"ids": ids, "worker": self.worker, "lease": self.lease}))
-            return claims, dead
+            return _claims(session.execute(CLAIM_IDS, {"ids": list(request_ids), "worker": self.worker,
+                                                       "lease": self.lease}))
+
+    def claim_group(self, request_ids: Sequence[int], isolation_group: int) -> list[ClaimedRequest]:
+        """The queued requests of an isolation group (`request_ids`, as its message lists them) → running."""
+        with self.sessions.begin() as session:
+            return _claims(session.execute(CLAIM_GROUP, {"ids": list(request_ids), "isolation_group": isolation_group,
+                                                         "worker": self.worker, "lease": self.lease}))
 
     def cached_successes(self, claims: Sequence[ClaimedRequest]) -> list[Success]:
         """The claims an identical earlier greedy request already answered, with that answer."""
@@ -313,18 +392,48 @@ class Transitions:
                 .values(lease_expires_at=func.now() + self.lease)
             ).rowcount
 
-    def reclaim_expired(self) -> tuple[list[int], list[DeadRequest]]:
+    def reclaim_expired(self) -> tuple[IsolationGroups, list[DeadRequest]]:
         """Take back this queue's running requests whose worker stopped renewing its lease.
 
-        Returns (re-queued suspect ids, dead-lettered requests). Only one process does this at a time.
+        Returns (the isolation groups re-queued, dead-lettered requests). Only one process does this at a time.
         """
         with self.sessions.begin() as session:
             lock_key = func.hashtext(f"{RECONCILE_LOCK}:{self.queue}")
             if not session.scalar(select(func.pg_try_advisory_xact_lock(lock_key))):
-                return [], []
-            parameters = {"queue": self.queue, "worker": self.worker}
-            requeued = [row.id for row in session.execute(REQUEUE_EXPIRED, parameters)]
-            return requeued, _dead(session.execute(BURY_EXPIRED, parameters))
+                return {}, []
+            rows = session.execute(RECLAIM_EXPIRED, {"queue": self.queue, "worker": self.worker}).all()
+        groups: IsolationGroups = {}
+        for row in rows:
+            if row.to_state == RequestState.queued.value:
+                groups.setdefault(row.isolation_group, []).append(row.id)
+        return groups, _dead(row for row in rows if row.to_state == RequestState.dead.value)
+
+    def give_back(self, held: Sequence[ClaimedRequest],
+                  failed_here: dict[int, str]) -> tuple[list[int], IsolationGroups]:
+        """Requests this worker holds and cannot run (its circuit opened) → queued, their attempts not
+        counted. `failed_here`: those whose attempt failed on this worker, with the error, which the audit
+        event keeps. Returns (ordinary request ids, isolation groups) given back, to publish again."""
+        rows = [{"id": claim.id, "attempt": claim.attempt,
+                 "detail": FAILED_HERE + failed_here[claim.id][:1000] if claim.id in failed_here else "circuit open"}
+                for claim in held]
+        if not rows:
+            return [], {}
+        with self.sessions.begin() as session:
+            moved = session.execute(GIVE_BACK, {"rows": json.dumps(rows).replace("\\u0000", "\\ufffd"),
+                                                "worker": self.worker}).all()
+        groups: IsolationGroups = {}
+        for row in moved:
+            if row.isolation_group is not None:
+                groups.setdefault(row.isolation_group, []).append(row.id)
+        return [row.id for row in moved if row.isolation_group is None], groups
+
+    def failed_elsewhere(self, request_ids: Sequence[int]) -> set[int]:
+        """Those of these requests that another worker's opened circuit gave back after they failed there."""
+        if not request_ids:
+            return set()
+        with self.sessions() as session:
+            return set(session.scalars(FAILED_ELSEWHERE, {"ids": list(request_ids), "worker": self.worker,
+                                                          "failed_here": FAILED_HERE + "%"}))
 
 
 def move(session: Session, which: ColumnElement[bool], from_state: RequestState, to_state: RequestState,

@@ -6,6 +6,7 @@ Each test ends with every request in exactly one final state and at most one res
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -272,22 +273,127 @@ def test_always_failing_request_is_dead_lettered_after_max_attempts_and_requeue_
     print("chaos (5) dead letter + requeue counts:", result)
 
 
+@pytest.mark.parametrize("broker_url", ["rabbitmq"], indirect=True)  # redelivers a dead worker's messages at once
 def test_a_request_that_kills_its_worker_is_dead_lettered_instead_of_looping(
     tmp_path: Path, chaos_env: dict, start_worker, db_engine: Engine
 ) -> None:
-    env = {**chaos_env, "DEEPBATCH_ENGINE": "tests.chaos.engines:poison_engine"}
-    prompts = write_prompts(tmp_path / "prompts.jsonl", 40, special={5: "KILL_WORKER now"})
+    """Three requests, the third kills every worker it runs on. The first worker dies holding all three:
+    they come back as one group, uncharged, which kills the second worker too; the group is split, lines
+    1-2 succeed together, and line 3 runs alone, is charged, and having no attempt left (max 1) is
+    dead-lettered. Its group-mates are never charged, even by the redelivered messages of dead workers."""
+    env = {**chaos_env, "DEEPBATCH_ENGINE": "tests.chaos.engines:poison_engine", "DEEPBATCH_MAX_ATTEMPTS": "1",
+           "DEEPBATCH_LEASE_S": "3", "DEEPBATCH_RECONCILE_INTERVAL_S": "1"}
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 3, special={3: "KILL_WORKER now"})
     job_id = deepbatch("submit", str(prompts), env=env).stdout.strip()
-    workers_started = len(supervise(db_engine, job_id, 40, start_worker, env, timeout=240))
-    result = assert_every_request_final_once(db_engine, job_id, 40)
+    workers_started = len(supervise(db_engine, job_id, 3, start_worker, env, timeout=300))
+    result = assert_every_request_final_once(db_engine, job_id, 3)
     with db_engine.connect() as connection:
         state, attempt, error = connection.execute(text(
-            "SELECT state, attempt, error_message FROM requests WHERE job_id = :j AND line_no = 5"),
+            "SELECT state, attempt, error_message FROM requests WHERE job_id = :j AND line_no = 3"),
             {"j": job_id}).one()
-    assert (state, attempt, result["succeeded"], result["dead"]) == ("dead", 3, 39, 1)  # slice-mates all succeed
+        charged = connection.execute(text(
+            "SELECT count(*) FROM requests WHERE job_id = :j AND line_no <> 3 AND attempt > max_attempts"),
+            {"j": job_id}).scalar()
+    assert (state, result["succeeded"], result["dead"]) == ("dead", 2, 1)
+    assert charged == 0, "an innocent request was charged for a loss it shared"
+    # Killed holding 3 and 3 (uncharged), then alone (charged): three workers, and a fourth alive at the end.
+    assert (attempt, workers_started) == (3, 4), (attempt, workers_started)
     assert "stopped during attempt 3" in error
-    assert workers_started == 4  # three killed by the poison, one alive at the end
     print("poison request counts:", result, "workers started:", workers_started)
+
+
+@pytest.mark.parametrize("broker_url", ["rabbitmq"], indirect=True)
+def test_a_hung_workers_requests_are_finished_at_full_depth(
+    tmp_path: Path, chaos_env: dict, start_worker, db_engine: Engine
+) -> None:
+    """Two workers on a batching engine of 8 a step, 0.5 s a step (16 requests/s each). Once the whole job is
+    claimed, one is stopped (SIGSTOP) past its lease: the survivor takes back what it held and runs it at
+    no less than half the rate each worker ran at before, every request succeeding once."""
+    env = {**chaos_env, "DEEPBATCH_ENGINE": "tests.chaos.engines:slow_engine", "DEEPBATCH_TEST_STEP_S": "0.5",
+           "DEEPBATCH_MAX_BATCH_SIZE": "8", "DEEPBATCH_SLICE_SIZE": "16", "DEEPBATCH_LEASE_S": "3",
+           "DEEPBATCH_RECONCILE_INTERVAL_S": "1"}
+    total = 240
+    prompts = write_prompts(tmp_path / "prompts.jsonl", total)
+    workers = [start_worker(**env), start_worker(**env)]
+    for worker in workers:
+        wait_until(lambda: " ready." in worker.log_text(), timeout=120,
+                   message=f"the worker to start; its log:\n{worker.log_text()[-2000:]}")
+    job_id = deepbatch("submit", str(prompts), env=env).stdout.strip()
+    hung = workers[1]
+    try:
+        wait_until(lambda: counts(db_engine, job_id)["final"] + running(db_engine, job_id) == total, timeout=120,
+                   interval=0.02, message="the whole job to be claimed")
+        hung.process.send_signal(signal.SIGSTOP)
+        with db_engine.connect() as connection:
+            hung_at = connection.execute(text("SELECT now()")).scalar()
+        lost = running(db_engine, job_id, f"%:{hung.process.pid}")
+        assert lost >= 4, f"the stopped worker held {lost} requests: too few to measure"
+        wait_for_job(db_engine, job_id, total, timeout=120, log=workers[0].log_text)
+    finally:
+        hung.process.kill()
+    result = assert_every_request_final_once(db_engine, job_id, total)
+    assert result["succeeded"] == total, result
+    steady, tail, recovered = rates(db_engine, job_id, hung_at)
+    assert recovered == lost, (recovered, lost)
+    print(f"hung worker: {lost} requests recovered at {tail:.1f}/s; each worker ran {steady:.1f}/s before")
+    assert tail >= 0.5 * steady, (tail, steady)
+
+
+def test_a_broken_gpu_opens_its_circuit_and_its_requests_succeed_on_a_healthy_worker(
+    tmp_path: Path, chaos_env: dict, start_worker, db_engine: Engine
+) -> None:
+    """One worker whose device fails every request with a CUDA error, one healthy, on one job with three
+    attempts a request: the broken worker gives back what it claimed, uncounted, and exits for its
+    supervisor (exit code 75); every request succeeds on the healthy one, none dead, none with an error."""
+    from worker.circuit import EXIT_CIRCUIT_OPEN
+
+    env = {**chaos_env, "DEEPBATCH_ENGINE": "tests.chaos.engines:slow_engine", "DEEPBATCH_TEST_STEP_S": "0.05",
+           "DEEPBATCH_SLICE_SIZE": "20"}
+    broken = start_worker(**{**env, "DEEPBATCH_ENGINE": "tests.chaos.engines:broken_device_engine"})
+    healthy = start_worker(**env)
+    for worker in (broken, healthy):
+        wait_until(lambda: " ready." in worker.log_text(), timeout=120,
+                   message=f"the worker to start; its log:\n{worker.log_text()[-2000:]}")
+    job_id = deepbatch("submit", str(write_prompts(tmp_path / "prompts.jsonl", 200)), env=env).stdout.strip()
+    wait_for_job(db_engine, job_id, 200, timeout=180, log=healthy.log_text)
+    result = assert_every_request_final_once(db_engine, job_id, 200)
+    assert (result["succeeded"], result["dead"]) == (200, 0), result
+    assert broken.process.wait(timeout=60) == EXIT_CIRCUIT_OPEN, broken.log_text()[-3000:]
+    assert "circuit open: the engine's device failed: RuntimeError: CUDA error" in broken.log_text()
+    with db_engine.connect() as connection:
+        given_back, with_errors, workers = connection.execute(text("""
+            SELECT (SELECT count(*) FROM audit_events WHERE job_id = :j AND event = 'given_back'),
+                   (SELECT count(*) FROM requests WHERE job_id = :j AND error_code IS NOT NULL),
+                   (SELECT count(DISTINCT worker) FROM results WHERE job_id = :j)
+        """), {"j": job_id}).one()
+    assert given_back > 0, "the broken worker claimed nothing; the test proved nothing"
+    assert (with_errors, workers) == (0, 1)
+    print("broken gpu:", result, f"{given_back} given back")
+
+
+def running(db_engine: Engine, job_id: str, worker: str = "%") -> int:
+    with db_engine.connect() as connection:
+        return connection.execute(text(
+            "SELECT count(*) FROM requests WHERE job_id = :j AND state = 'running' AND worker LIKE :w"),
+            {"j": job_id, "w": worker}).scalar()
+
+
+def rates(db_engine: Engine, job_id: str, hung_at) -> tuple[float, float, int]:
+    """Requests/s of each of the two workers from the job's first claim to the hang; requests/s of the
+    recovery, from the re-queueing of what the hung worker held to its last result; how many it was."""
+    with db_engine.connect() as connection:
+        before = connection.execute(text("""
+            SELECT count(*) FILTER (WHERE s.created_at <= :hung_at),
+                   extract(epoch FROM :hung_at - (SELECT min(created_at) FROM audit_events
+                                                  WHERE job_id = :j AND event = 'started'))::float8
+            FROM results s WHERE s.job_id = :j
+        """), {"j": job_id, "hung_at": hung_at}).one()
+        after = connection.execute(text("""
+            SELECT count(*), extract(epoch FROM max(s.created_at) - min(e.created_at))::float8
+            FROM audit_events e JOIN results s ON s.request_id = e.request_id
+            WHERE e.job_id = :j AND e.event = 'requeued'
+        """), {"j": job_id}).one()
+    return before[0] / before[1] / 2, after[0] / after[1], after[0]
 
 
 RESTARTS = 10
