@@ -7,8 +7,17 @@ requests Postgres holds as running, which says whether the worker keeps the engi
 Each `--max-tokens` value is one job and one engine-alone run; all go into one JSON,
 bench/results/system-<device>-<model>.json. The result cache is off, so every request runs.
 
+Scale-out: `--workers 1 2` runs each job once per worker count, worker i on GPU i (CUDA_VISIBLE_DEVICES),
+all on one job through the broker, and reports each count's throughput against one worker's.
+`--kill-one-after S` SIGKILLs the last worker S seconds into each multi-worker job: the survivors take
+its requests back when their leases expire (`DEEPBATCH_LEASE_S`, 30 s here; a reconcile every 10 s, against
+120 s and 60 s by default), and the JSON says whether
+every request succeeded exactly once and how much later the job ended than the same job unharmed.
+
     python bench/system.py                                   # the tiny DeepSeek-V3 on the CPU
     python bench/system.py --model shape-r1-distill-qwen-1.5b --prompts 4096 --max-tokens 128 8 --max-batch-size 256
+    python bench/system.py --model shape-r1-distill-qwen-1.5b --prompts 8192 --max-tokens 128 --max-batch-size 256 \
+        --workers 1 2 --kill-one-after 10 --repeat 3      # two GPUs
 """
 
 from __future__ import annotations
@@ -39,6 +48,10 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--data-dir", type=Path, default=Path("/tmp/deepbatch-bench-system"))
     parser.add_argument("--repeat", type=int, default=1, help="measure each output length this many times")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1], help="worker processes, one per GPU")
+    parser.add_argument("--kill-one-after", type=float, help="SIGKILL the last worker this many seconds into a "
+                                                             "multi-worker job (then run the job unharmed too)")
+    parser.add_argument("--skip-engine-alone", action="store_true", help="system runs only (scale-out figures)")
     parser.add_argument("--engine-alone", type=Path, help=argparse.SUPPRESS)  # the child process's part
     return parser.parse_args()
 
@@ -68,10 +81,50 @@ class RunningSampler(threading.Thread):
                     "SELECT count(*) FROM requests WHERE job_id = :job AND state = 'running'"), {"job": self.job_id}))
 
 
-def run_system(arguments: argparse.Namespace, prompts_path: Path, max_tokens: int) -> dict:
+def start_workers(settings, count: int, log_directory: Path) -> list:
+    """`count` worker processes, worker i on GPU i where the machine has that many."""
+    import torch
+
+    from producer.cli import start_worker_process
+
+    workers = []
+    for index in range(count):
+        if torch.cuda.device_count() >= count > 1:
+            os.environ["CUDA_VISIBLE_DEVICES"] = str(index)
+        workers.append(start_worker_process(settings, log_directory / f"worker-{count}-{index}.log"))
+    os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+    return workers
+
+
+def kill_later(worker, seconds: float, sampler: RunningSampler) -> threading.Event:
+    """SIGKILLs `worker` `seconds` after the job's requests start running (the workers' start-up aside)."""
+    cancelled = threading.Event()
+
+    def kill() -> None:
+        while not cancelled.wait(0.2) and not any(sampler.samples):
+            pass
+        if not cancelled.wait(seconds):
+            worker.kill()
+
+    threading.Thread(target=kill, daemon=True).start()
+    return cancelled
+
+
+JOB_FIGURES = """
+    SELECT (SELECT min(created_at) FROM audit_events WHERE job_id = :job AND event = 'started'),
+           (SELECT max(created_at) FROM audit_events WHERE job_id = :job AND event = 'succeeded'),
+           (SELECT sum(completion_tokens) FROM results WHERE job_id = :job),
+           (SELECT count(*) FROM results WHERE job_id = :job),
+           (SELECT count(*) FROM (SELECT request_id FROM audit_events WHERE job_id = :job AND event = 'succeeded'
+                                  GROUP BY request_id HAVING count(*) > 1) twice),
+           (SELECT count(*) FROM audit_events WHERE job_id = :job AND event = 'started')"""
+
+
+def run_system(arguments: argparse.Namespace, prompts_path: Path, max_tokens: int, workers: int = 1,
+               kill_after: float | None = None) -> dict:
     from sqlalchemy import text
 
-    from producer.cli import start_worker_process, stop_worker_process, submit_with_progress, wait_for_job
+    from producer.cli import stop_worker_process, submit_with_progress, wait_for_job
     from producer.embedded import embedded_services
     from schema.db import session_factory
     from schema.migrate import upgrade
@@ -81,29 +134,34 @@ def run_system(arguments: argparse.Namespace, prompts_path: Path, max_tokens: in
     with embedded_services(base.data_dir, base.database_url, base.broker_url) as urls:
         settings = base.model_copy(update={"database_url": urls.database_url, "broker_url": urls.broker_url})
         upgrade(settings.sqlalchemy_url)
-        worker = start_worker_process(settings, arguments.data_dir / f"worker-{max_tokens}.log")
+        processes = start_workers(settings, workers, arguments.data_dir)
         started = time.perf_counter()
         job_id = submit_with_progress(prompts_path, settings, use_result_cache=False)
         submitted = time.perf_counter()
         sessions = session_factory(settings.sqlalchemy_url, pool_size=2)
         sampler = RunningSampler(sessions, job_id)
         sampler.start()
-        progress = wait_for_job(settings, job_id, worker, poll_seconds=0.2)
+        killer = kill_later(processes[-1], kill_after, sampler) if kill_after else None
+        # A single worker's death ends the wait; with several, the survivors are expected to finish the job.
+        progress = wait_for_job(settings, job_id, processes[0] if workers == 1 else None, poll_seconds=0.2)
         done = time.perf_counter()
         sampler.stopped.set()
-        stop_worker_process(worker)
+        if killer:
+            killer.set()
+        for process in processes:
+            stop_worker_process(process)
         with sessions() as session:
-            first_start, last_success, completion_tokens = session.execute(text("""
-                SELECT (SELECT min(created_at) FROM audit_events WHERE job_id = :job AND event = 'started'),
-                       (SELECT max(created_at) FROM audit_events WHERE job_id = :job AND event = 'succeeded'),
-                       (SELECT sum(completion_tokens) FROM results WHERE job_id = :job)"""), {"job": job_id}).one()
+            first_start, last_success, completion_tokens, results, succeeded_twice, attempts = session.execute(
+                text(JOB_FIGURES), {"job": job_id}).one()
     window = (last_success - first_start).total_seconds()
     samples = sampler.samples or [0]
     return {
+        "workers": workers, "killed_one_after_s": kill_after,
         "status": progress.status, "succeeded": progress.succeeded, "submit_seconds": round(submitted - started, 2),
         "submit_to_done_seconds": round(done - started, 2), "first_start_to_last_result_seconds": round(window, 2),
         "completion_tokens": int(completion_tokens), "tokens_per_s": round(int(completion_tokens) / window, 1),
         "requests_per_s": round(progress.succeeded / window, 1),
+        "results_rows": results, "requests_succeeded_more_than_once": succeeded_twice, "attempts_started": attempts,
         "running_requests_mean": round(sum(samples) / len(samples), 1), "running_requests_max": max(samples),
     }
 
@@ -139,6 +197,33 @@ def engine_alone_in_child(arguments: argparse.Namespace, prompts_path: Path, max
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
+def measure(arguments: argparse.Namespace, prompts_path: Path, max_tokens: int, repetition: int) -> list[dict]:
+    """One output length once: the system with each worker count (and a kill), then the engine alone."""
+    runs = []
+    for count in arguments.workers:
+        system = run_system(arguments, prompts_path, max_tokens, count)
+        runs.append({"max_tokens": max_tokens, "repetition": repetition, "workers": count, "system": system})
+        if count > 1 and arguments.kill_one_after:
+            killed = run_system(arguments, prompts_path, max_tokens, count, arguments.kill_one_after)
+            killed["job_ended_later_than_unharmed_s"] = round(  # first claim to last result, each
+                killed["first_start_to_last_result_seconds"] - system["first_start_to_last_result_seconds"], 2)
+            runs.append({"max_tokens": max_tokens, "repetition": repetition, "workers": count, "system": killed,
+                         "kill": True})
+    one = next((run["system"]["tokens_per_s"] for run in runs if run["workers"] == 1), None)
+    for run in runs:
+        if one and run["workers"] > 1 and not run.get("kill"):
+            run["scale_out_ratio"] = round(run["system"]["tokens_per_s"] / one, 3)
+    if not arguments.skip_engine_alone:
+        engine = engine_alone_in_child(arguments, prompts_path, max_tokens)
+        for run in runs:
+            run["engine_alone"] = engine
+            if run["workers"] == 1:
+                run["system_share_of_engine_throughput"] = round(run["system"]["tokens_per_s"] / engine["tokens_per_s"], 3)
+    for run in runs:
+        print(json.dumps(run, indent=2), flush=True)
+    return runs
+
+
 def main() -> None:
     arguments = parse_arguments()
     if arguments.engine_alone is not None:
@@ -148,26 +233,32 @@ def main() -> None:
     os.environ.update(DEEPBATCH_MODEL=arguments.model, DEEPBATCH_MAX_BATCH_SIZE=str(arguments.max_batch_size),
                       DEEPBATCH_DATA_DIR=str(arguments.data_dir), DEEPBATCH_METRICS_PORT="0",
                       DEEPBATCH_MAX_MODEL_LEN="1024", DEEPBATCH_MAX_NUM_BATCHED_TOKENS="8192")
+    if arguments.kill_one_after:  # a killed worker's requests come back after a lease and a reconcile tick
+        os.environ.setdefault("DEEPBATCH_LEASE_S", "30")
+        os.environ.setdefault("DEEPBATCH_RECONCILE_INTERVAL_S", "10")
     runs = []
     for repetition in range(1, arguments.repeat + 1):
         for max_tokens in arguments.max_tokens:
             prompts_path = arguments.data_dir / f"prompts-{max_tokens}.jsonl"
             write_prompts(prompts_path, arguments.prompts, max_tokens)
-            system = run_system(arguments, prompts_path, max_tokens)
-            engine = engine_alone_in_child(arguments, prompts_path, max_tokens)
-            share = round(system["tokens_per_s"] / engine["tokens_per_s"], 3)
-            runs.append({"max_tokens": max_tokens, "repetition": repetition, "system": system,
-                         "engine_alone": engine, "system_share_of_engine_throughput": share})
-            print(json.dumps(runs[-1], indent=2), flush=True)
-    shares = {tokens: sorted(run["system_share_of_engine_throughput"] for run in runs if run["max_tokens"] == tokens)
+            runs.extend(measure(arguments, prompts_path, max_tokens, repetition))
+    shares = {tokens: sorted(run["system_share_of_engine_throughput"] for run in runs
+                             if run["max_tokens"] == tokens and "system_share_of_engine_throughput" in run)
               for tokens in arguments.max_tokens}
+    scale_out = {f"{tokens}-tokens-{count}-workers": sorted(run["scale_out_ratio"] for run in runs
+                                                           if run["max_tokens"] == tokens and run["workers"] == count
+                                                           and "scale_out_ratio" in run)
+                 for tokens in arguments.max_tokens for count in arguments.workers if count > 1}
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     result = {"model": arguments.model, "device": device, "prompts": arguments.prompts,
-              "max_batch_size": arguments.max_batch_size, "system_share_of_engine_throughput": shares, "runs": runs}
+              "max_batch_size": arguments.max_batch_size, "workers": arguments.workers,
+              "system_share_of_engine_throughput": shares, "scale_out_ratio_against_one_worker": scale_out,
+              "runs": runs}
     RESULTS_DIRECTORY.mkdir(parents=True, exist_ok=True)
-    label = re.sub(r"[^A-Za-z0-9]+", "-", f"{device}-{arguments.model}").strip("-").lower()
+    workers = "" if arguments.workers == [1] else "-workers-" + "-".join(map(str, arguments.workers))
+    label = re.sub(r"[^A-Za-z0-9]+", "-", f"{device}-{arguments.model}{workers}").strip("-").lower()
     (RESULTS_DIRECTORY / f"system-{label}.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
