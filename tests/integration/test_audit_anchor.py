@@ -204,3 +204,24 @@ def signed_at(engine: Engine, chain_seq: int) -> str:
 def utc(moment: datetime) -> str:
     """A time as the problem messages write it."""
     return moment.astimezone(timezone.utc).isoformat(timespec="seconds")
+
+
+def test_anchor_verifies_what_came_since_the_last_signature(chain, key) -> None:
+    """Before it signs, `anchor` walks only the seals after the newest signature the key made (`verify`
+    walks them all), and refuses to sign a tail that does not verify."""
+    engine, _ = chain
+    sign_head(engine, key)
+    append_batch(engine, 2)
+    with Session(engine) as session:
+        report, anchor = anchor_chain(session, key)
+        session.commit()
+    assert report.problems == [] and report.checked == 2 and anchor is not None and anchor.chain_seq == 2
+    edited = append_batch(engine, 3)
+    _, name = seal_of(engine, edited)
+    as_superuser(engine, f"UPDATE audit_events SET detail = 'x' WHERE seal_id = {edited}")
+    with Session(engine) as session:
+        report, anchor = anchor_chain(session, key)
+    assert anchor is None and report.checked == 3 and report.problems == [
+        f"{name}: its events do not match its digest (edited)"]
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT count(*) FROM audit_signatures")).scalar_one() == 2
