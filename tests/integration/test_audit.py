@@ -84,6 +84,7 @@ def test_an_untouched_chain_verifies(audited) -> None:
     _, env = audited
     code, output = verify(env)
     assert code == 0 and "audit chain intact: 5 events" in output, output
+    assert "note: DEEPBATCH_AUDIT_HMAC_KEY_FILE is not set: seal signatures were not checked" in output, output
 
 
 @pytest.mark.parametrize("statement", [
