@@ -21,6 +21,10 @@ those bytes over the decode steps' time, against a device-to-device copy measure
         --min-prompt-len 64 --max-prompt-len 512 --max-tokens 256 --hf-batch-size 256 --max-batch-size 512
     python bench/engine.py --model shape-deepseek-v2-lite --device cuda --num-prompts 512 \\
         --min-prompt-len 64 --max-prompt-len 512 --max-tokens 128 --hf-batch-size 128 --max-batch-size 512
+    python bench/engine.py --model shape-deepseek-v2-lite --device cuda --num-prompts 512 --quantization fp8 \\
+        --min-prompt-len 64 --max-prompt-len 512 --max-tokens 128 --hf-batch-size 128 --max-batch-size 256
+    python bench/engine.py --model shape-deepseek-v3-layers-4 --device cuda --num-prompts 256 --max-tokens 64 \\
+        --max-batch-size 64   # DeepSeek-V3's layers in FP8 (random FP8 weights: no transformers baseline)
     python bench/engine.py --model smollm2-135m-instruct --chat-prompts --device cuda --num-prompts 256 \\
         --max-tokens 128 --hf-batch-size 256 --max-batch-size 256   # real weights from a GGUF
 """
@@ -47,7 +51,7 @@ from worker.engine.configs import builtin_config, resolve_model  # noqa: E402
 from worker.engine.device import resolve_device, resolve_dtype  # noqa: E402
 from worker.engine.engine import LLMEngine  # noqa: E402
 from worker.engine.gguf_file import is_gguf, open_gguf  # noqa: E402
-from worker.engine.loader import random_reference_model  # noqa: E402
+from worker.engine.loader import has_fp8_weights, random_reference_model  # noqa: E402
 from worker.engine.tokenizer import PromptEncoder, load_tokenizer  # noqa: E402
 from worker.engine.types import EngineConfig, SamplingParams  # noqa: E402
 
@@ -72,6 +76,8 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly (to measure the graphs)")
     parser.add_argument("--tensor-parallel-size", type=int, default=1,
                         help="GPUs the engine splits the model over (bench/tensor_parallel.py compares against one)")
+    parser.add_argument("--quantization", choices=["none", "fp8"], default="none",
+                        help="fp8: the engine's linear weights FP8 in 128x128 blocks (the baseline stays in --dtype)")
     parser.add_argument("--skip-transformers", action="store_true",
                         help="engine figures only, no baseline and no ratio (quick looks while tuning)")
     parser.add_argument("--float32-check-prompts", type=int, default=64,
@@ -266,6 +272,7 @@ def run_engine(arguments: argparse.Namespace, device: torch.device, dtype: torch
         max_num_batched_tokens=arguments.max_num_batched_tokens,
         max_model_len=arguments.max_prompt_len + arguments.max_tokens + 1,
         use_cuda_graphs=not arguments.no_cuda_graphs, tensor_parallel_size=arguments.tensor_parallel_size,
+        quantization=arguments.quantization,
     ))
     engine.generate(prompts[:4], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
     steps = StepLog()
@@ -312,9 +319,13 @@ def main() -> None:
         "engine_max_num_batched_tokens": arguments.max_num_batched_tokens,
         "engine_cuda_graphs": device.type == "cuda" and not arguments.no_cuda_graphs,
         "engine_tensor_parallel_size": arguments.tensor_parallel_size,
+        "engine_quantization": arguments.quantization,
         "measured_copy_bandwidth_tb_s": round(arguments.bandwidth / 1e12, 3) if arguments.bandwidth else None,
     }
     hf_outputs = float32_outputs = None
+    if builtin_config(resolve_model(arguments.model)) is not None and has_fp8_weights(hf_config):
+        arguments.skip_transformers = True  # its random weights are drawn in FP8: there is no bf16 model to run
+        result["transformers_skipped"] = "random FP8 weights drawn by the engine's loader"
     if not arguments.skip_transformers:
         # The baseline first, while the GPU is empty; its weights are drawn again by the engine's loader.
         reference = load_reference(arguments.model, arguments.seed, device, dtype)
@@ -378,6 +389,8 @@ def default_output(arguments: argparse.Namespace, device: torch.device, dtype: t
     suffix = "" if dtype == resolve_dtype("auto", device) else "-" + str(dtype).removeprefix("torch.")
     if arguments.tensor_parallel_size > 1:
         suffix += f"-tp{arguments.tensor_parallel_size}"
+    if arguments.quantization != "none":
+        suffix += f"-{arguments.quantization}"
     return RESULTS_DIRECTORY / f"engine-{device.type}-{model_label}{suffix}.json"
 
 

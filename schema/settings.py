@@ -45,6 +45,7 @@ class Settings(BaseSettings):
     gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1)  # share of the GPU the engine may fill
     cuda_graphs: bool = True  # replay decode steps from CUDA graphs (GPU only)
     tensor_parallel_size: PositiveInt = 1  # GPUs one worker splits the model over, one process each
+    quantization: str | None = Field(default=None, pattern=r"^(none|fp8)$")  # fp8: linear weights FP8 at load
 
     # Delivery and retries.
     max_attempts: PositiveInt = 3

@@ -32,6 +32,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         max_num_batched_tokens=settings.max_num_batched_tokens, max_model_len=settings.max_model_len,
         gpu_memory_utilization=settings.gpu_memory_utilization, use_cuda_graphs=settings.cuda_graphs,
         tensor_parallel_size=settings.tensor_parallel_size,
+        quantization=settings.quantization,
     )
 
 

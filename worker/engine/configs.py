@@ -4,12 +4,14 @@ real models that a Python package ships.
 `tiny-deepseek-v3` is the embedded default: the DeepSeek-V3 architecture (MLA, group-limited MoE routing,
 `first_k_dense_replace`) at a size a laptop CPU runs in milliseconds, with random weights from a fixed
 seed and the real DeepSeek vocabulary. The other names give tests and benchmarks the same for each
-architecture the engine supports.
+architecture the engine supports; `shape-deepseek-v3-layers-N` is DeepSeek-V3 itself (FP8 weights in
+128×128 blocks) cut to N layers, so that one GPU measures its true per-layer cost.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +78,30 @@ def deepseek_v2_lite_shape() -> DeepseekV2Config:
     )
 
 
+# DeepSeek-V3's config.json as published, but for the layer count (and the multi-token-prediction layer,
+# which the engine does not run).
+FP8_BLOCK_QUANTIZATION = {"quant_method": "fp8", "weight_block_size": [128, 128], "activation_scheme": "dynamic",
+                          "fmt": "e4m3"}
+DEEPSEEK_V3_LAYERS_NAME = re.compile(r"shape-deepseek-v3-layers-([1-9][0-9]*)")
+
+
+def deepseek_v3_shape(num_layers: int) -> DeepseekV3Config:
+    """DeepSeek-V3's architecture (671B parameters at 61 layers) with `num_layers` layers, the first
+    min(3, num_layers - 1) dense as in V3's first three, the rest MoE: random FP8 weights, for benchmarks."""
+    return DeepseekV3Config(
+        vocab_size=DEEPSEEK_VOCAB_SIZE, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+        num_hidden_layers=num_layers, first_k_dense_replace=min(3, num_layers - 1), num_attention_heads=128,
+        num_key_value_heads=128, n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8, n_group=8,
+        topk_group=4, topk_method="noaux_tc", norm_topk_prob=True, routed_scaling_factor=2.5, q_lora_rank=1536,
+        kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, hidden_act="silu",
+        max_position_embeddings=163840, rms_norm_eps=1e-6, tie_word_embeddings=False, initializer_range=0.02,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "beta_fast": 32.0,
+                         "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                         "original_max_position_embeddings": 4096},
+        bos_token_id=DEEPSEEK_BOS_ID, eos_token_id=DEEPSEEK_EOS_ID, quantization_config=dict(FP8_BLOCK_QUANTIZATION),
+    )
+
+
 BUILTIN_CONFIGS = {
     "tiny-deepseek-v3": tiny_deepseek_v3_config,
     "tiny-deepseek-v2": tiny_deepseek_v2_config,
@@ -89,7 +115,10 @@ BUILTIN_CONFIGS = {
 def builtin_config(name: str) -> PretrainedConfig | None:
     """The config of a built-in model name, or None when `name` is not one (then it is a directory)."""
     factory = BUILTIN_CONFIGS.get(name)
-    return factory() if factory else None
+    if factory:
+        return factory()
+    v3_layers = DEEPSEEK_V3_LAYERS_NAME.fullmatch(name)
+    return deepseek_v3_shape(int(v3_layers.group(1))) if v3_layers else None
 
 
 # Real instruct models inside PyPI packages: name → (package, GGUF file in it). The package is installed

@@ -94,7 +94,8 @@ class LLMEngine:
         shard = self.ranks.shard if self.ranks is not None else Shard()
         self.device = rank_device(resolve_device(config.device), shard.rank)
         self.dtype = resolve_dtype(config.dtype, self.device)
-        self.model, self.hf_config = load_model(config.model, config.seed, self.device, self.dtype, shard)
+        self.model, self.hf_config = load_model(config.model, config.seed, self.device, self.dtype, shard,
+                                               config.quantization)
         if self.device.type == "cuda":  # what loading held (a random model's reference copy) goes back first
             gc.collect()
             torch.cuda.empty_cache()

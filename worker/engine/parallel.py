@@ -401,7 +401,7 @@ def serve_rank(rank: int, size: int, address: str, config: EngineConfig,
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
     dtype = resolve_dtype(config.dtype, device)
     groups = join_process_groups(rank, size, address, device)
-    model, _ = load_model(config.model, config.seed, device, dtype, groups.shard)
+    model, _ = load_model(config.model, config.seed, device, dtype, groups.shard, config.quantization)
     bytes_per_block = model.kv_cache_bytes_per_token(dtype) * config.kv_block_size
     groups.fewest(engine_module.choose_num_kv_blocks(config, bytes_per_block, device))
     num_blocks, max_batch_size, max_model_len = groups.broadcast()

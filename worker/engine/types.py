@@ -73,6 +73,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     use_paged_kernel: bool | None = None  # None: on a GPU. True on the CPU needs TRITON_INTERPRET=1 (tests)
     use_cuda_graphs: bool = True  # decode steps replayed from CUDA graphs (GPU only)
+    quantization: str | None = None  # none | fp8: linear weights FP8 in 128x128 blocks (layers/linear.py)
     tensor_parallel_size: int = 1  # ranks (processes, one per GPU) the model is split over (worker/engine/parallel.py)
 
 

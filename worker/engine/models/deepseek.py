@@ -23,6 +23,7 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 
+from worker.engine.layers.linear import dequantized, is_fp8
 from worker.engine.models.common import (
     AttentionGroup,
     AttentionMetadata,
@@ -253,8 +254,11 @@ class RoutedExperts(nn.Module):
     """All routed experts' weights as stacked tensors, named like transformers' in-memory layout.
 
     gate_up_proj: [experts, 2 * moe_intermediate, hidden] (gate rows first); down_proj: [experts, hidden,
-    moe_intermediate]. Token-expert pairs are sorted by expert so that each expert runs one GEMM.
+    moe_intermediate]. Token-expert pairs are sorted by expert so that each expert runs one GEMM. In FP8
+    (worker/engine/layers/linear.py) both are float8_e4m3fn with `<name>_scale_inv` [experts, N/128, K/128].
     """
+
+    expert_weight_names = ("gate_up_proj", "down_proj")
 
     def __init__(self, hf_config: PretrainedConfig):
         super().__init__()
@@ -272,11 +276,23 @@ class RoutedExperts(nn.Module):
         # Counted with index_add_ rather than bincount, which asks the host for the largest id.
         rows_per_expert = torch.zeros(self.gate_up_proj.shape[0], dtype=torch.int64, device=hidden.device)
         rows_per_expert.index_add_(0, flat_expert_ids, torch.ones_like(flat_expert_ids))
-        gate_up = grouped_matmul(hidden[token_of_pair], self.gate_up_proj.transpose(1, 2), rows_per_expert)
+        gate_up = self._project(hidden[token_of_pair], "gate_up_proj", rows_per_expert)
         gate, up = gate_up.chunk(2, dim=-1)
-        expert_output = grouped_matmul(self.act_fn(gate) * up, self.down_proj.transpose(1, 2), rows_per_expert)
+        expert_output = self._project(self.act_fn(gate) * up, "down_proj", rows_per_expert)
         expert_output = expert_output * expert_weights.flatten()[pair_order, None]
         return torch.zeros_like(hidden).index_add_(0, token_of_pair, expert_output.to(hidden.dtype))
+
+    def _project(self, rows: torch.Tensor, weight_name: str, rows_per_expert: torch.Tensor) -> torch.Tensor:
+        """rows sorted by expert times each one's stacked weight: the FP8 grouped kernel on a GPU, the
+        dequantized weights on the CPU, torch's grouped GEMM in 16 bits."""
+        weight = getattr(self, weight_name)
+        if not is_fp8(weight):
+            return grouped_matmul(rows, weight.transpose(1, 2), rows_per_expert)
+        if rows.is_cuda:
+            from worker.engine.kernels.fp8_gemm import fp8_grouped_linear
+
+            return fp8_grouped_linear(rows, weight, getattr(self, f"{weight_name}_scale_inv"), rows_per_expert)
+        return grouped_matmul(rows, dequantized(self, weight_name, rows.dtype).transpose(1, 2), rows_per_expert)
 
 
 class MixtureOfExperts(nn.Module):
@@ -388,8 +404,11 @@ class DeepseekForCausalLM(PagedCausalLM):
         """For a per-expert checkpoint name `...mlp.experts.<e>.<gate|up|down>_proj.weight`: the stacked
         parameter's name, the expert index, and which projection; None for every other name."""
         parts = name.split(".")
-        if len(parts) < 4 or parts[-1] != "weight" or parts[-4] != "experts" or not parts[-3].isdigit():
+        if len(parts) < 4 or parts[-1] not in ("weight", "weight_scale_inv") or parts[-4] != "experts" \
+                or not parts[-3].isdigit():
             return None
         projection = parts[-2]
         stacked = "down_proj" if projection == "down_proj" else "gate_up_proj"
+        if parts[-1] == "weight_scale_inv":  # an FP8 checkpoint's block scales (layers/linear.py)
+            stacked += "_scale_inv"
         return ".".join(parts[:-3] + [stacked]), int(parts[-3]), projection

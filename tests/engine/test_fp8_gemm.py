@@ -1,0 +1,117 @@
+"""The block-scaled FP8 kernels against the same arithmetic in torch, and FP8 linears in the engine.
+
+Compiled on a GPU; elsewhere (CI) run under Triton's interpreter, which reads and multiplies float8 right
+but rounds float32 → float8 wrongly where rounding carries into the exponent (124.3 becomes 64, not 128),
+so the quantization kernel is checked there on values that quantize exactly. The GEMM kernels get their
+FP8 operands from torch's own rounding, so they are checked on any values, partial blocks included.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.engine.helpers import prefill_logits, random_prompts
+from worker.engine.configs import builtin_config
+from worker.engine.kernels import fp8_gemm
+from worker.engine.layers.linear import Fp8Linear, quantize_weight_blocks
+from worker.engine.loader import empty_model, load_model
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def activations_and_scales(num_rows: int, num_columns: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token group quantized activations, drawn directly: FP8 values whose group maximum is 448, with
+    power-of-two scales, so that quantizing their product gives them back exactly."""
+    generator = torch.Generator().manual_seed(num_rows)
+    x_fp8 = torch.randn(num_rows, num_columns, generator=generator).mul(100).clamp(-440, 440).to(torch.float8_e4m3fn)
+    x_fp8[:, ::128] = 448.0
+    x_scale = 2.0 ** torch.randint(-8, 1, (num_rows, -(-num_columns // 128)), generator=generator).float()
+    return x_fp8, x_scale
+
+
+def expected_product(x_fp8, x_scale, weight, weight_scale_inv) -> torch.Tensor:
+    x = x_fp8.float() * x_scale.repeat_interleave(128, 1)[:, : x_fp8.shape[1]]
+    return fp8_gemm.reference_block_scaled_matmul(x, weight, weight_scale_inv)
+
+
+@pytest.mark.parametrize(("num_rows", "num_columns", "num_inner"), [(5, 200, 320), (70, 384, 256), (1, 64, 576)])
+def test_block_scaled_matmul_equals_the_torch_arithmetic(num_rows, num_columns, num_inner):
+    """Partial blocks in N and K (200 = 1.56 blocks, 576 = 4.5 as DeepSeek-V3's latent), M past one tile."""
+    x_fp8, x_scale = activations_and_scales(num_rows, num_inner)
+    weight, weight_scale_inv = quantize_weight_blocks(torch.randn(num_columns, num_inner) * 0.02)
+    expected = expected_product(x_fp8, x_scale, weight, weight_scale_inv)
+    on_device = [tensor.to(DEVICE) for tensor in (x_fp8, x_scale, weight, weight_scale_inv)]
+    output = fp8_gemm.block_scaled_matmul(*on_device, torch.float32).cpu()
+    torch.testing.assert_close(output, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+def test_split_k_sums_its_slices(monkeypatch):
+    """Small M and N with long K run as slices of K summed afterwards (the decode shapes' path)."""
+    monkeypatch.setattr(fp8_gemm, "split_k_count", lambda *arguments: 3)
+    x_fp8, x_scale = activations_and_scales(3, 1100)
+    weight, weight_scale_inv = quantize_weight_blocks(torch.randn(96, 1100) * 0.02)
+    expected = expected_product(x_fp8, x_scale, weight, weight_scale_inv)
+    on_device = [tensor.to(DEVICE) for tensor in (x_fp8, x_scale, weight, weight_scale_inv)]
+    output = fp8_gemm.block_scaled_matmul(*on_device, torch.float32).cpu()
+    torch.testing.assert_close(output, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+def test_quantize_per_token_group_on_exactly_representable_values():
+    x_fp8, x_scale = activations_and_scales(6, 300)
+    x = x_fp8.float() * x_scale.repeat_interleave(128, 1)[:, :300]
+    quantized, scales = fp8_gemm.quantize_per_token_group(x.to(DEVICE))
+    torch.testing.assert_close(scales.cpu(), x_scale, rtol=1e-6, atol=0)
+    assert torch.equal(quantized.cpu().float(), x_fp8.float())
+
+
+def test_grouped_matmul_runs_each_experts_rows_on_its_weights():
+    """Rows sorted by expert, some experts with none, one with more than a tile."""
+    rows_per_expert = torch.tensor([3, 0, 40, 1, 0])
+    num_rows = int(rows_per_expert.sum())
+    x_fp8, x_scale = activations_and_scales(num_rows, 192)
+    weights, weight_scales_inv = quantize_weight_blocks(torch.randn(5, 160, 192) * 0.02)
+    expert_of_row = torch.repeat_interleave(torch.arange(5), rows_per_expert)
+    expected = torch.stack([expected_product(x_fp8[row : row + 1], x_scale[row : row + 1], weights[expert],
+                                             weight_scales_inv[expert])[0]
+                            for row, expert in enumerate(expert_of_row.tolist())])
+    x = (x_fp8.float() * x_scale.repeat_interleave(128, 1)[:, :192]).to(DEVICE)
+    output = fp8_gemm.fp8_grouped_linear(x, weights.to(DEVICE), weight_scales_inv.to(DEVICE),
+                                         rows_per_expert.to(DEVICE)).cpu()
+    if DEVICE == "cpu":  # the interpreter's rounding (see above) is spared only where quantizing is exact
+        torch.testing.assert_close(output, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+    else:
+        torch.testing.assert_close(output, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+
+
+def test_quantization_fp8_swaps_linears_of_a_builtin_model():
+    """`--quantization fp8` on tiny-qwen2 (random bf16-free weights in float32): every projection FP8, the
+    LM head kept; logits within 10% relative L2 of the unquantized model (measured 4.3% worst here: e4m3's
+    2^-4 worst rounding per weight, ~2.6% RMS, through two layers; see test_fp8_checkpoint.py)."""
+    model, _ = load_model("tiny-qwen2", 0, torch.device("cpu"), torch.float32)
+    quantized, _ = load_model("tiny-qwen2", 0, torch.device("cpu"), torch.float32, quantization="fp8")
+    layer = quantized.model.layers[0]
+    assert isinstance(layer.self_attn.qkv_proj, Fp8Linear) and isinstance(layer.mlp.down_proj, Fp8Linear)
+    assert type(quantized.lm_head) is torch.nn.Linear
+    prompt = random_prompts([20])[0]
+    expected, actual = prefill_logits(model, prompt), prefill_logits(quantized, prompt)
+    errors = (actual - expected).norm(dim=-1) / expected.norm(dim=-1)
+    assert 1e-3 < errors.max() < 0.1
+
+
+def test_deepseek_v3_layers_shape_has_v3s_dimensions_in_fp8():
+    """shape-deepseek-v3-layers-N on the meta device only (one MoE layer is 11 GB even in FP8)."""
+    hf_config = builtin_config("shape-deepseek-v3-layers-2")
+    assert (hf_config.num_hidden_layers, hf_config.first_k_dense_replace) == (2, 1)
+    assert builtin_config("shape-deepseek-v3-layers-1").first_k_dense_replace == 0
+    model = empty_model(hf_config, torch.device("meta"), torch.bfloat16)
+    attention, moe = model.model.layers[1].self_attn, model.model.layers[1].mlp
+    assert attention.q_b_proj.weight.shape == (128 * 192, 1536)
+    assert attention.kv_a_proj_with_mqa.weight_scale_inv.shape == (5, 56)  # 576 rows: 4.5 blocks
+    assert moe.experts.gate_up_proj.shape == (256, 2 * 2048, 7168)
+    assert moe.experts.gate_up_proj.dtype == torch.float8_e4m3fn
+    assert moe.experts.down_proj_scale_inv.shape == (256, 56, 16)
+    assert moe.shared_experts.gate_up_proj.weight.dtype == torch.float8_e4m3fn
+    assert model.model.layers[0].mlp.gate_up_proj.weight.shape == (2 * 18432, 7168)
+    fp8_bytes = sum(p.numel() for p in model.parameters() if p.dtype == torch.float8_e4m3fn)
+    assert 12.0e9 < fp8_bytes < 12.1e9  # 256 experts × 44M, a shared one, a dense MLP, two attentions: a byte each

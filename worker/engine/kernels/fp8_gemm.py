@@ -1,0 +1,221 @@
+"""Block-scaled FP8 matrix products for Hopper, as DeepSeek-V3 runs them: weights in float8_e4m3fn with one
+float32 scale per 128×128 block, activations quantized per token in groups of 128 columns.
+
+Why Triton rather than torch's scaled matmul: `torch._scaled_mm` takes these scales only in recent
+releases and only where K and N are whole blocks, while DeepSeek-V3 itself has a partial block
+(kv_a_proj_with_mqa: 576 = 4.5 × 128 rows) and a tensor-parallel shard may have others; one kernel
+that masks partial blocks serves every shape (bench/fp8_gemm.py measures both). The grouped variant
+runs the routed experts over rows sorted by expert with no host synchronisation, so a CUDA graph
+can hold a decode step.
+
+Layouts: x [M, K] → x_fp8 [M, K] and x_scale [M, ceil(K/128)] (x ≈ x_fp8 · x_scale per group);
+weight [N, K] with weight_scale_inv [ceil(N/128), ceil(K/128)] (weight ≈ weight_fp8 · scale per block);
+stacked experts add a leading expert dimension to both. The kernels accumulate in float32: each
+128-wide slice of K is one FP8 tensor-core product, rescaled by its two scales before it is added.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 128  # the scale block of weights (rows and columns) and the activation group
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
+SCALE_FLOOR = 1e-10  # an all-zero group gets this scale rather than a division by zero
+
+
+@triton.jit
+def _quantize_groups_kernel(x, x_fp8, x_scale, num_columns, stride_x, stride_fp8, stride_scale,
+                            fp8_max, scale_floor, GROUP: tl.constexpr):
+    """One program per (row, group): the group's absolute maximum sets its scale."""
+    row = tl.program_id(0).to(tl.int64)
+    group = tl.program_id(1)
+    columns = group * GROUP + tl.arange(0, GROUP)
+    inside = columns < num_columns
+    values = tl.load(x + row * stride_x + columns, mask=inside, other=0.0).to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(values), axis=0) / fp8_max, scale_floor)
+    quantized = tl.clamp(values / scale, -fp8_max, fp8_max)
+    tl.store(x_fp8 + row * stride_fp8 + columns, quantized.to(x_fp8.dtype.element_ty), mask=inside)
+    tl.store(x_scale + row * stride_scale + group, scale)
+
+
+def quantize_per_token_group(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_fp8 [M, K], x_scale [M, ceil(K/128)] float32) for x [M, K], as DeepSeek-V3 quantizes activations."""
+    num_rows, num_columns = x.shape
+    num_groups = triton.cdiv(num_columns, BLOCK)
+    x_fp8 = torch.empty(num_rows, num_columns, dtype=FP8_DTYPE, device=x.device)
+    x_scale = torch.empty(num_rows, num_groups, dtype=torch.float32, device=x.device)
+    if num_rows:
+        _quantize_groups_kernel[(num_rows, num_groups)](
+            x, x_fp8, x_scale, num_columns, x.stride(0), x_fp8.stride(0), x_scale.stride(0), FP8_MAX, SCALE_FLOOR,
+            GROUP=BLOCK, num_warps=1)
+    return x_fp8, x_scale
+
+
+@triton.jit
+def _block_scaled_tile(a_rows, b_columns, a_scale_rows, b_scale_columns, row_inside, column_inside,
+                       num_inner, stride_ak, stride_bk, stride_a_scale_k, stride_b_scale_k,
+                       k_first_block, k_blocks, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+    """Σ over K blocks [k_first_block, k_first_block + k_blocks) of (a_fp8 · b_fp8) · a_scale · b_scale."""
+    accumulator = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    inner = tl.arange(0, BLOCK_K)
+    for k_block in range(k_first_block, k_first_block + k_blocks):
+        k = k_block * BLOCK_K + inner
+        k_inside = k < num_inner
+        a = tl.load(a_rows[:, None] + k[None, :] * stride_ak, mask=row_inside[:, None] & k_inside[None, :],
+                    other=0.0)
+        b = tl.load(b_columns[None, :] + k[:, None] * stride_bk, mask=column_inside[None, :] & k_inside[:, None],
+                    other=0.0)
+        a_scale = tl.load(a_scale_rows + k_block * stride_a_scale_k, mask=row_inside, other=0.0)
+        b_scale = tl.load(b_scale_columns + k_block * stride_b_scale_k, mask=column_inside, other=0.0)
+        accumulator += tl.dot(a, b) * a_scale[:, None] * b_scale[None, :]
+    return accumulator
+
+
+@triton.jit
+def _gemm_kernel(a, a_scale, b, b_scale, out, num_rows, num_columns, num_inner, k_blocks_per_split,
+                 stride_am, stride_ak, stride_a_scale_m, stride_a_scale_k, stride_bn, stride_bk,
+                 stride_b_scale_n, stride_b_scale_k, stride_out_split, stride_out_m,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[split] [M, N] = a [M, K] · b [N, K]ᵀ over this split's K blocks (program axis 2)."""
+    tile_m, tile_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    columns = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_inside, column_inside = rows < num_rows, columns < num_columns
+    k_first_block = split * k_blocks_per_split
+    k_blocks = tl.minimum(k_blocks_per_split, tl.cdiv(num_inner, BLOCK_K) - k_first_block)
+    accumulator = _block_scaled_tile(
+        a + rows.to(tl.int64) * stride_am, b + columns.to(tl.int64) * stride_bn,
+        a_scale + rows * stride_a_scale_m, b_scale + (columns // BLOCK_K) * stride_b_scale_n,
+        row_inside, column_inside, num_inner, stride_ak, stride_bk, stride_a_scale_k, stride_b_scale_k,
+        k_first_block, k_blocks, BLOCK_M, BLOCK_N, BLOCK_K)
+    targets = out + split * stride_out_split + rows.to(tl.int64)[:, None] * stride_out_m + columns[None, :]
+    tl.store(targets, accumulator.to(out.dtype.element_ty), mask=row_inside[:, None] & column_inside[None, :])
+
+
+def gemm_tiles(num_rows: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps): thin tiles for decode-sized M, where the weight read is all the work."""
+    if num_rows <= 16:
+        return 16, 64, 4
+    if num_rows <= 64:
+        return 32, 64, 4
+    return 64, 128, 4
+
+
+def split_k_count(num_tiles: int, k_blocks: int, num_sms: int) -> int:
+    """How many slices of K run in parallel: enough programs to fill the device when M and N are small, each
+    slice at least 4 blocks of K long."""
+    if num_tiles >= num_sms or k_blocks < 8:
+        return 1
+    return max(1, min(k_blocks // 4, triton.cdiv(num_sms, num_tiles)))
+
+
+def block_scaled_matmul(x_fp8: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
+                        weight_scale_inv: torch.Tensor, output_dtype: torch.dtype) -> torch.Tensor:
+    """x_fp8 [M, K] (scales [M, K/128]) · weight [N, K]ᵀ (scales [N/128, K/128]) → [M, N] in output_dtype."""
+    num_rows, num_inner = x_fp8.shape
+    num_columns = weight.shape[0]
+    block_m, block_n, num_warps = gemm_tiles(num_rows)
+    tiles = (triton.cdiv(num_rows, block_m), triton.cdiv(num_columns, block_n))
+    k_blocks = triton.cdiv(num_inner, BLOCK)
+    num_sms = torch.cuda.get_device_properties(x_fp8.device).multi_processor_count if x_fp8.is_cuda else 1
+    splits = split_k_count(tiles[0] * tiles[1], k_blocks, num_sms)
+    k_blocks_per_split = triton.cdiv(k_blocks, splits)
+    splits = triton.cdiv(k_blocks, k_blocks_per_split)
+    out_dtype = output_dtype if splits == 1 else torch.float32
+    out = torch.empty(splits, num_rows, num_columns, dtype=out_dtype, device=x_fp8.device)
+    if num_rows:
+        _gemm_kernel[(*tiles, splits)](
+            x_fp8, x_scale, weight, weight_scale_inv, out, num_rows, num_columns, num_inner, k_blocks_per_split,
+            x_fp8.stride(0), x_fp8.stride(1), x_scale.stride(0), x_scale.stride(1), weight.stride(0),
+            weight.stride(1), weight_scale_inv.stride(0), weight_scale_inv.stride(1), out.stride(0), out.stride(1),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK, num_warps=num_warps, num_stages=3)
+    return out[0] if splits == 1 else out.sum(dim=0).to(output_dtype)
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] · weight [N, K]ᵀ (+ bias) with x quantized per token group: the GPU path of an FP8 linear."""
+    leading = x.shape[:-1]
+    x_fp8, x_scale = quantize_per_token_group(x.reshape(-1, x.shape[-1]))
+    out = block_scaled_matmul(x_fp8, x_scale, weight, weight_scale_inv, x.dtype)
+    if bias is not None:
+        out = out + bias
+    return out.view(*leading, weight.shape[0])
+
+
+@triton.jit
+def _grouped_gemm_kernel(a, a_scale, b, b_scale, out, tile_experts, tile_first_rows, group_ends,
+                         num_columns, num_inner, num_experts,
+                         stride_am, stride_ak, stride_a_scale_m, stride_a_scale_k, stride_be, stride_bn,
+                         stride_bk, stride_b_scale_e, stride_b_scale_n, stride_b_scale_k, stride_out_m,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One tile of one expert's rows: tile_experts says whose (num_experts: an unused tile of the grid)."""
+    tile, tile_n = tl.program_id(0), tl.program_id(1)
+    expert = tl.load(tile_experts + tile)
+    if expert >= num_experts:
+        return
+    rows = tl.load(tile_first_rows + tile) + tl.arange(0, BLOCK_M)
+    columns = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_inside, column_inside = rows < tl.load(group_ends + expert), columns < num_columns
+    expert_offset = expert.to(tl.int64)
+    accumulator = _block_scaled_tile(
+        a + rows.to(tl.int64) * stride_am, b + expert_offset * stride_be + columns.to(tl.int64) * stride_bn,
+        a_scale + rows * stride_a_scale_m,
+        b_scale + expert_offset * stride_b_scale_e + (columns // BLOCK_K) * stride_b_scale_n,
+        row_inside, column_inside, num_inner, stride_ak, stride_bk, stride_a_scale_k, stride_b_scale_k,
+        0, tl.cdiv(num_inner, BLOCK_K), BLOCK_M, BLOCK_N, BLOCK_K)
+    targets = out + rows.to(tl.int64)[:, None] * stride_out_m + columns[None, :]
+    tl.store(targets, accumulator.to(out.dtype.element_ty), mask=row_inside[:, None] & column_inside[None, :])
+
+
+def expert_tiles(rows_per_expert: torch.Tensor, num_rows: int, block_m: int) -> tuple[torch.Tensor, ...]:
+    """(expert of each row tile, its first row, each expert's end row), computed on the device for a grid sized
+    from shapes alone (ceil(rows / BLOCK_M) + experts tiles at most), so that the host never waits."""
+    num_experts = rows_per_expert.shape[0]
+    group_ends = torch.cumsum(rows_per_expert, dim=0)
+    tiles_per_expert = (rows_per_expert + block_m - 1) // block_m
+    tile_ends = torch.cumsum(tiles_per_expert, dim=0)
+    max_tiles = triton.cdiv(num_rows, block_m) + num_experts
+    tile_indices = torch.arange(max_tiles, device=rows_per_expert.device)
+    tile_experts = torch.searchsorted(tile_ends, tile_indices, right=True)
+    clamped = tile_experts.clamp(max=num_experts - 1)
+    tile_in_expert = tile_indices - (tile_ends - tiles_per_expert)[clamped]
+    tile_first_rows = (group_ends - rows_per_expert)[clamped] + tile_in_expert * block_m
+    return tile_experts.to(torch.int32), tile_first_rows.to(torch.int32), group_ends.to(torch.int32)
+
+
+def fp8_grouped_linear(rows: torch.Tensor, weights: torch.Tensor, weight_scales_inv: torch.Tensor,
+                       rows_per_expert: torch.Tensor) -> torch.Tensor:
+    """rows [R, K] sorted by expert · weights [experts, N, K]ᵀ (scales [experts, N/128, K/128]) → [R, N]."""
+    num_rows, num_inner = rows.shape
+    num_experts, num_columns = weights.shape[:2]
+    rows_fp8, rows_scale = quantize_per_token_group(rows)
+    block_m, block_n, num_warps = gemm_tiles(num_rows // max(num_experts, 1) + 1)
+    tile_experts, tile_first_rows, group_ends = expert_tiles(rows_per_expert, num_rows, block_m)
+    out = torch.empty(num_rows, num_columns, dtype=rows.dtype, device=rows.device)
+    if num_rows:
+        _grouped_gemm_kernel[(tile_experts.shape[0], triton.cdiv(num_columns, block_n))](
+            rows_fp8, rows_scale, weights, weight_scales_inv, out, tile_experts, tile_first_rows, group_ends,
+            num_columns, num_inner, num_experts, rows_fp8.stride(0), rows_fp8.stride(1), rows_scale.stride(0),
+            rows_scale.stride(1), weights.stride(0), weights.stride(1), weights.stride(2),
+            weight_scales_inv.stride(0), weight_scales_inv.stride(1), weight_scales_inv.stride(2), out.stride(0),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK, num_warps=num_warps, num_stages=3)
+    return out
+
+
+def reference_block_scaled_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor) -> torch.Tensor:
+    """What the kernels compute, in float32 torch ops (for tests and the benchmark): x quantized per token
+    group, both operands dequantized, one matrix product."""
+    num_rows, num_inner = x.shape
+    groups = x.float().reshape(num_rows, -1) if num_inner % BLOCK == 0 else torch.nn.functional.pad(
+        x.float(), (0, BLOCK - num_inner % BLOCK))
+    groups = groups.view(num_rows, -1, BLOCK)
+    scale = (groups.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=SCALE_FLOOR)
+    x_dequantized = ((groups / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).float() * scale).view(num_rows, -1)
+    weight_dequantized = weight.float() * weight_scale_inv.float().repeat_interleave(BLOCK, 0).repeat_interleave(
+        BLOCK, 1)[: weight.shape[0], : weight.shape[1]]
+    return x_dequantized[:, :num_inner] @ weight_dequantized.T

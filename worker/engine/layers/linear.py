@@ -1,0 +1,130 @@
+"""Linear projections in FP8 with 128×128 block scales, as DeepSeek-V3 publishes its weights.
+
+An `Fp8Linear` holds `weight` in float8_e4m3fn [out, in] and `weight_scale_inv` in float32
+[ceil(out/128), ceil(in/128)] (weight ≈ fp8 · scale per block), the names and layout of DeepSeek-V3's
+checkpoint, so its tensors load by name. A partial last block (576 = 4.5 × 128 rows) has its own
+scale like any other, so any shape works, including a tensor-parallel shard. On a GPU the product
+runs in the block-scaled FP8 kernel (worker/engine/kernels/fp8_gemm.py) with activations quantized
+per token in groups of 128; on the CPU the weight is dequantized and multiplied as it is. The CPU keeps
+the dequantized copy between steps (converting float8 on a CPU runs at ~50M elements/s, seconds per
+step for a 135M model), dropped when the weight is written again: the CPU path is for tests.
+
+Models are built with plain `nn.Linear`s; `quantize_linears` swaps them afterwards: on the meta
+device before an FP8 checkpoint loads (shapes only), or on loaded weights for `--quantization fp8`.
+Kept in 16 bits, as in DeepSeek-V3's checkpoint: the LM head, and MLA's kv_b_proj, whose weight the
+attention reads directly to fold into queries and outputs (a checkpoint's FP8 kv_b_proj is
+dequantized at load). Embeddings, norms and the router are not `nn.Linear`s and stay as they are.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BLOCK = 128
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8_DTYPE).max
+SCALE_FLOOR = 1e-10  # the scale of an all-zero block
+KEPT_LINEAR_NAMES = ("lm_head", "kv_b_proj")
+
+
+def is_fp8(tensor: torch.Tensor) -> bool:
+    return tensor.dtype == FP8_DTYPE
+
+
+def scale_shape(rows: int, columns: int) -> tuple[int, int]:
+    return -(-rows // BLOCK), -(-columns // BLOCK)
+
+
+def padded_blocks(weight: torch.Tensor) -> torch.Tensor:
+    """weight [..., N, K] zero-padded to whole blocks and viewed as [..., N/128, 128, K/128, 128]."""
+    rows, columns = weight.shape[-2:]
+    block_rows, block_columns = scale_shape(rows, columns)
+    padded = F.pad(weight, (0, block_columns * BLOCK - columns, 0, block_rows * BLOCK - rows))
+    return padded.view(*weight.shape[:-2], block_rows, BLOCK, block_columns, BLOCK)
+
+
+def quantize_weight_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp8 [..., N, K], scale_inv [..., N/128, K/128] float32): each block's largest magnitude maps to 448."""
+    rows, columns = weight.shape[-2:]
+    blocks = padded_blocks(weight.float())
+    scale = (blocks.abs().amax(dim=(-3, -1), keepdim=True) / FP8_MAX).clamp(min=SCALE_FLOOR)
+    quantized = (blocks / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    block_rows, block_columns = scale_shape(rows, columns)
+    quantized = quantized.view(*weight.shape[:-2], block_rows * BLOCK, block_columns * BLOCK)[..., :rows, :columns]
+    return quantized.contiguous(), scale.view(*weight.shape[:-2], block_rows, block_columns)
+
+
+def dequantize_blocks(weight: torch.Tensor, weight_scale_inv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The FP8 weight [..., N, K] times its block scales, in `dtype`."""
+    rows, columns = weight.shape[-2:]
+    scale = weight_scale_inv.repeat_interleave(BLOCK, dim=-2).repeat_interleave(BLOCK, dim=-1)
+    return (weight.float() * scale[..., :rows, :columns]).to(dtype)
+
+
+def dequantized(module: nn.Module, weight_name: str, dtype: torch.dtype) -> torch.Tensor:
+    """`module.<weight_name>` dequantized with `<weight_name>_scale_inv`, kept until either is written again
+    (their version counters move) or another dtype is asked for."""
+    weight, weight_scale_inv = getattr(module, weight_name), getattr(module, weight_name + "_scale_inv")
+    key = (weight_name, dtype, weight._version, weight_scale_inv._version)
+    cache = module.__dict__.setdefault("_dequantized_cache", {})
+    if cache.get(weight_name, (None,))[0] != key:
+        cache[weight_name] = (key, dequantize_blocks(weight, weight_scale_inv, dtype))
+    return cache[weight_name][1]
+
+
+def fp8_parameter(tensor: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(tensor, requires_grad=False)
+
+
+class Fp8Linear(nn.Module):
+    """y = x · dequant(weight)ᵀ + bias, with weight FP8 block-scaled (see the module docstring)."""
+
+    def __init__(self, weight: torch.Tensor, weight_scale_inv: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        if weight_scale_inv.shape != scale_shape(*weight.shape):
+            raise ValueError(f"weight_scale_inv of shape {tuple(weight_scale_inv.shape)} does not fit a weight "
+                             f"of shape {tuple(weight.shape)} in {BLOCK}×{BLOCK} blocks")
+        self.weight = fp8_parameter(weight)
+        self.weight_scale_inv = fp8_parameter(weight_scale_inv)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Fp8Linear:
+        """The linear's weight quantized (shapes only on the meta device); its bias kept."""
+        weight, weight_scale_inv = quantize_weight_blocks(linear.weight.detach())
+        return cls(weight, weight_scale_inv, None if linear.bias is None else linear.bias.detach())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            from worker.engine.kernels.fp8_gemm import fp8_linear
+
+            return fp8_linear(x, self.weight, self.weight_scale_inv, self.bias)
+        return F.linear(x, dequantized(self, "weight", x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8 {BLOCK}x{BLOCK} blocks"
+
+
+def quantize_stacked_experts(module: nn.Module) -> None:
+    """Each stacked expert weight [experts, N, K] named in `module.expert_weight_names` becomes FP8, with
+    `<name>_scale_inv` [experts, N/128, K/128] beside it."""
+    for name in module.expert_weight_names:
+        weight, weight_scale_inv = quantize_weight_blocks(getattr(module, name).detach())
+        setattr(module, name, fp8_parameter(weight))
+        setattr(module, f"{name}_scale_inv", fp8_parameter(weight_scale_inv))
+
+
+@torch.no_grad()
+def quantize_linears(model: nn.Module) -> nn.Module:
+    """Swaps every `nn.Linear` (but KEPT_LINEAR_NAMES) for an `Fp8Linear` and makes stacked experts FP8, in
+    place, one module at a time so that only one 16-bit weight is copied at once."""
+    for module in list(model.modules()):
+        if hasattr(module, "expert_weight_names") and not is_fp8(getattr(module, module.expert_weight_names[0])):
+            quantize_stacked_experts(module)
+        for child_name, child in list(module.named_children()):
+            if type(child) is nn.Linear and child_name not in KEPT_LINEAR_NAMES:
+                setattr(module, child_name, Fp8Linear.from_linear(child))
+    return model
