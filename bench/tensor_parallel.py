@@ -121,8 +121,8 @@ def main() -> None:
         "speedup_worst": round(min(ratios), 3),
         "speedup_median": round(statistics.median(ratios), 3),
         "greedy_outputs_identical_to_one_rank": f"{agreeing}/{len(prompts)}",
-        "greedy_mean_tokens_before_first_difference": round(
-            sum(common_prefix_length(a, b) for a, b in zip(baseline["outputs"], parallel["outputs"])) / len(prompts), 1),
+        "greedy_mean_tokens_before_first_difference": round(sum(
+            common_prefix_length(a, b) for a, b in zip(baseline["outputs"], parallel["outputs"])) / len(prompts), 1),
         "runs": [{key: value for key, value in run.items() if key != "outputs"} for run in (baseline, parallel)],
     }
     print(json.dumps(result, indent=2))

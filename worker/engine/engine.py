@@ -73,7 +73,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, tokenizer=None,
                  on_fatal_error: Callable[[EngineError], None] | None = None):
         """on_fatal_error: called (from any thread) when the engine cannot go on, a rank of a tensor-parallel
-        engine having died or failed; the engine has then failed every request it held."""
+        engine having died or failed; the requests the engine holds are failed with the same error next."""
         self.config = config
         self._on_fatal_error = on_fatal_error
         self._fatal_error: EngineError | None = None
@@ -144,7 +144,8 @@ class LLMEngine:
             return sequence.future
         with self._condition:
             if self._stopping:
-                resolve_future(sequence.future, error=self._fatal_error or TransientEngineError("the engine is shut down"))
+                shut_down = self._fatal_error or TransientEngineError("the engine is shut down")
+                resolve_future(sequence.future, error=shut_down)
             else:
                 self._incoming.append(sequence)
                 self._condition.notify()
@@ -202,7 +203,8 @@ class LLMEngine:
                 log.exception("engine step failed outside the model; failing its requests")
                 for sequence in [*self.scheduler.running, *self.scheduler.waiting]:
                     self._fail(sequence, error)
-        self._fail_everything(self._fatal_error or TransientEngineError("the engine shut down before the request finished"))
+        self._fail_everything(
+            self._fatal_error or TransientEngineError("the engine shut down before the request finished"))
 
     def _wait_for_requests(self) -> list[Sequence] | None:
         """New sequences to schedule (waiting for some while idle); None once shutdown is asked."""
@@ -275,22 +277,23 @@ class LLMEngine:
             raise fatal from error
 
     def _die(self, error: EngineError) -> None:
-        """The engine cannot go on: fail every request it holds with `error`, stop the loop, tell the owner.
-        Called from the rank watcher's thread too, while the loop may be blocked in a collective: the lists
-        are copied (atomically, under the GIL) and futures are safe to set from any thread."""
+        """The engine cannot go on: stop the loop, tell the owner (the worker exits there and then), fail
+        every request it holds with `error`. Called from the rank watcher's thread too, while the loop may
+        be blocked in a collective: the lists are copied (atomically, under the GIL) and futures are safe
+        to set from any thread."""
         with self._condition:
             if self._fatal_error is not None:
                 return
             self._fatal_error, self._stopping = error, True
             held, self._incoming = self._incoming, []
             self._condition.notify_all()
+        if self._on_fatal_error is not None:
+            self._on_fatal_error(error)
         scheduler = getattr(self, "scheduler", None)
         if scheduler is not None:
             held += list(scheduler.running) + list(scheduler.waiting)
         for sequence in held:
             resolve_future(sequence.future, error=error)
-        if self._on_fatal_error is not None:
-            self._on_fatal_error(error)
 
     def _append_token(self, sequence: Sequence, token_id: int) -> None:
         sampling = sequence.sampling

@@ -20,6 +20,7 @@ messages always travel through a gloo group, on the host. On the CPU (tests) glo
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -47,7 +48,8 @@ FP8_BLOCK = 128  # rows and columns of one block scale of a block-quantised weig
 
 
 class TensorParallelError(ValueError):
-    """A model that cannot be split over the configured number of ranks; the message says why."""
+    """A tensor-parallel engine that cannot be built: a model that does not split over the configured number
+    of ranks (the message names the count at fault), or a second such engine in one process."""
 
 
 class RankFailedError(TransientEngineError):
@@ -109,7 +111,10 @@ class TensorSlice:
     length: int
 
     def __call__(self, tensor: torch.Tensor, block: int = 1) -> torch.Tensor:
-        start, length = self.start // block, -(-self.length // block)
+        if self.start % block or self.length % block:
+            raise TensorParallelError(f"a tensor-parallel slice of {self.length} rows from row {self.start} does "
+                                      f"not fall on the {block}-row blocks of the weight's FP8 scales")
+        start, length = self.start // block, self.length // block
         available = max(0, min(length, tensor.shape[self.dim] - start))
         taken = tensor.narrow(self.dim, start, available)
         if available == length:
@@ -246,8 +251,6 @@ class ProcessGroups:
 
 
 def join_process_groups(rank: int, size: int, address: str, device: torch.device) -> ProcessGroups:
-    if dist.is_initialized():
-        raise TensorParallelError("a tensor-parallel engine already runs in this process; one per process")
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -285,7 +288,9 @@ class RankProcesses:
     @classmethod
     def start(cls, config: EngineConfig, device: torch.device,
               on_death: Callable[[RankFailedError], None]) -> RankProcesses:
-        """Spawns ranks 1..N-1 and joins the process group with them as rank 0."""
+        """Starts ranks 1..N-1 and joins the process group with them as rank 0."""
+        if dist.is_initialized():
+            raise TensorParallelError("a tensor-parallel engine already runs in this process; one per process")
         size, address = config.tensor_parallel_size, free_address()
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(PRELOADED_MODULES)
@@ -298,7 +303,11 @@ class RankProcesses:
         ranks = cls(ProcessGroups(Shard(0, size)), processes, on_death, lifeline)
         ranks._watcher = threading.Thread(target=ranks._watch, name="deepbatch-rank-watcher", daemon=True)
         ranks._watcher.start()
-        ranks.groups = join_process_groups(0, size, address, device)
+        try:
+            ranks.groups = join_process_groups(0, size, address, device)
+        except BaseException:
+            ranks.abandon()
+            raise
         return ranks
 
     @property
@@ -313,7 +322,7 @@ class RankProcesses:
         rank, process = by_sentinel[ended[0]]
         process.join(timeout=1)
         self.error = RankFailedError(f"tensor-parallel rank {rank} (pid {process.pid}) died "
-                                   f"({describe_exit(process.exitcode)}); the engine stops")
+                                     f"({describe_exit(process.exitcode)}); the engine stops")
         log.critical("%s", self.error)
         self.on_death(self.error)
 
@@ -402,6 +411,9 @@ def serve_rank(rank: int, size: int, address: str, config: EngineConfig,
     dtype = resolve_dtype(config.dtype, device)
     groups = join_process_groups(rank, size, address, device)
     model, _ = load_model(config.model, config.seed, device, dtype, groups.shard, config.quantization)
+    if device.type == "cuda":  # as rank 0 does: what loading held goes back before the cache is sized
+        gc.collect()
+        torch.cuda.empty_cache()
     bytes_per_block = model.kv_cache_bytes_per_token(dtype) * config.kv_block_size
     groups.fewest(engine_module.choose_num_kv_blocks(config, bytes_per_block, device))
     num_blocks, max_batch_size, max_model_len = groups.broadcast()

@@ -341,22 +341,35 @@ class MixtureOfExperts(nn.Module):
 
     def _local_experts(self, hidden: torch.Tensor, expert_ids: torch.Tensor,
                        expert_weights: torch.Tensor) -> torch.Tensor:
-        """This rank's experts' share of every token's output.
-
-        Eagerly, only the token-expert pairs routed to this rank are computed: each pair becomes a row with
-        one route. A CUDA graph cannot hold that (the number of pairs is asked of the host), so while one
-        is captured every pair is computed, the other ranks' pairs on a local expert with weight zero:
-        decode batches are small, and there the weights read, not the rows multiplied, set the pace.
-        """
-        local_ids = expert_ids - self.first_local_expert
-        is_local = (local_ids >= 0) & (local_ids < self.num_local_experts)
+        """This rank's experts' share of every token's output: eagerly only the pairs routed here; inside
+        a CUDA graph, which cannot ask the host how many those are, every pair (`_masked_local_pairs`)."""
         if hidden.is_cuda and torch.cuda.is_current_stream_capturing():
-            spread = torch.arange(local_ids.numel(), device=hidden.device).view_as(local_ids) % self.num_local_experts
-            return self.experts(hidden, torch.where(is_local, local_ids, spread),
-                                torch.where(is_local, expert_weights, 0.0))
+            return self._masked_local_pairs(hidden, expert_ids, expert_weights)
+        return self._compacted_local_pairs(hidden, expert_ids, expert_weights)
+
+    def _local_ids(self, expert_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        local_ids = expert_ids - self.first_local_expert
+        return local_ids, (local_ids >= 0) & (local_ids < self.num_local_experts)
+
+    def _compacted_local_pairs(self, hidden: torch.Tensor, expert_ids: torch.Tensor,
+                               expert_weights: torch.Tensor) -> torch.Tensor:
+        """Each token-expert pair routed to this rank becomes a row with one route; the rows' outputs are
+        added back to their tokens."""
+        local_ids, is_local = self._local_ids(expert_ids)
         token_of_pair, _ = is_local.nonzero(as_tuple=True)
-        pair_output = self.experts(hidden[token_of_pair], local_ids[is_local][:, None], expert_weights[is_local][:, None])
+        pair_output = self.experts(hidden[token_of_pair], local_ids[is_local][:, None],
+                                   expert_weights[is_local][:, None])
         return torch.zeros_like(hidden).index_add_(0, token_of_pair, pair_output)
+
+    def _masked_local_pairs(self, hidden: torch.Tensor, expert_ids: torch.Tensor,
+                            expert_weights: torch.Tensor) -> torch.Tensor:
+        """Every pair, the other ranks' ones on a local expert (spread over them) with weight zero: shapes
+        that do not depend on the routing. The wasted rows cost little where graphs run, in decode's small
+        batches, where the weights read and not the rows multiplied set the pace."""
+        local_ids, is_local = self._local_ids(expert_ids)
+        spread = torch.arange(local_ids.numel(), device=hidden.device).view_as(local_ids) % self.num_local_experts
+        return self.experts(hidden, torch.where(is_local, local_ids, spread),
+                            torch.where(is_local, expert_weights, 0.0))
 
 
 class DeepseekForCausalLM(PagedCausalLM):
