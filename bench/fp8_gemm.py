@@ -46,6 +46,9 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--rows", type=int, nargs="+", default=[64, 256, 4096], help="M: tokens in the batch")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--iterations", type=int, default=30)
+    parser.add_argument("--torch-scaled-mm", action="store_true",
+                        help="also time torch's blockwise _scaled_mm where it takes these scales (a separate run: "
+                             "a layout it mishandles could fault the device for what follows)")
     parser.add_argument("--output", type=Path)
     return parser.parse_args()
 
@@ -94,6 +97,8 @@ def measure_dense(num_rows: int, num_columns: int, num_inner: int, arguments) ->
         fp8_seconds.append(seconds_per_call(lambda: fp8_gemm.fp8_linear(x, weight, weight_scale_inv),
                                             arguments.iterations))
     result.update(timings(bf16_seconds, fp8_seconds, num_columns * num_inner))
+    if not arguments.torch_scaled_mm:
+        return result
     x_fp8, x_scale = fp8_gemm.quantize_per_token_group(x)
     blockwise, run_or_reasons = torch_blockwise(x_fp8, x_scale, weight, weight_scale_inv)
     if blockwise is None:
@@ -133,7 +138,15 @@ def measure_experts(num_tokens: int, num_experts: int, top_k: int, intermediate:
     offsets = torch.cumsum(rows_per_expert, dim=0, dtype=torch.int32)
     bf16 = lambda: torch._grouped_mm(rows, weights_bf16.transpose(1, 2), offs=offsets)  # noqa: E731
     fp8 = lambda: fp8_gemm.fp8_grouped_linear(rows, weights, scales, rows_per_expert)  # noqa: E731
-    result = {"fp8_error": relative_error(fp8(), bf16())}
+    output = fp8()
+    expected_exact = torch.empty_like(output, dtype=torch.float32)
+    group_ends = torch.cumsum(rows_per_expert, dim=0).tolist()
+    for expert, end in enumerate(group_ends):
+        start = end - int(rows_per_expert[expert])
+        if end > start:
+            expected_exact[start:end] = fp8_gemm.reference_block_scaled_matmul(rows[start:end], weights[expert],
+                                                                               scales[expert])
+    result = {"kernel_error": relative_error(output, expected_exact), "fp8_error": relative_error(output, bf16())}
     bf16_seconds = [seconds_per_call(bf16, arguments.iterations) for _ in range(arguments.repeats)]
     fp8_seconds = [seconds_per_call(fp8, arguments.iterations) for _ in range(arguments.repeats)]
     touched = int((rows_per_expert > 0).sum())
@@ -153,7 +166,7 @@ def main() -> None:
             entry.update(measure_dense(num_rows, num_columns, num_inner, arguments))
             print(json.dumps(entry), flush=True)
             result["dense"].append(entry)
-    for model, num_experts, top_k, intermediate, hidden in EXPERT_SHAPES:
+    for model, num_experts, top_k, intermediate, hidden in EXPERT_SHAPES * (not arguments.torch_scaled_mm):
         for num_tokens in arguments.rows:
             entry = {"model": model, "projection": "experts gate_up_proj", "tokens": num_tokens,
                      "experts": num_experts, "top_k": top_k, "N": 2 * intermediate, "K": hidden}

@@ -16,6 +16,8 @@ stacked experts add a leading expert dimension to both. The kernels accumulate i
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import triton
 import triton.language as tl
@@ -43,6 +45,8 @@ def _quantize_groups_kernel(x, x_fp8, x_scale, num_columns, stride_x, stride_fp8
 
 def quantize_per_token_group(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(x_fp8 [M, K], x_scale [M, ceil(K/128)] float32) for x [M, K], as DeepSeek-V3 quantizes activations."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
     num_rows, num_columns = x.shape
     num_groups = triton.cdiv(num_columns, BLOCK)
     x_fp8 = torch.empty(num_rows, num_columns, dtype=FP8_DTYPE, device=x.device)
@@ -105,6 +109,11 @@ def gemm_tiles(num_rows: int) -> tuple[int, int, int]:
     return 64, 128, 4
 
 
+@lru_cache(maxsize=None)
+def multiprocessor_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
 def split_k_count(num_tiles: int, k_blocks: int, num_sms: int) -> int:
     """How many slices of K run in parallel: enough programs to fill the device when M and N are small, each
     slice at least 4 blocks of K long."""
@@ -121,8 +130,7 @@ def block_scaled_matmul(x_fp8: torch.Tensor, x_scale: torch.Tensor, weight: torc
     block_m, block_n, num_warps = gemm_tiles(num_rows)
     tiles = (triton.cdiv(num_rows, block_m), triton.cdiv(num_columns, block_n))
     k_blocks = triton.cdiv(num_inner, BLOCK)
-    num_sms = torch.cuda.get_device_properties(x_fp8.device).multi_processor_count if x_fp8.is_cuda else 1
-    splits = split_k_count(tiles[0] * tiles[1], k_blocks, num_sms)
+    splits = split_k_count(tiles[0] * tiles[1], k_blocks, multiprocessor_count(x_fp8.device))
     k_blocks_per_split = triton.cdiv(k_blocks, splits)
     splits = triton.cdiv(k_blocks, k_blocks_per_split)
     out_dtype = output_dtype if splits == 1 else torch.float32
