@@ -153,3 +153,14 @@ def test_shutdown_fails_pending_requests_and_later_submits():
     engine.shutdown()
     with pytest.raises(TransientEngineError):
         engine.submit([5, 6], GREEDY).result(timeout=5)
+
+
+
+def test_the_warm_up_leaves_the_engine_ready_for_real_requests(make_engine) -> None:
+    """The kernel warm-up a GPU engine runs at start answers its own requests and leaves nothing behind;
+    on the CPU it runs here through the paged kernel under Triton's interpreter."""
+    engine = make_engine(model="tiny-qwen2", use_paged_kernel=True, use_cuda_graphs=False)
+    engine.warm_up()
+    assert not engine.scheduler.has_work
+    completion = engine.generate([[5, 6, 7]], SamplingParams(max_tokens=3, ignore_eos=True))[0]
+    assert completion.completion_tokens == 3

@@ -116,7 +116,17 @@ class LLMEngine:
         self._last_batch_size = 0
         self._thread = threading.Thread(target=self._run_loop, name="deepbatch-engine", daemon=True)
         self._thread.start()
+        if self.device.type == "cuda":
+            self.warm_up()
         self._log_start(num_blocks, bytes_per_block)
+
+    def warm_up(self) -> None:
+        """Runs a prefill, a chunk after a cached prefix and decodes once, so that Triton compiles their kernels
+        now and not inside the first job's requests (on an H200 that cost the first 4,096-request job a quarter
+        of its throughput, bench/results/system-nvidia-h200-*.json)."""
+        token_id = min(self.eos_token_ids, default=0) + 1
+        prompt = [token_id] * (2 * self.config.kv_block_size + 1)
+        self.generate([prompt, prompt + [token_id] * 3], SamplingParams(max_tokens=2, ignore_eos=True))
 
     def _log_start(self, num_blocks: int, bytes_per_block: int) -> None:
         """One line that says what runs where and why the batch is as big as it is."""
