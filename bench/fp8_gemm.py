@@ -6,7 +6,9 @@ Each timing is the mean of `--iterations` calls between CUDA events (the FP8 fig
 the activations per token group); every measurement is repeated `--repeats` times and the ratio
 bf16 time / FP8 time reported as worst and median. Errors: relative L2 against the float32 product of the
 same FP8 operands (`kernel_error`: the kernel's own rounding) and against the unquantized bf16 product
-(`fp8_error`: what FP8 costs). Results go to bench/results/fp8-gemm-<device>.json.
+(`fp8_error`: what FP8 costs). Results go to bench/results/fp8-gemm-<device>.json. Calls are timed eagerly:
+at small shapes the FP8 figure is the host launching its two or three kernels (quantize, GEMM, split-K
+sum), which a CUDA graph (decode) does not pay; the large shapes show the kernels themselves.
 
     python bench/fp8_gemm.py --device cuda
 """
