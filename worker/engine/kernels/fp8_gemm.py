@@ -22,10 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK = 128  # the scale block of weights (rows and columns) and the activation group
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
-SCALE_FLOOR = 1e-10  # an all-zero group gets this scale rather than a division by zero
+# The scale block of weights (rows and columns) is also the activation group.
+from worker.engine.layers.linear import BLOCK, FP8_DTYPE, FP8_MAX, SCALE_FLOOR
 
 
 @triton.jit
