@@ -1,12 +1,13 @@
 """Block-scaled FP8 matrix products for Hopper, as DeepSeek-V3 runs them: weights in float8_e4m3fn with one
 float32 scale per 128×128 block, activations quantized per token in groups of 128 columns.
 
-Why Triton rather than torch's scaled matmul: `torch._scaled_mm` takes these scales only in recent
-releases and only where K and N are whole blocks, while DeepSeek-V3 itself has a partial block
-(kv_a_proj_with_mqa: 576 = 4.5 × 128 rows) and a tensor-parallel shard may have others; one kernel
-that masks partial blocks serves every shape (bench/fp8_gemm.py measures both). The grouped variant
-runs the routed experts over rows sorted by expert with no host synchronisation, so a CUDA graph
-can hold a decode step.
+Why Triton rather than torch's scaled matmul: torch 2.11's blockwise `_scaled_mm` takes these scales
+on Hopper and is 1.3–2.4× faster than this kernel at M ≥ 256, but where K ends in a partial block
+(DeepSeek-V2-Lite's 10944 = 85.5 × 128) it returns wrong products (9% error) without complaint, and
+under a CUDA graph it is unmeasured (bench/fp8_gemm.py, bench/results/fp8-gemm-*-nvidia-h200.json). This
+kernel masks partial blocks in every dimension, so it serves every shape, including a tensor-parallel
+shard. The grouped variant runs the routed experts over rows sorted by expert with no host
+synchronisation, so a CUDA graph can hold a decode step.
 
 Layouts: x [M, K] → x_fp8 [M, K] and x_scale [M, ceil(K/128)] (x ≈ x_fp8 · x_scale per group);
 weight [N, K] with weight_scale_inv [ceil(N/128), ceil(K/128)] (weight ≈ weight_fp8 · scale per block);
