@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import save_file
 
 from tests.engine.helpers import prefill_logits, random_prompts, reference_greedy
-from worker.engine.configs import FP8_BLOCK_QUANTIZATION, tiny_deepseek_v3_config
+from worker.engine.configs import FP8_BLOCK_QUANTIZATION, tiny_deepseek_v3_config, tiny_llama_config
 from worker.engine.engine import LLMEngine
 from worker.engine.kernels.fp8_gemm import reference_block_scaled_matmul
 from worker.engine.layers.linear import Fp8Linear, dequantize_blocks, quantize_weight_blocks
@@ -214,3 +214,19 @@ def test_fp8_checkpoint_logits_stay_near_the_bf16_original(fp8_checkpoint, tmp_p
         f"mean {errors[~rerouted].mean():.4f} max {errors[~rerouted].max():.4f}")
     assert errors.mean() > 1e-3  # the FP8 weights did round: this is not the original in disguise
     assert rerouted.float().mean() <= 0.1
+
+
+def test_fp8_checkpoint_whose_packed_projections_share_a_block_is_refused(tmp_path):
+    """tiny-llama's k_proj starts at row 64 of the packed qkv_proj: its scales would share a 128-row block
+    with q_proj's. The loader says which tensor, rather than loading wrong scales."""
+    hf_config = tiny_llama_config(vocab_size=VOCAB_SIZE)
+    state = random_reference_model(hf_config, 0, torch.device("cpu"), torch.float32).state_dict()
+    tensors = {}
+    for name, tensor in state.items():
+        if name.endswith("_proj.weight"):
+            tensors[name], tensors[name + "_scale_inv"] = quantize_weight_blocks(tensor)
+        else:
+            tensors[name] = tensor
+    write_published_checkpoint(tmp_path / "llama-fp8", hf_config, tensors)
+    with pytest.raises(ValueError, match=r"k_proj\.weight_scale_inv.*row 64"):
+        load_model(str(tmp_path / "llama-fp8"), 0, torch.device("cpu"), torch.float32)
