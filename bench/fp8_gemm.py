@@ -92,7 +92,8 @@ def measure_dense(num_rows: int, num_columns: int, num_inner: int, arguments) ->
     expected_exact = fp8_gemm.reference_block_scaled_matmul(x, weight, weight_scale_inv)
     expected_bf16 = x.float() @ weight_bf16.float().T
     output = fp8_gemm.fp8_linear(x, weight, weight_scale_inv)
-    result = {"kernel_error": relative_error(output, expected_exact), "fp8_error": relative_error(output, expected_bf16)}
+    result = {"kernel_error": relative_error(output, expected_exact),
+              "fp8_error": relative_error(output, expected_bf16)}
     bf16_seconds, fp8_seconds = [], []
     for _ in range(arguments.repeats):
         bf16_seconds.append(seconds_per_call(lambda: torch.matmul(x, weight_bf16.T), arguments.iterations))

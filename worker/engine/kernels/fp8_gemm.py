@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 # The scale block of weights (rows and columns) is also the activation group.
-from worker.engine.layers.linear import BLOCK, FP8_DTYPE, FP8_MAX, SCALE_FLOOR
+from worker.engine.layers.linear import BLOCK, FP8_DTYPE, FP8_MAX, SCALE_FLOOR, dequantize_blocks
 
 
 @triton.jit
@@ -214,15 +214,12 @@ def fp8_grouped_linear(rows: torch.Tensor, weights: torch.Tensor, weight_scales_
     return out
 
 
-def reference_block_scaled_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor) -> torch.Tensor:
+def reference_block_scaled_matmul(x: torch.Tensor, weight: torch.Tensor,
+                                  weight_scale_inv: torch.Tensor) -> torch.Tensor:
     """What the kernels compute, in float32 torch ops (for tests and the benchmark): x quantized per token
     group, both operands dequantized, one matrix product."""
     num_rows, num_inner = x.shape
-    groups = x.float().reshape(num_rows, -1) if num_inner % BLOCK == 0 else torch.nn.functional.pad(
-        x.float(), (0, BLOCK - num_inner % BLOCK))
-    groups = groups.view(num_rows, -1, BLOCK)
+    groups = torch.nn.functional.pad(x.float(), (0, -num_inner % BLOCK)).view(num_rows, -1, BLOCK)
     scale = (groups.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=SCALE_FLOOR)
     x_dequantized = ((groups / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).float() * scale).view(num_rows, -1)
-    weight_dequantized = weight.float() * weight_scale_inv.float().repeat_interleave(BLOCK, 0).repeat_interleave(
-        BLOCK, 1)[: weight.shape[0], : weight.shape[1]]
-    return x_dequantized[:, :num_inner] @ weight_dequantized.T
+    return x_dequantized[:, :num_inner] @ dequantize_blocks(weight, weight_scale_inv, torch.float32).T
