@@ -15,7 +15,7 @@ import torch
 
 from tests.engine.helpers import ARCHITECTURES, random_prompts
 from tests.engine.test_greedy_equivalence import MIXED_LENGTHS, assert_matches_reference
-from worker.engine.kernels.paged_attention import paged_attention
+from worker.engine.kernels.paged_attention import LaunchShape, launch_shape, paged_attention
 from worker.engine.types import SamplingParams
 
 # tests/conftest.py turns Triton's interpreter on where there is no GPU.
@@ -56,9 +56,15 @@ STEPS = {
 }
 
 
+# A group split across programs, as DeepSeek-V3's 128 MLA heads are: 16 heads in slices of 6 (6, 6, 4).
+SPLIT_GROUP = LaunchShape(tokens=2, block_n=16, warps=4, stages=1, heads=6)
+
+
 @pytest.mark.parametrize("step", sorted(STEPS))
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("layout", sorted(LAYOUTS) + ["mla-split-group"])
 def test_kernel_matches_dense_attention(layout, step):
+    launch = SPLIT_GROUP if layout == "mla-split-group" else None
+    layout = "mla" if launch else layout
     heads, kv_heads, (dim_a, dim_b), value_dim, mla = LAYOUTS[layout]
     query_lens_list, context_lens_list = STEPS[step]
     generator = torch.Generator().manual_seed(zlib.crc32(f"{layout}/{step}".encode()))
@@ -78,12 +84,18 @@ def test_kernel_matches_dense_attention(layout, step):
     on_device = [tensor.to(DEVICE) if tensor is not None else None for tensor in
                  (query, key_cache, value_cache, output, block_tables.int(), query_starts, query_lens, context_lens)]
     paged_attention(*on_device, max_query_len=max(query_lens_list), scale=scale, page_size=page_size,
-                    dim_a=dim_a, value_dim=value_dim)
+                    dim_a=dim_a, value_dim=value_dim, launch=launch)
     result = on_device[3].cpu()
     expected = dense_reference(query, key_cache, value_cache, block_tables, query_starts, query_lens, context_lens,
                                scale, page_size, value_dim)
     assert not result.isnan().any(), "an output row was never written"
     assert ((result.double() - expected).norm() / expected.norm()).item() < 1e-5
+
+
+def test_deepseek_v3s_128_mla_heads_are_split_to_fit_one_program():
+    decode, prefill = launch_shape(128, 512, is_decode=True), launch_shape(128, 512, is_decode=False)
+    assert (decode.heads, decode.tokens, prefill.heads, prefill.tokens) == (64, 1, 64, 1)
+    assert launch_shape(16, 512, is_decode=False) == LaunchShape(tokens=4, block_n=64, warps=8, stages=2, heads=16)
 
 
 @pytest.mark.parametrize("model_name", ARCHITECTURES)

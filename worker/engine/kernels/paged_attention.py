@@ -4,9 +4,11 @@ Why our own kernel: torch's fused attention needs keys and values contiguous per
 paged cache is not, and gathering them into dense tensors every layer costs more memory traffic than
 the attention itself. This kernel walks each sequence's block table instead.
 
-One program handles `BLOCK_T` query tokens of one sequence for all the query heads that share one
+One program handles `BLOCK_T` query tokens of one sequence for the query heads that share one
 key/value head (GQA's group; for MLA every head shares the single latent "head"), so each key block is
-read once for the whole group. The rows of its tiles are (token, head-in-group) pairs. Keys are read
+read once for the whole group — or, where the group is too large for one program's registers and shared
+memory (DeepSeek-V3's 128 MLA heads with a 512-wide latent need 288 KiB, an H200 has 227), for each of
+`SPLITS` slices of `SUB` heads, which then read the block once each. The rows of its tiles are (token, head-in-group) pairs. Keys are read
 in tiles of `BLOCK_N` positions through the block table, with an online softmax (FlashAttention's
 recurrence). The query dimension may come in two parts (`DIM_A` + `DIM_B`): MLA's absorbed query is
 512 latent + 64 rope dimensions, and Triton tiles must be powers of two. With `VALUE_IS_KEY_PREFIX`
@@ -38,13 +40,15 @@ def _paged_attention_kernel(
     block_tables, stride_block_table,
     query_starts, query_lens, context_lens,
     scale_log2,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    GROUP: tl.constexpr, SUB: tl.constexpr, SUB_PAD: tl.constexpr, SPLITS: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE_SIZE: tl.constexpr, DIM_A: tl.constexpr, DIM_B: tl.constexpr, DIM_V: tl.constexpr,
     PAD_A: tl.constexpr, PAD_B: tl.constexpr, PAD_V: tl.constexpr,
     VALUE_IS_KEY_PREFIX: tl.constexpr, PRECISION: tl.constexpr,
 ):
     sequence = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    kv_head = tl.program_id(1) // SPLITS
+    first_head = (tl.program_id(1) % SPLITS) * SUB  # of the group's heads, the first this program takes
     first_token = tl.program_id(2) * BLOCK_T
     query_len = tl.load(query_lens + sequence)
     if first_token >= query_len:
@@ -52,10 +56,11 @@ def _paged_attention_kernel(
     context_len = tl.load(context_lens + sequence)
     query_start = tl.load(query_starts + sequence)
 
-    rows = tl.arange(0, BLOCK_T * GROUP_PAD)
-    token = first_token + rows // GROUP_PAD
-    head = kv_head * GROUP + rows % GROUP_PAD
-    row_is_real = (token < query_len) & (rows % GROUP_PAD < GROUP)
+    rows = tl.arange(0, BLOCK_T * SUB_PAD)
+    token = first_token + rows // SUB_PAD
+    head_in_group = first_head + rows % SUB_PAD
+    head = kv_head * GROUP + head_in_group
+    row_is_real = (token < query_len) & (rows % SUB_PAD < SUB) & (head_in_group < GROUP)
     query_position = context_len - query_len + token  # causal limit of each row
     query_rows = query + (query_start + token)[:, None] * stride_query_token + head[:, None] * stride_query_head
 
@@ -69,9 +74,9 @@ def _paged_attention_kernel(
                           mask=row_is_real[:, None] & (dims_b[None, :] < DIM_B), other=0.0)
     dims_v = tl.arange(0, PAD_V)
 
-    row_max = tl.full([BLOCK_T * GROUP_PAD], float("-inf"), tl.float32)
-    row_sum = tl.zeros([BLOCK_T * GROUP_PAD], tl.float32)
-    accumulator = tl.zeros([BLOCK_T * GROUP_PAD, PAD_V], tl.float32)
+    row_max = tl.full([BLOCK_T * SUB_PAD], float("-inf"), tl.float32)
+    row_sum = tl.zeros([BLOCK_T * SUB_PAD], tl.float32)
+    accumulator = tl.zeros([BLOCK_T * SUB_PAD, PAD_V], tl.float32)
     # Keys past the last real query's position are masked for every row: stop there.
     last_token = tl.minimum(first_token + BLOCK_T, query_len) - 1
     key_end = context_len - query_len + last_token + 1
@@ -118,24 +123,37 @@ def next_power_of_two(value: int) -> int:
     return 1 << (value - 1).bit_length()
 
 
+# Query rows (token × head pairs) one program may hold beside a 512-wide MLA accumulator: 64 fit an H200's
+# registers and shared memory, 128 do not. Narrower heads take twice as many.
+MAX_WIDE_ROWS = 64
+MAX_ROWS = 128
+
+
 @dataclass(frozen=True)
 class LaunchShape:
     tokens: int  # query tokens per program
     block_n: int  # key positions per tile
     warps: int
     stages: int  # software-pipelining depth of the key loop
+    heads: int | None = None  # of a key/value head's group, the query heads per program; None: the whole group
 
 
 def launch_shape(group: int, value_dim: int, is_decode: bool) -> LaunchShape:
     """The launch for a head layout: the fastest of bench/paged_attention.py's sweep on an H100. Tiles need
     at least 16 rows for the tensor cores; MLA's 512-wide accumulator limits how many query rows fit in
-    registers, so its prefill programs take fewer tokens."""
-    group_pad = next_power_of_two(group)
-    if is_decode:
-        return LaunchShape(tokens=max(1, 16 // group_pad), block_n=64, warps=4, stages=2)
+    registers, so its prefill programs take fewer tokens, and a group past MAX_WIDE_ROWS / MAX_ROWS heads
+    is split across programs."""
+    heads = min(group, MAX_WIDE_ROWS if value_dim > 256 else MAX_ROWS)
+    heads_pad = next_power_of_two(heads)
+    if is_decode and heads_pad <= 16:
+        return LaunchShape(tokens=16 // heads_pad, block_n=64, warps=4, stages=2, heads=heads)
+    # A decode step's program holds one token; past 16 heads its rows take the prefill programs' warps
+    # (V3's 64-head slices: not yet timed on a GPU).
     if value_dim > 256:
-        return LaunchShape(tokens=max(1, 64 // group_pad), block_n=64, warps=8, stages=2)
-    return LaunchShape(tokens=max(1, 128 // group_pad), block_n=32, warps=8, stages=2)
+        return LaunchShape(tokens=1 if is_decode else max(1, 64 // heads_pad), block_n=64, warps=8, stages=2,
+                           heads=heads)
+    return LaunchShape(tokens=1 if is_decode else max(1, 128 // heads_pad), block_n=32, warps=8, stages=2,
+                       heads=heads)
 
 
 def paged_attention(
@@ -170,7 +188,9 @@ def paged_attention(
     dim_b = query.shape[2] - dim_a
     launch = launch or launch_shape(group, value_dim, is_decode=max_query_len == 1)
     values = key_cache if value_cache is None else value_cache
-    grid = (num_sequences, num_kv_heads, triton.cdiv(max_query_len, launch.tokens))
+    heads = min(launch.heads or group, group)
+    splits = triton.cdiv(group, heads)
+    grid = (num_sequences, num_kv_heads * splits, triton.cdiv(max_query_len, launch.tokens))
     _paged_attention_kernel[grid](
         query, query.stride(0), query.stride(1),
         key_cache, key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
@@ -179,7 +199,8 @@ def paged_attention(
         block_tables, block_tables.stride(0),
         query_starts, query_lens, context_lens,
         scale * LOG2_E,
-        GROUP=group, GROUP_PAD=next_power_of_two(group), BLOCK_T=launch.tokens, BLOCK_N=launch.block_n,
+        GROUP=group, SUB=heads, SUB_PAD=next_power_of_two(heads), SPLITS=splits,
+        BLOCK_T=launch.tokens, BLOCK_N=launch.block_n,
         PAGE_SIZE=page_size, DIM_A=dim_a, DIM_B=dim_b, DIM_V=value_dim,
         PAD_A=max(16, next_power_of_two(dim_a)), PAD_B=max(16, next_power_of_two(dim_b)) if dim_b else 0,
         PAD_V=max(16, next_power_of_two(value_dim)),
