@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import timedelta
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -131,6 +132,15 @@ def migrate() -> None:
 MODEL_HELP = "a built-in name (smollm2-135m-instruct, tiny-deepseek-v3, ...), a .gguf file or a checkpoint " \
              "directory; default DEEPBATCH_MODEL"
 TENSOR_PARALLEL_HELP = "GPUs the worker splits the model over, one process each; default DEEPBATCH_TENSOR_PARALLEL_SIZE"
+QUANTIZATION_HELP = "fp8: linear weights in FP8 with 128x128 block scales, quantized at load; default DEEPBATCH_QUANTIZATION"
+
+
+class Quantization(str, Enum):
+    none = "none"
+    fp8 = "fp8"
+
+
+QuantizationOption = Annotated[Optional[Quantization], typer.Option(help=QUANTIZATION_HELP)]
 
 
 def check_engine_settings_or_exit(settings: Settings) -> None:
@@ -163,12 +173,15 @@ def worker(
     loglevel: Annotated[str, typer.Option(help="Celery log level")] = "INFO",
     model: Annotated[Optional[str], typer.Option(help=MODEL_HELP)] = None,
     tensor_parallel_size: Annotated[Optional[int], typer.Option(min=1, help=TENSOR_PARALLEL_HELP)] = None,
+    quantization: QuantizationOption = None,
 ) -> None:
     """Run a Celery worker: one per GPU (or per group of --tensor-parallel-size GPUs), one engine per worker process."""
     if model:  # the worker's runtime reads the settings again, from the environment
         os.environ["DEEPBATCH_MODEL"] = model
     if tensor_parallel_size:
         os.environ["DEEPBATCH_TENSOR_PARALLEL_SIZE"] = str(tensor_parallel_size)
+    if quantization:
+        os.environ["DEEPBATCH_QUANTIZATION"] = quantization.value
     get_settings.cache_clear()
     settings = configured_settings()
     start_engine_or_exit(settings)
@@ -456,7 +469,8 @@ def export_to_files(settings: Settings, job_id: str, output: Path, errors: Path)
 def start_worker_process(settings: Settings, log_path: Path) -> subprocess.Popen:
     env = {**os.environ, "DEEPBATCH_DATABASE_URL": settings.database_url or "",
            "DEEPBATCH_BROKER_URL": settings.broker_url or "", "DEEPBATCH_MODEL": settings.model,
-           "DEEPBATCH_TENSOR_PARALLEL_SIZE": str(settings.tensor_parallel_size)}
+           "DEEPBATCH_TENSOR_PARALLEL_SIZE": str(settings.tensor_parallel_size),
+           "DEEPBATCH_QUANTIZATION": settings.quantization or "none"}
     log = log_path.open("ab")
     command = [sys.executable, "-m", "producer.cli", "worker", "--loglevel", "WARNING"]
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
@@ -493,6 +507,7 @@ def run(
     errors: Annotated[Optional[Path], typer.Option("-e", "--errors", help="errors file; default OUTPUT.errors.jsonl")] = None,
     model: Annotated[Optional[str], typer.Option(help=MODEL_HELP)] = None,
     tensor_parallel_size: Annotated[Optional[int], typer.Option(min=1, help=TENSOR_PARALLEL_HELP)] = None,
+    quantization: QuantizationOption = None,
 ) -> None:
     """Everything in one command: services (embedded if unset), migrations, a worker, submit, wait, export."""
     from schema.migrate import upgrade
@@ -502,6 +517,8 @@ def run(
         base = base.model_copy(update={"model": model})
     if tensor_parallel_size:
         base = base.model_copy(update={"tensor_parallel_size": tensor_parallel_size})
+    if quantization:
+        base = base.model_copy(update={"quantization": quantization.value})
     if not file.is_file():
         raise fail(f"no such file: {file}")
     check_engine_settings_or_exit(base)
