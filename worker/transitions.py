@@ -201,9 +201,11 @@ RECORD_FAILURES = text("""
 
 
 # Running requests whose worker stopped renewing their leases (it died, hung or lost its database), taken
-# back: all that worker holds, as soon as one of its leases has expired (it renews them all at once), so
-# that what it held comes back together. Which of them (if any) stopped it cannot be told, so the loss is
-# charged only to a request that was running alone: lost with others, its attempt is not counted. They
+# back: all that worker holds, as soon as one of its leases has expired and none was renewed for half a
+# lease (a live worker renews them all every third of one), so that what it held comes back together. A
+# live worker's lone expired lease (a result it could not record) is taken back alone, not its neighbours.
+# Which of them (if any) stopped a worker cannot be told, so the loss is charged only to a request that was
+# running alone: lost with others, its attempt is not counted. They
 # come back as one isolation group, which runs with nothing else in a worker's engine — at full depth, so
 # that a hung worker's requests are finished at the normal rate, where running each suspect alone made a
 # hung worker's 128 requests a tail of one at a time — and a group that loses its worker again is split
@@ -214,12 +216,15 @@ RECORD_FAILURES = text("""
 # kill, a lost host), and while it halves, the other half and every other worker run at full depth.
 RECLAIM_EXPIRED = text(f"""
     WITH lost_workers AS (
-        SELECT DISTINCT worker FROM requests
-        WHERE queue = :queue AND state = 'running' AND lease_expires_at < now()
+        SELECT worker FROM requests
+        WHERE queue = :queue AND state = 'running'
+        GROUP BY worker
+        HAVING min(lease_expires_at) < now() AND max(lease_expires_at) < now() + :lease / 2
     ),
     taken AS (
         SELECT id FROM requests
-        WHERE queue = :queue AND state = 'running' AND worker IN (SELECT worker FROM lost_workers)
+        WHERE queue = :queue AND state = 'running'
+          AND (worker IN (SELECT worker FROM lost_workers) OR lease_expires_at < now())
         FOR UPDATE SKIP LOCKED
     ),
     lost AS (
@@ -401,7 +406,8 @@ class Transitions:
             lock_key = func.hashtext(f"{RECONCILE_LOCK}:{self.queue}")
             if not session.scalar(select(func.pg_try_advisory_xact_lock(lock_key))):
                 return {}, []
-            rows = session.execute(RECLAIM_EXPIRED, {"queue": self.queue, "worker": self.worker}).all()
+            parameters = {"queue": self.queue, "worker": self.worker, "lease": self.lease}
+            rows = session.execute(RECLAIM_EXPIRED, parameters).all()
         groups: IsolationGroups = {}
         for row in rows:
             if row.to_state == RequestState.queued.value:
@@ -414,13 +420,14 @@ class Transitions:
         counted. `failed_here`: those whose attempt failed on this worker, with the error, which the audit
         event keeps. Returns (ordinary request ids, isolation groups) given back, to publish again."""
         rows = [{"id": claim.id, "attempt": claim.attempt,
-                 "detail": FAILED_HERE + failed_here[claim.id][:1000] if claim.id in failed_here else "circuit open"}
+                 "detail": (FAILED_HERE + storable_message(failed_here[claim.id][:1000]) if claim.id in failed_here
+                            else "circuit open")}
                 for claim in held]
         if not rows:
             return [], {}
         with self.sessions.begin() as session:
-            moved = session.execute(GIVE_BACK, {"rows": json.dumps(rows).replace("\\u0000", "\\ufffd"),
-                                                "worker": self.worker}).all()
+            parameters = {"rows": json.dumps(rows, ensure_ascii=False), "worker": self.worker}
+            moved = session.execute(GIVE_BACK, parameters).all()
         groups: IsolationGroups = {}
         for row in moved:
             if row.isolation_group is not None:

@@ -124,7 +124,7 @@ def test_a_killed_rank_ends_the_engine_naming_it_and_the_worker_exits(monkeypatc
         for future in futures:
             with pytest.raises(RankFailedError, match=named):
                 future.result(timeout=10)
-        assert time.monotonic() - killed_at < 5
+        assert time.monotonic() - killed_at < 30  # a hang would last the collectives' timeout, 5 minutes
         assert exit_codes == [FATAL_EXIT_CODE]
         assert re.search(rf"error: the engine cannot go on, the worker exits: tensor-parallel {named}",
                          capfd.readouterr().err)

@@ -32,7 +32,11 @@ def test_requests_lost_together_come_back_as_one_group_uncharged_and_the_lost_wo
 ) -> None:
     ids = add_requests(sessions, 3, queue)  # max_attempts 2
     stale = transitions(sessions, queue, "hung:1").claim_next(2) + transitions(sessions, queue, "hung:1").claim_next(1)
-    groups, dead = lose(sessions, queue, ids[:1])  # one lease expired: the worker stopped renewing them all
+    # One lease expired, the others due within a few seconds: the worker stopped renewing them all.
+    with sessions.begin() as session:
+        session.execute(text("UPDATE requests SET lease_expires_at = now() + interval '5 s' WHERE id = ANY(:ids)"),
+                        {"ids": ids[1:]})
+    groups, dead = lose(sessions, queue, ids[:1])
     assert ([sorted(group) for group in groups.values()], dead) == ([ids], [])
     assert allowed_attempts(sessions, ids) == [3, 3, 3]  # lost with others: the attempt is not counted
     assert transitions(sessions, queue, "survivor:1").claim_next(5) == []  # the group runs from its own message
@@ -94,3 +98,26 @@ def test_give_back_returns_held_requests_uncharged_and_remembers_where_they_fail
     assert broken.failed_elsewhere(ids) == set()  # ... which is not elsewhere for broken:1
     again = transitions(sessions, queue, "other:1").claim_next(5)
     assert [(claim.id, claim.attempt, claim.max_attempts) for claim in again] == [(ids[0], 2, 3), (ids[1], 2, 3)]
+
+
+def test_give_back_keeps_an_error_text_postgresql_cannot_hold(sessions: sessionmaker, queue: str) -> None:
+    """A NUL or a lone surrogate in the failure's text must not stop the give-back (the requests would wait
+    for their leases): the audit event keeps the text with those characters escaped."""
+    ids = add_requests(sessions, 2, queue)
+    broken = transitions(sessions, queue, "broken:2")
+    held = broken.claim_next(2)
+    ordinary, _ = broken.give_back(held, {held[0].id: "CUDA error \x00 at \ud800 \\u0000 literal"})
+    assert ordinary == ids and states(sessions, ids) == ["queued", "queued"]
+    with sessions() as session:
+        detail = session.scalar(text("SELECT detail FROM audit_events WHERE request_id = :r AND event = 'given_back'"),
+                                {"r": ids[0]})
+    assert "CUDA error \\x00 at \\ud800 \\u0000 literal;" in detail
+
+
+def test_a_live_workers_one_expired_lease_is_taken_back_alone(sessions: sessionmaker, queue: str) -> None:
+    """A worker that renews its leases but let one go (a result it could not record) keeps the rest."""
+    ids = add_requests(sessions, 3, queue)
+    transitions(sessions, queue, "live:1").claim_next(3)  # leases of 60 s, just renewed
+    groups, dead = lose(sessions, queue, ids[:1])
+    assert ([sorted(group) for group in groups.values()], dead) == ([ids[:1]], [])
+    assert states(sessions, ids) == ["queued", "running", "running"]
