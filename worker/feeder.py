@@ -248,14 +248,16 @@ class Feeder:
                 log.warning("request %s attempt %s failed: %r", claim.id, claim.attempt, error)
             if self.circuit.failed(claim, error):  # held for a verdict (worker/circuit.py)
                 threading.Thread(target=self._open_circuit, name="deepbatch-circuit").start()
+            else:  # nothing left in the engine to give one: judged now, not at the next maintenance tick
+                self.judge_failures_alone()
 
     def _record_failures(self, failures: list[tuple[ClaimedRequest, BaseException]]) -> None:
         for claim, error in failures:
             self.recorder.put(failure_for(claim, error, self.settings))
 
     def judge_failures_alone(self) -> None:
-        """With nothing in the engine to judge them by, the failures held are taken as the requests' own
-        (the maintenance thread calls this each tick)."""
+        """With nothing in the engine to judge them by, the failures held are taken as the requests' own (at
+        once when a failure leaves the engine empty, and at each maintenance tick)."""
         with self.room:
             idle = self.in_engine == 0
         if idle:

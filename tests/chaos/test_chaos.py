@@ -339,6 +339,7 @@ def test_a_hung_workers_requests_are_finished_at_full_depth(
     assert tail >= 0.5 * steady, (tail, steady)
 
 
+@pytest.mark.parametrize("broker_url", ["redis"], indirect=True)  # the circuit is the worker's, not the broker's
 def test_a_broken_gpu_opens_its_circuit_and_its_requests_succeed_on_a_healthy_worker(
     tmp_path: Path, chaos_env: dict, start_worker, db_engine: Engine
 ) -> None:
