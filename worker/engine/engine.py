@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 FATAL_EXIT_CODE = 70  # sysexits' EX_SOFTWARE: the worker's engine stopped (a rank died or failed)
 
+
 def eos_token_ids_of(hf_config, tokenizer) -> frozenset[int]:
     configured = getattr(hf_config, "eos_token_id", None)
     if configured is None:
@@ -121,7 +122,7 @@ class LLMEngine:
         self._log_start(num_blocks, bytes_per_block)
 
     def warm_up(self) -> None:
-        """Runs a prefill, a chunk after a cached prefix and decodes once, so that Triton compiles their kernels
+        """Runs two prefills of different lengths and their decodes once, so that Triton compiles those kernels
         now and not inside the first job's requests (on an H200 that cost the first 4,096-request job a quarter
         of its throughput, bench/results/system-nvidia-h200-*.json)."""
         token_id = min(self.eos_token_ids, default=0) + 1
