@@ -466,13 +466,13 @@ def export_to_files(settings: Settings, job_id: str, output: Path, errors: Path)
     console.print(f"{written} results → {output}" + (f"; {failed} errors → {errors}" if failed else "; no errors"))
 
 
-def start_worker_process(settings: Settings, log_path: Path) -> subprocess.Popen:
+def start_worker_process(settings: Settings, log_path: Path, loglevel: str = "WARNING") -> subprocess.Popen:
     env = {**os.environ, "DEEPBATCH_DATABASE_URL": settings.database_url or "",
            "DEEPBATCH_BROKER_URL": settings.broker_url or "", "DEEPBATCH_MODEL": settings.model,
            "DEEPBATCH_TENSOR_PARALLEL_SIZE": str(settings.tensor_parallel_size),
            "DEEPBATCH_QUANTIZATION": settings.quantization or "none"}
     log = log_path.open("ab")
-    command = [sys.executable, "-m", "producer.cli", "worker", "--loglevel", "WARNING"]
+    command = [sys.executable, "-m", "producer.cli", "worker", "--loglevel", loglevel]
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
     worker_pid_file(settings.data_dir).write_text(str(process.pid))
     return process
