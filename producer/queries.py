@@ -1,5 +1,5 @@
 """All of the producer's SQL: creating jobs, inserting request rows, progress, result export, and the
-job-level operations of the CLI (cancel, expiry, dead letters, lost messages)."""
+job-level operations of the CLI (cancel, dead letters)."""
 
 from __future__ import annotations
 
@@ -355,8 +355,9 @@ def export_rows(session: Session, job_id: str, states: Sequence[RequestState]) -
     yield from session.execute(statement).mappings()
 
 
-# ---- job-level operations: cancel, expiry, dead letters, lost messages (the CLI's admin SQL) ----
+# ---- job-level operations: cancel, dead letters (the CLI's admin SQL) ----
 # Request states change only through worker.transitions.move: a guarded UPDATE plus its audit events.
+# Expiry and the lost-message scan are the worker's maintenance, in worker/transitions.py.
 
 
 def cancel_job(session: Session, job_id: str, actor: str) -> int | None:
@@ -374,33 +375,6 @@ def cancel_job(session: Session, job_id: str, actor: str) -> int | None:
     reason = "the job was cancelled"
     return len(move(session, Request.job_id == job_id, RequestState.queued, RequestState.cancelled, "cancelled",
                     actor, reason, error_message=reason))
-
-
-def expire_overdue(session: Session, actor: str) -> int:
-    """Queued requests of jobs whose completion window has closed become expired; finished ones stay."""
-    overdue_jobs = select(Job.id).where(Job.expires_at < func.now())
-    reason = "the job's completion window closed before this request ran"
-    return len(move(session, Request.job_id.in_(overdue_jobs), RequestState.queued, RequestState.expired, "expired",
-                    actor, reason, error_message=reason))
-
-
-def queued_request_ids(session: Session, queue: str, older_than: timedelta,
-                       job_id: str | None = None) -> tuple[dict[int, list[int]], list[int]]:
-    """The queue's requests queued and untouched for `older_than`, to re-publish if the broker lost them:
-    (suspects by isolation group, each group run apart; the others)."""
-    statement = select(Request.id, Request.isolation_group).where(
-        Request.queue == queue, Request.state == RequestState.queued, Request.updated_at < func.now() - older_than,
-    ).order_by(Request.priority.desc(), Request.id)
-    if job_id is not None:
-        statement = statement.where(Request.job_id == job_id)
-    groups: dict[int, list[int]] = {}
-    others = []
-    for request_id, isolation_group in session.execute(statement):
-        if isolation_group is None:
-            others.append(request_id)
-        else:
-            groups.setdefault(isolation_group, []).append(request_id)
-    return groups, others
 
 
 def dead_letters(session: Session, job_id: str | None = None, limit: int = 100) -> list[dict[str, Any]]:

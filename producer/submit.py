@@ -32,6 +32,7 @@ from schema.cache import CacheScope, cache_owner
 from schema.settings import Settings
 from schema.tables import Job
 from worker.app import publish_groups, publish_slices
+from worker.transitions import queued_request_ids
 
 T = TypeVar("T")
 
@@ -214,7 +215,7 @@ def resume_locked(path: Path, job_id: str, settings: Settings, sessions: session
         cache_scope = CacheScope(job.model, cache_owner(job.owner_key_id, settings.result_cache_scope))
         options = queries.JobOptions(settings.max_attempts, cache_scope if job.use_result_cache else None,
                                      job.priority, job.queue)
-        suspect_groups, others = queries.queued_request_ids(session, job.queue, timedelta(0), job_id)
+        suspect_groups, others = queued_request_ids(session, job.queue, timedelta(0), job_id)
     prefix = FilePrefix()
     with path.open("rb") as stream:
         if stored_bytes and prefix.extend(stream, stored_bytes) != stored_sha256:

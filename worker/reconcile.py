@@ -19,10 +19,9 @@ from datetime import timedelta
 
 from celery import Celery
 
-from producer import queries
 from schema.settings import Settings
 from worker.app import publish_dead_letters, publish_groups, publish_slices, queue_length
-from worker.transitions import DeadRequest, Transitions
+from worker.transitions import DeadRequest, Transitions, expire_overdue, queued_request_ids
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +42,7 @@ def reconcile(transitions: Transitions, app: Celery, settings: Settings, quiet_f
     `force`); the quiet period spares requests that are about to be published or retried anyway.
     """
     with transitions.sessions.begin() as session:
-        expired = queries.expire_overdue(session, transitions.worker)
+        expired = expire_overdue(session, transitions.worker)
     requeued_groups, dead = transitions.reclaim_expired()
     publish_groups(app, requeued_groups)
     publish_dead_letters(app, settings, [asdict(letter) for letter in dead])
@@ -51,7 +50,7 @@ def reconcile(transitions: Transitions, app: Celery, settings: Settings, quiet_f
     republished: list[int] = []
     if force or queue_length(app, settings.queue_name) == 0:
         with transitions.sessions() as session:
-            suspect_groups, others = queries.queued_request_ids(session, settings.queue_name, quiet_for)
+            suspect_groups, others = queued_request_ids(session, settings.queue_name, quiet_for)
         for group in requeued_groups:  # published above already
             suspect_groups.pop(group, None)
         publish_groups(app, suspect_groups)

@@ -4,6 +4,8 @@ Every transition is an UPDATE guarded by the state (and attempt) it expects; its
 audit INSERT in the same statement (a data-modifying CTE), so a row found elsewhere changes nothing and
 gets no event — which is what makes a redelivered slice or a late worker harmless. A batch of N
 transitions costs one round trip and one audit INSERT (sealed as one batch by the audit chain), not N.
+The maintenance that `reconcile` runs (expiry of overdue jobs, the scan for messages the broker lost) is
+here too, so that all of the worker's SQL sits in one module.
 
 Leases: a worker renews the leases of the requests it holds; a running request whose lease expired
 belongs to a lost worker and is taken back by `reclaim_expired`, into an isolation group (RECLAIM_EXPIRED
@@ -29,7 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from schema.audit import AuditRow, append_events
 from schema.stored_text import from_stored, storable_message, to_stored
-from schema.tables import Request, RequestState
+from schema.tables import Job, Request, RequestState
 
 RECONCILE_LOCK = "deepbatch.reconcile"
 WORKER_LOST = "worker_lost"
@@ -458,3 +460,33 @@ def move(session: Session, which: ColumnElement[bool], from_state: RequestState,
                                      to_state=to_state.value, attempt=row.attempt, worker=actor, detail=detail)
                             for row in rows])
     return rows
+
+
+# ---- maintenance: completion windows and messages the broker lost (worker/reconcile.py) ----
+
+
+def expire_overdue(session: Session, actor: str) -> int:
+    """Queued requests of jobs whose completion window has closed become expired; finished ones stay."""
+    overdue_jobs = select(Job.id).where(Job.expires_at < func.now())
+    reason = "the job's completion window closed before this request ran"
+    return len(move(session, Request.job_id.in_(overdue_jobs), RequestState.queued, RequestState.expired, "expired",
+                    actor, reason, error_message=reason))
+
+
+def queued_request_ids(session: Session, queue: str, older_than: timedelta,
+                       job_id: str | None = None) -> tuple[IsolationGroups, list[int]]:
+    """The queue's requests queued and untouched for `older_than`, to re-publish if the broker lost them:
+    (suspects by isolation group, each group run apart; the others)."""
+    statement = select(Request.id, Request.isolation_group).where(
+        Request.queue == queue, Request.state == RequestState.queued, Request.updated_at < func.now() - older_than,
+    ).order_by(Request.priority.desc(), Request.id)
+    if job_id is not None:
+        statement = statement.where(Request.job_id == job_id)
+    groups: IsolationGroups = {}
+    others = []
+    for request_id, isolation_group in session.execute(statement):
+        if isolation_group is None:
+            others.append(request_id)
+        else:
+            groups.setdefault(isolation_group, []).append(request_id)
+    return groups, others
