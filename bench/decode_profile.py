@@ -36,6 +36,7 @@ RESULTS_DIRECTORY = Path(__file__).resolve().parent / "results"
 
 # Kernel name patterns, first match wins. GEMMs by library name; the MoE's sort/scatter by torch op names.
 KINDS = (
+    ("nccl", r"nccl"),  # tensor parallel's all-reduces and gathers, rank 0's view
     ("attention", r"paged_attention"),
     ("moe", r"grouped|_grouped_mm|index_add|argsort|sort|radix|scatter|gather_topk|topk|bincount"),
     ("gemm", r"gemm|sm90_xmma|cutlass|cublas|nvjet|matmul|wgmma|_mm_"),
@@ -52,6 +53,8 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--prompt-len", type=int, default=384)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--quantization", default=None, help="passed to the engine where it knows the field")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1,
+                        help="ranks of the engine; the figures are rank 0's (its weights, its kernels)")
     parser.add_argument("--output", type=Path)
     return parser.parse_args()
 
@@ -144,7 +147,8 @@ def run(arguments: argparse.Namespace, bandwidth: float) -> dict:
     """One engine: decode steps from its CUDA graphs, then eagerly (graphs set aside) under the profiler."""
     fields = dict(model=arguments.model, device="cuda", dtype="bfloat16", max_batch_size=arguments.batch,
                   max_num_batched_tokens=max(8192, arguments.batch), max_wait_ms=0.0,
-                  max_model_len=arguments.prompt_len + 8 * arguments.steps + 64)
+                  max_model_len=arguments.prompt_len + 8 * arguments.steps + 64,
+                  tensor_parallel_size=arguments.tensor_parallel_size)
     if arguments.quantization and "quantization" in EngineConfig.__dataclass_fields__:
         fields["quantization"] = arguments.quantization
     engine = LLMEngine(EngineConfig(**fields))
@@ -175,12 +179,14 @@ def main() -> None:
     arguments = parse_arguments()
     bandwidth = copy_bandwidth(torch.device("cuda"))
     result = {"model": arguments.model, "device": torch.cuda.get_device_name(), "batch": arguments.batch,
+              "tensor_parallel_size": arguments.tensor_parallel_size,
               "prompt_len": arguments.prompt_len, "steps": arguments.steps, "quantization": arguments.quantization,
               "measured_copy_bandwidth_tb_s": round(bandwidth / 1e12, 3),
               **run(arguments, bandwidth)}
     print(json.dumps(result, indent=2))
     label = re.sub(r"[^A-Za-z0-9_.-]+", "_", arguments.model)
-    suffix = f"-{arguments.quantization}" if arguments.quantization else ""
+    suffix = (f"-{arguments.quantization}" if arguments.quantization else "") + (
+        f"-tp{arguments.tensor_parallel_size}" if arguments.tensor_parallel_size > 1 else "")
     output = arguments.output or RESULTS_DIRECTORY / f"decode-profile-cuda-{label}-b{arguments.batch}{suffix}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2) + "\n")

@@ -87,7 +87,7 @@ def start_workers(settings, count: int, log_directory: Path) -> list:
     differs from worker to worker and would otherwise count against the job whose window it opens."""
     import torch
 
-    from producer.cli import start_worker_process
+    from producer.embedded import start_worker_process
 
     workers, logs = [], []
     for index in range(count):
@@ -102,9 +102,11 @@ def start_workers(settings, count: int, log_directory: Path) -> list:
 
 
 def wait_until_ready(workers: list, logs: list[Path], timeout: float = 600) -> None:
+    """Until each worker's log has Celery's "<name>@<host> ready.", which it logs after `worker_init`, where
+    the worker builds and warms its engine."""
     deadline = time.monotonic() + timeout
     for worker, log in zip(workers, logs):
-        while "engine ready" not in (log.read_text(errors="replace") if log.exists() else ""):
+        while not re.search(r"@\S+ ready\.", log.read_text(errors="replace") if log.exists() else ""):
             if worker.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"worker {worker.pid} did not get ready; its log: {log}")
             time.sleep(0.2)
@@ -138,8 +140,9 @@ def run_system(arguments: argparse.Namespace, prompts_path: Path, max_tokens: in
                kill_after: float | None = None) -> dict:
     from sqlalchemy import text
 
-    from producer.cli import stop_worker_process, submit_with_progress, wait_for_job
-    from producer.embedded import embedded_services
+    from producer.cli.jobs import submit_with_progress
+    from producer.cli.progress import wait_for_job
+    from producer.embedded import embedded_services, stop_worker_process
     from schema.db import session_factory
     from schema.migrate import upgrade
     from schema.settings import get_settings

@@ -49,7 +49,8 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--min-prompt-len", type=int, default=16)
     parser.add_argument("--max-prompt-len", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--max-batch-size", type=int, default=64)
+    parser.add_argument("--max-batch-size", type=int, nargs="+", default=[64],
+                        help="one rank's batch, then the N ranks' (N ranks hold N times the KV cache); one value: both")
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-cuda-graphs", action="store_true")
@@ -66,7 +67,7 @@ def measure(arguments: argparse.Namespace, size: int, device: torch.device, dtyp
     started = time.perf_counter()
     engine = LLMEngine(EngineConfig(
         model=arguments.model, device=str(device), dtype=str(dtype).removeprefix("torch."), seed=arguments.seed,
-        max_batch_size=arguments.max_batch_size, max_wait_ms=5.0,
+        max_batch_size=arguments.max_batch_size[0 if size == 1 else -1], max_wait_ms=5.0,
         max_num_batched_tokens=arguments.max_num_batched_tokens,
         max_model_len=arguments.max_prompt_len + arguments.max_tokens + 1,
         use_cuda_graphs=not arguments.no_cuda_graphs, tensor_parallel_size=size,
