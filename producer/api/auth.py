@@ -1,27 +1,22 @@
-"""Who is calling: the API key behind a request, checked and rate-limited, and errors in OpenAI's shape."""
+"""Who is calling: the API key behind a request, and its rate-limit bucket, as the routes' dependencies.
+
+With DEEPBATCH_API_AUTH off there is no key (the caller is None) and no limit. Each key's bucket is a row
+of api_keys, drawn from in one statement (store.DRAW_TOKEN), so every server process shares it.
+"""
 
 from __future__ import annotations
 
 import base64
+import math
 from typing import Annotated
 
 from fastapi import Depends, Request
-from fastapi.responses import JSONResponse
 
-from producer.api import keys
-from schema.settings import Settings
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, code: str | None = None, kind: str = "invalid_request_error",
-                 param: str | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.code, self.kind, self.param = status, message, code, kind, param
-        self.headers = headers or {}
-
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
+from producer.api import store
+from producer.api.dependencies import Db, ServerSettings
+from producer.api.errors import ApiError
+from producer.api.keys import secret_sha256
+from schema.tables import ApiKey
 
 
 def bearer_secret(request: Request) -> str | None:
@@ -39,24 +34,34 @@ def bearer_secret(request: Request) -> str | None:
     return None
 
 
-def caller(request: Request) -> str | None:
-    """The calling key's id (None with auth off), after drawing from its rate-limit bucket."""
-    settings: Settings = request.app.state.settings
+def api_key(request: Request, settings: ServerSettings, session: Db) -> ApiKey | None:
+    """The live key whose secret the request carries (None with auth off); a 401 that asks a browser for
+    it otherwise."""
     if not settings.api_auth:
         return None
     secret = bearer_secret(request)
-    with request.app.state.sessions.begin() as session:
-        key = keys.key_for_secret(session, secret) if secret else None
-        if key is None:
-            raise ApiError(401, "Incorrect or missing API key: create one with `deepbatch keys create`.",
-                           code="invalid_api_key", headers={"WWW-Authenticate": 'Basic realm="DeepBatch"'})
-        draw = keys.draw_token(session, key.id, settings.api_requests_per_s, settings.api_burst)
-    if not draw.allowed:
+    key = store.live_key(session, secret_sha256(secret)) if secret else None
+    if key is None:
+        raise ApiError(401, "Incorrect or missing API key: create one with `deepbatch keys create`.",
+                       code="invalid_api_key", headers={"WWW-Authenticate": 'Basic realm="DeepBatch"'})
+    return key
+
+
+def rate_limited(key: Annotated[ApiKey | None, Depends(api_key)], settings: ServerSettings,
+                 session: Db) -> str | None:
+    """The calling key's id, once a token is drawn from its bucket; a 429 when the bucket is empty. The draw
+    is committed at once, so that the key's row is not held locked while the route runs."""
+    if key is None:
+        return None
+    available = store.draw_token(session, key.id, settings.api_requests_per_s, settings.api_burst)
+    session.commit()
+    if available < 1:
+        retry_after_s = max(1, math.ceil((1 - available) / settings.api_requests_per_s))
         raise ApiError(429, f"Rate limit reached for {key.id}: {settings.api_requests_per_s:g} requests/s "
-                       f"(DEEPBATCH_API_REQUESTS_PER_S). Try again in {draw.retry_after_s}s.",
-                       code="rate_limit_exceeded", kind="requests", headers={"retry-after": str(draw.retry_after_s)})
+                       f"(DEEPBATCH_API_REQUESTS_PER_S). Try again in {retry_after_s}s.",
+                       code="rate_limit_exceeded", kind="requests", headers={"retry-after": str(retry_after_s)})
     return key.id
 
 
-# Module-level, so that FastAPI can resolve the annotation (this module uses postponed annotations).
-Caller = Annotated[str | None, Depends(caller)]
+# The calling key's id, authenticated and rate-limited: every route takes it.
+Caller = Annotated[str | None, Depends(rate_limited)]

@@ -1,35 +1,37 @@
 """The job dashboard at `/`: every job of the caller with a live progress bar, counts by state, tokens/s,
 ETA, its first failures, a cancel button and download links. Server-rendered HTML that reloads itself
-every two seconds: no front-end build, no script. Its cancel is safe from other sites' pages, and no page
-can frame it (browsers.py).
+every two seconds: no front-end build, no script. A refresh is one query (store.dashboard_page) whatever
+the number of jobs. Its cancel and downloads are the API's (batches.cancel, files.readable_file) answered
+for a browser: a redirect back, a plain 404. Other sites' pages can neither post to it nor frame it
+(browsers.py).
 """
 
 from __future__ import annotations
 
 from html import escape
 
-from fastapi import FastAPI
+from fastapi import APIRouter
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
-from sqlalchemy import text
-from sqlalchemy.orm import Session, sessionmaker
 
-from producer import queries
-from producer.api import batches, files
+from producer.api import batches, files, outputs, store
 from producer.api.auth import Caller
-from schema.settings import Settings
+from producer.api.dependencies import Db, FilesDirectory
+from producer.export import ERROR_STATES
+from schema.tables import RequestState
 
+JOBS_SHOWN, FAILURES_SHOWN = 50, 3
 RATE_WINDOW_S = 30  # tokens/s and ETA over the last half minute
-RECENT_RATE = text(f"""
-    SELECT coalesce(sum(completion_tokens), 0) AS tokens, count(*) AS finished
-    FROM results WHERE job_id = :job_id AND created_at > now() - interval '{RATE_WINDOW_S} seconds'
-""")
-STATES = ("queued", "running", "succeeded", "failed", "dead", "cancelled", "expired")
+DONE_STATUSES = ("completed", "failed", "expired", "cancelled")  # queries.JobProgress.done
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2rem; color: #222; }
 table { border-collapse: collapse; width: 100%; } td, th { padding: .4rem .6rem; border-bottom: 1px solid #ddd;
 text-align: left; vertical-align: top; } progress { width: 12rem; height: 1rem; } .status { font-weight: 600; }
 .failures { font-size: .85rem; color: #a00; } form { display: inline; } code { font-size: .85rem; }
 """
+HEADER = ("<tr><th>job</th><th>status</th><th>progress</th><th>tokens/s</th><th>ETA</th><th>failures</th>"
+          "<th></th></tr>")
+
+router = APIRouter()
 
 
 def eta(remaining: int, finished_recently: int) -> str:
@@ -41,55 +43,54 @@ def eta(remaining: int, finished_recently: int) -> str:
     return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m {seconds % 60:02d}s"
 
 
-def job_row(session: Session, job, directory) -> str:
-    progress = batches.progress_of(session, job.id)
-    recent = session.execute(RECENT_RATE, {"job_id": job.id}).mappings().one()
-    counts = " · ".join(f"{state} {getattr(progress, state)}" for state in STATES if getattr(progress, state))
-    remaining = progress.queued + progress.running
-    failures = "".join(f"<div>line {error.first_line}: <code>{escape(error.code)}</code> {escape(error.first_message)}"
-                       f"{f' (and {error.count - 1} more)' if error.count > 1 else ''}</div>"
-                       for error in queries.failed_lines(session, job.id)[:3])
-    actions = ""
-    output_id, error_id = files.batch_files(session, job, progress, directory)
-    if output_id:
-        actions = f'<a href="/dashboard/files/{output_id}">results</a>'
-        if error_id:
-            actions += f' · <a href="/dashboard/files/{error_id}">errors</a>'
-    elif progress.status != "cancelling":
-        actions = (f'<form method="post" action="/dashboard/batches/{job.id}/cancel">'
-                   f'<button type="submit">cancel</button></form>')
-    return (f'<tr id="{job.id}"><td><code>{job.id}</code><br><small>{escape(job.input_file_id or job.input_file)}'
-            f'</small></td><td class="status">{progress.status}</td>'
-            f'<td><progress value="{progress.finished}" max="{max(progress.total, 1)}"></progress> '
-            f'<span class="done">{progress.finished}/{progress.total}</span><br><small>{counts}</small></td>'
-            f'<td>{recent["tokens"] / RATE_WINDOW_S:.1f}</td><td>{eta(remaining, recent["finished"])}</td>'
-            f'<td class="failures">{failures}</td><td>{actions}</td></tr>')
+def failure_html(code: str, count: int, first_line: int, first_message: str) -> str:
+    more = f" (and {count - 1} more)" if count > 1 else ""
+    return f"<div>line {first_line}: <code>{escape(code)}</code> {escape(first_message or "")}{more}</div>"
 
 
-def add_dashboard(app: FastAPI, settings: Settings, sessions: sessionmaker[Session]) -> None:
-    directory = settings.stored_files_dir
+def actions_html(job: store.DashboardRow) -> str:
+    """Links to the results and errors of a job that ended; a cancel button while it runs."""
+    if job.status in DONE_STATUSES:
+        output_id, errors_id = outputs.output_file_ids(job.id)
+        links = f'<a href="/dashboard/files/{output_id}">results</a>'
+        if any(getattr(job, state.value) for state in ERROR_STATES):  # what the error file holds
+            links += f' · <a href="/dashboard/files/{errors_id}">errors</a>'
+        return links
+    if job.status == "cancelling":
+        return ""
+    return f'<form method="post" action="/dashboard/batches/{job.id}/cancel"><button type="submit">cancel</button></form>'
 
-    @app.get("/", response_class=HTMLResponse)
-    def dashboard(owner: Caller) -> str:
-        with sessions.begin() as session:
-            rows = "".join(job_row(session, job, directory) for job in batches.list_jobs(session, owner, 50, None))
-        return (f'<!doctype html><html><head><meta charset="utf-8"><meta http-equiv="refresh" content="2">'
-                f"<title>DeepBatch jobs</title><style>{STYLE}</style></head><body><h1>DeepBatch jobs</h1>"
-                f"<table><tr><th>job</th><th>status</th><th>progress</th><th>tokens/s</th><th>ETA</th>"
-                f"<th>failures</th><th></th></tr>{rows or '<tr><td colspan=7>no jobs yet</td></tr>'}</table>"
-                f"</body></html>")
 
-    @app.post("/dashboard/batches/{batch_id}/cancel")
-    def cancel(owner: Caller, batch_id: str) -> RedirectResponse:
-        with sessions.begin() as session:
-            if batches.owned_job(session, batch_id, owner) is not None:
-                queries.cancel_job(session, batch_id, actor=f"dashboard:{owner}")
-        return RedirectResponse("/", status_code=303)
+def job_html(job: store.DashboardRow) -> str:
+    """A job's row of the table."""
+    counts = " · ".join(f"{state.value} {getattr(job, state.value)}" for state in RequestState
+                        if getattr(job, state.value))
+    failures = "".join(failure_html(**failure) for failure in job.failures)
+    return (f'<tr id="{job.id}"><td><code>{job.id}</code><br><small>{escape(job.input_file)}</small></td>'
+            f'<td class="status">{job.status}</td>'
+            f'<td><progress value="{job.finished}" max="{max(job.total, 1)}"></progress> '
+            f'<span class="done">{job.finished}/{job.total}</span><br><small>{counts}</small></td>'
+            f'<td>{job.recent_tokens / RATE_WINDOW_S:.1f}</td>'
+            f'<td>{eta(job.queued + job.running, job.recent_finished)}</td>'
+            f'<td class="failures">{failures}</td><td>{actions_html(job)}</td></tr>')
 
-    @app.get("/dashboard/files/{file_id}")
-    def download(owner: Caller, file_id: str) -> FileResponse:
-        with sessions() as session:
-            row = files.owned_file(session, file_id, owner)
-        if row is None or not (directory / file_id).is_file():
-            return HTMLResponse("no such file", status_code=404)
-        return FileResponse(directory / file_id, media_type="application/jsonl", filename=row.filename)
+
+@router.get("/", response_class=HTMLResponse)
+def dashboard(owner: Caller, session: Db) -> str:
+    jobs = store.dashboard_page(session, owner, JOBS_SHOWN, RATE_WINDOW_S, FAILURES_SHOWN)
+    rows = "".join(job_html(job) for job in jobs) or "<tr><td colspan=7>no jobs yet</td></tr>"
+    return (f'<!doctype html><html><head><meta charset="utf-8"><meta http-equiv="refresh" content="2">'
+            f"<title>DeepBatch jobs</title><style>{STYLE}</style></head><body><h1>DeepBatch jobs</h1>"
+            f"<table>{HEADER}{rows}</table></body></html>")
+
+
+@router.post("/dashboard/batches/{batch_id}/cancel")
+def cancel(owner: Caller, session: Db, batch_id: str) -> RedirectResponse:
+    batches.cancel(session, batch_id, owner, actor=f"dashboard:{owner}")
+    return RedirectResponse("/", status_code=303)
+
+
+@router.get("/dashboard/files/{file_id}")
+def download(owner: Caller, session: Db, directory: FilesDirectory, file_id: str) -> FileResponse:
+    row = files.readable_file(session, file_id, owner, directory)
+    return (row and files.content_response(row, directory)) or HTMLResponse("no such file", status_code=404)

@@ -1,35 +1,36 @@
-"""Files of the Batch API: uploads stored on disk, and the output and error files of finished batches.
+"""/v1/files of the Batch API: uploads streamed to disk, and listing, reading and deleting the caller's files.
 
-An upload streams to disk in chunks, counted and limited as it goes; its row says what the API reports.
-A batch's output and error files are written once the batch is over (completed, failed, expired or
-cancelled — partial then), from the same export `deepbatch results` uses; their ids derive from the
-batch's, so any server process finds or makes them, and a second writer only rewrites the same bytes.
-Their rows keep the fingerprint of the results they were written from (counts by state and the last
-change): a requeue, a retry or a late success changes it, and the next look at the batch rewrites them.
+An upload streams to disk in chunks, counted and limited as it goes; over a limit, or with a name that
+cannot be stored, nothing is kept. Its row says what the API reports. A batch's output and error files
+are files too (outputs.py writes them); reading one brings it up to date first.
 """
 
 from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Annotated, Any
 
-from sqlalchemy import delete, func, select, update
-from sqlalchemy.dialects.postgresql import insert
+from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse
 from sqlalchemy.orm import Session
 
-from producer import queries
-from producer.api.pages import newest_first
-from producer.export import write_errors, write_results
-from producer.queries import JobProgress
-from schema.tables import AuditEvent, Job, StoredFile
+from producer.api import outputs, store
+from producer.api.auth import Caller
+from producer.api.dependencies import Db, FilesDirectory, ServerSettings
+from producer.api.errors import ApiError, not_found
+from producer.api.inputs import check_storable
+from producer.api.pages import list_object
+from schema.tables import StoredFile
 
 CHUNK_BYTES = 1 << 20
 BATCH_PURPOSE = "batch"
-OUTPUT_PURPOSE = "batch_output"
+
+router = APIRouter(prefix="/v1/files")
 
 
 class FileTooLarge(ValueError):
@@ -79,109 +80,84 @@ def file_object(row: StoredFile) -> dict[str, Any]:
             "filename": row.filename, "purpose": row.purpose, "status": "processed", "status_details": None}
 
 
-def record_upload(session: Session, upload: Upload, filename: str, owner_key_id: str | None) -> StoredFile:
-    row = StoredFile(id=upload.id, owner_key_id=owner_key_id, filename=filename, purpose=BATCH_PURPOSE,
-                     bytes=upload.bytes, lines=upload.lines)
-    session.add(row)
-    session.add(AuditEvent(job_id=upload.id, event="file_uploaded", worker=owner_key_id,
-                           detail=f"{filename}: {upload.bytes} bytes, {upload.lines} lines"))
-    session.flush()
-    session.refresh(row)
+def owned_file(file_id: str, owner: Caller, session: Db) -> StoredFile:
+    """The caller's file named in the path; a 404 for another key's, a deleted one and one that never was."""
+    if (row := store.owned_file(session, file_id, owner)) is None:
+        raise not_found("file", file_id)
     return row
 
 
-def owned_file(session: Session, file_id: str, owner_key_id: str | None) -> StoredFile | None:
-    """The file, if it exists, is not deleted and belongs to this key (with auth off: any file)."""
-    query = select(StoredFile).where(StoredFile.id == file_id, StoredFile.deleted_at.is_(None))
-    if owner_key_id is not None:
-        query = query.where(StoredFile.owner_key_id == owner_key_id)
-    return session.scalar(query)
+OwnedFile = Annotated[StoredFile, Depends(owned_file)]
 
 
-def list_files(session: Session, owner_key_id: str | None, purpose: str | None, limit: int,
-               after: str | None) -> list[StoredFile]:
-    owned = select(StoredFile)
-    if owner_key_id is not None:
-        owned = owned.where(StoredFile.owner_key_id == owner_key_id)
-    listed = owned.where(StoredFile.deleted_at.is_(None))
-    if purpose:
-        listed = listed.where(StoredFile.purpose == purpose)
-    return newest_first(session, listed, owned, StoredFile, limit, after)
+def readable_file(session: Session, file_id: str, owner: str | None, directory: Path) -> StoredFile | None:
+    """The caller's file, a batch's output or error file brought up to date first (outputs.py)."""
+    outputs.refresh_batch_file(session, file_id, owner, directory)
+    session.commit()
+    return store.owned_file(session, file_id, owner)
 
 
-def delete_file(session: Session, row: StoredFile, directory: Path, actor: str | None) -> None:
-    session.execute(update(StoredFile).where(StoredFile.id == row.id).values(deleted_at=func.now()))
-    session.add(AuditEvent(job_id=row.id, event="file_deleted", worker=actor))
-    (directory / row.id).unlink(missing_ok=True)
+def content_response(row: StoredFile, directory: Path) -> FileResponse | None:
+    """The file's content as a download; None when it is missing from the disk."""
+    path = directory / row.id
+    return FileResponse(path, media_type="application/jsonl", filename=row.filename) if path.is_file() else None
 
 
-def output_file_ids(job_id: str) -> tuple[str, str]:
-    """The ids of a batch's output and error files."""
-    stem = job_id.removeprefix("batch_")
-    return f"file-{stem}-output", f"file-{stem}-errors"
+def record_upload(session: Session, upload: Upload, filename: str, owner: str | None) -> dict[str, Any]:
+    row = StoredFile(id=upload.id, owner_key_id=owner, filename=filename, purpose=BATCH_PURPOSE,
+                     bytes=upload.bytes, lines=upload.lines)
+    created = file_object(store.insert_file(session, row))
+    session.commit()
+    return created
 
 
-def batch_of_output_file(file_id: str) -> str:
-    """The id of the batch whose output or error file this is (output_file_ids, reversed)."""
-    return "batch_" + file_id.removeprefix("file-").rsplit("-", 1)[0]
+@router.post("")
+async def upload_file(owner: Caller, session: Db, settings: ServerSettings, directory: FilesDirectory,
+                      file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()]) -> dict[str, Any]:
+    if purpose != BATCH_PURPOSE:
+        raise ApiError(400, f"purpose {purpose[:40]!r} is not supported; DeepBatch takes 'batch' files",
+                       param="purpose")
+    filename = check_storable(file.filename or "", "filename")  # before anything is written
 
+    async def chunks():
+        while chunk := await file.read(CHUNK_BYTES):
+            yield chunk
 
-def results_fingerprint(progress: JobProgress) -> str:
-    """What a batch's output and error files are written from: its counts of finished requests by state
-    and the time of the last change to one."""
-    last_change = progress.last_finished_at.isoformat() if progress.last_finished_at else "-"
-    return (f"{progress.succeeded} succeeded, {progress.failed} failed, {progress.dead} dead, "
-            f"{progress.cancelled} cancelled, {progress.expired} expired, last at {last_change}")
-
-
-def batch_files(session: Session, job: Job, progress: JobProgress, directory: Path) -> tuple[str | None, str | None]:
-    """The ids of a batch's output and error files: none while it runs; once it has ended, written — or
-    rewritten, if its results changed since they were — with the error file's None when no request
-    failed (as OpenAI gives it)."""
-    if not progress.done:
-        return None, None
-    return write_batch_files(session, job.id, job.owner_key_id, directory, results_fingerprint(progress))
-
-
-def write_batch_files(session: Session, job_id: str, owner_key_id: str | None, directory: Path,
-                      fingerprint: str) -> tuple[str, str | None]:
-    """Write the batch's output and error files unless those stored were written from `fingerprint`; a file
-    its owner deleted stays deleted."""
-    output_id, errors_id = output_file_ids(job_id)
-    stored = {row.id: row for row in session.scalars(
-        select(StoredFile).where(StoredFile.id.in_((output_id, errors_id))).execution_options(populate_existing=True))}
-    if output_id not in stored or stored[output_id].results_fingerprint != fingerprint:
-        directory.mkdir(parents=True, exist_ok=True)
-        for file_id, writer in ((output_id, write_results), (errors_id, write_errors)):
-            if file_id not in stored or stored[file_id].deleted_at is None:
-                write_batch_file(session, job_id, file_id, writer, owner_key_id, directory, fingerprint)
-    has_errors = session.scalar(select(func.count()).select_from(StoredFile).where(StoredFile.id == errors_id))
-    return output_id, errors_id if has_errors else None
-
-
-def write_batch_file(session: Session, job_id: str, file_id: str, writer: Callable[[Session, str, IO[str]], int],
-                     owner_key_id: str | None, directory: Path, fingerprint: str) -> None:
-    """Write one of a batch's files in place of the one stored (an error file without lines is removed)."""
-    partial = directory / f"{file_id}.{uuid.uuid4().hex}.partial"
     try:
-        with partial.open("w", encoding="utf-8") as stream:
-            lines = writer(session, job_id, stream)
-        if lines == 0 and writer is write_errors:
-            session.execute(delete(StoredFile).where(StoredFile.id == file_id))
-            (directory / file_id).unlink(missing_ok=True)
-            return
-        os.replace(partial, directory / file_id)
-    finally:
-        partial.unlink(missing_ok=True)
-    size = (directory / file_id).stat().st_size
-    row = dict(bytes=size, lines=lines, results_fingerprint=fingerprint)
-    session.execute(insert(StoredFile).values(
-        id=file_id, owner_key_id=owner_key_id, filename=f"{job_id}_{file_id.rsplit('-', 1)[1]}.jsonl",
-        purpose=OUTPUT_PURPOSE, **row).on_conflict_do_update(index_elements=[StoredFile.id], set_=row))
+        upload = await store_upload(chunks(), directory, settings.api_max_file_bytes, settings.api_max_file_lines)
+    except FileTooLarge as error:
+        raise ApiError(413 if "bytes" in str(error) else 400, str(error), param="file") from None
+    try:
+        return await run_in_threadpool(record_upload, session, upload, filename or upload.id, owner)
+    except BaseException:
+        (directory / upload.id).unlink(missing_ok=True)  # no row, no file
+        raise
 
 
-def refresh_batch_file(session: Session, row: StoredFile, directory: Path) -> None:
-    """Before a batch's output or error file is read: rewrite it if the batch's results changed."""
-    if row.purpose == OUTPUT_PURPOSE and (job := session.get(Job, batch_of_output_file(row.id))) is not None:
-        if (progress := queries.job_progress(session, job.id)) is not None:
-            batch_files(session, job, progress, directory)
+@router.get("")
+def list_files(owner: Caller, session: Db, purpose: str | None = None,
+               limit: Annotated[int, Query(ge=1, le=10000)] = 10000, after: str | None = None) -> dict[str, Any]:
+    rows = store.list_files(session, owner, purpose, limit + 1, after)
+    return list_object([file_object(row) for row in rows[:limit]], len(rows) > limit)
+
+
+@router.get("/{file_id}")
+def retrieve_file(row: OwnedFile) -> dict[str, Any]:
+    return file_object(row)
+
+
+@router.get("/{file_id}/content")
+def file_content(owner: Caller, session: Db, directory: FilesDirectory, file_id: str) -> FileResponse:
+    if (row := readable_file(session, file_id, owner, directory)) is None:
+        raise not_found("file", file_id)
+    if (response := content_response(row, directory)) is None:
+        raise ApiError(404, f"The content of file '{file_id}' is missing from {directory}", code="not_found")
+    return response
+
+
+@router.delete("/{file_id}")
+def delete_file(row: OwnedFile, owner: Caller, session: Db, directory: FilesDirectory) -> dict[str, Any]:
+    store.mark_file_deleted(session, row.id, owner)
+    session.commit()
+    (directory / row.id).unlink(missing_ok=True)
+    return {"id": row.id, "object": "file", "deleted": True}

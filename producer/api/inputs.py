@@ -11,9 +11,11 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, Field, StrictStr
 
-from producer.api.auth import ApiError
+from producer.api.errors import ApiError
 
 # OpenAI's limits on a batch's metadata.
 MAX_METADATA_PAIRS, MAX_METADATA_KEY_CHARS, MAX_METADATA_VALUE_CHARS = 16, 64, 512
@@ -62,3 +64,17 @@ def storable_parameters(request: Request) -> None:
     for name, value in request.query_params.multi_items():
         check_storable(name, "query parameter name")
         check_storable(value, name)
+
+
+def error_location(location: tuple) -> str | None:
+    """Where in the request a validation error is (`metadata.<key>`), spelled so any key can be shown."""
+    parts = [part if isinstance(part, str) and not unstorable_reason(part) and len(part) <= 64 else ascii(part)[:64]
+             for part in location[1:]]
+    return ".".join(str(part) for part in parts) or None
+
+
+async def invalid_request(_: Request, error: RequestValidationError) -> JSONResponse:
+    """A request that does not validate, as a 400 in OpenAI's shape naming the parameter at fault."""
+    problem = error.errors()[0]
+    param = error_location(problem["loc"])
+    return ApiError(400, f"{param}: {problem['msg']}" if param else problem["msg"], param=param).response()
