@@ -10,11 +10,16 @@ RabbitMQ: the work queue is a durable quorum queue with a delivery limit; messag
 dead-letter exchange, as do requests Postgres declares dead. Redis: the same exchange and queue names,
 emulated by kombu; `visibility_timeout` must exceed the longest batch or messages are delivered twice
 (harmless — the claim in Postgres skips them — but wasteful).
+
+Nothing is built at import: an app comes from `make_celery_app` (what publishes: submit, the API, the CLI's
+admin commands) or `worker_app` (the one app of a worker process), so a command that needs no broker
+builds none.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cache
 from typing import Any
 
 from amqp.exceptions import ChannelError
@@ -152,4 +157,16 @@ def queue_length(app: Celery, queue_name: str) -> int:
             return 0  # Redis drops the key of an empty list: an empty queue looks like no queue
 
 
-celery_app = make_celery_app()
+@cache
+def worker_app() -> Celery:
+    """The app of this worker process, built on first use from the settings: the one `deepbatch worker`
+    runs is the one its feeder and maintenance thread publish with (worker/runtime.py)."""
+    return make_celery_app(get_settings())
+
+
+def __getattr__(name: str) -> Any:
+    # The name worker/runtime.py imports this process's app by: served by worker_app() on first use, so
+    # that importing this module still builds nothing.
+    if name == "celery_app":
+        return worker_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,13 +3,16 @@ and the feeder (worker/feeder.py) claims, generates and records them."""
 
 from __future__ import annotations
 
+from celery import shared_task
 from celery.signals import worker_init, worker_shutdown
 
-from worker.app import PROCESS_SLICE_TASK, celery_app
+from worker.app import PROCESS_SLICE_TASK
 from worker.runtime import get_feeder, shutdown
 
 
-@celery_app.task(name=PROCESS_SLICE_TASK)
+# A shared task registers with whichever app imports this module (make_celery_app's `include`), so no app is
+# built to define it.
+@shared_task(name=PROCESS_SLICE_TASK)
 def process_slice(request_ids: list[int], isolation_group: int | None = None) -> dict[str, int]:
     """Returns what became of the requests this slice claimed: {"succeeded": n, "retried": n, ...}.
     With `isolation_group`, the message holds that group of suspects (worker/transitions.py)."""
