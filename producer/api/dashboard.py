@@ -45,7 +45,8 @@ def eta(remaining: int, finished_recently: int) -> str:
 
 def failure_html(code: str, count: int, first_line: int, first_message: str) -> str:
     more = f" (and {count - 1} more)" if count > 1 else ""
-    return f"<div>line {first_line}: <code>{escape(code)}</code> {escape(first_message or "")}{more}</div>"
+    message = escape(first_message or "")
+    return f"<div>line {first_line}: <code>{escape(code)}</code> {message}{more}</div>"
 
 
 def actions_html(job: store.DashboardRow) -> str:
