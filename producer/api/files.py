@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from sqlalchemy.orm import Session
 
@@ -128,7 +127,9 @@ async def upload_file(owner: Caller, session: Db, settings: ServerSettings, dire
     except FileTooLarge as error:
         raise ApiError(413 if "bytes" in str(error) else 400, str(error), param="file") from None
     try:
-        return await run_in_threadpool(record_upload, session, upload, filename or upload.id, owner)
+        # In the event loop, as one short insert: a thread could still commit the row after a cancelled
+        # request had removed the file.
+        return record_upload(session, upload, filename or upload.id, owner)
     except BaseException:
         (directory / upload.id).unlink(missing_ok=True)  # no row, no file
         raise
