@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from worker.engine.model_runner import ModelRunner, StepBatch
-from worker.engine.models.common import AttentionMetadata, PagedGroup
+from worker.engine.layers.attention import AttentionMetadata, PagedGroup
 from worker.engine.scheduler import ScheduledSequence
 from worker.engine.sequence import Sequence
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from worker.engine.models.common import AttentionGroup, AttentionMetadata
+from worker.engine.layers.attention import AttentionGroup, AttentionMetadata, choose_backend
 from worker.engine.sampler import Sampler
 from worker.engine.scheduler import ScheduledSequence
 from worker.engine.sequence import Sequence
@@ -33,17 +33,15 @@ class StepBatch:
 
 def build_runner(model: nn.Module, config: EngineConfig, num_blocks: int, device: torch.device, dtype: torch.dtype,
                  max_batch_size: int, max_model_len: int) -> ModelRunner:
-    """The paged-kernel runner on a GPU (CUDA graphs for decode); the dense torch runner on the CPU. Every
-    rank of a tensor-parallel engine builds its runner here, alike."""
-    use_paged_kernel = config.use_paged_kernel
-    if use_paged_kernel is None:
-        use_paged_kernel = device.type == "cuda"
-    if not use_paged_kernel:
+    """The runner of the attention back-end (layers/attention.py): the paged kernel's (CUDA graphs for decode
+    on a GPU) or the torch fallback's. Every rank of a tensor-parallel engine builds its runner here, alike."""
+    backend = choose_backend(config.use_paged_kernel, config.use_cuda_graphs, device)
+    if not backend.paged_kernel:
         return ModelRunner(model, config.kv_block_size, num_blocks, device, dtype)
     from worker.engine.gpu_runner import GpuModelRunner
 
     return GpuModelRunner(model, config.kv_block_size, num_blocks, device, dtype, max_batch_size, max_model_len,
-                          use_cuda_graphs=config.use_cuda_graphs and device.type == "cuda")
+                          use_cuda_graphs=backend.cuda_graphs)
 
 
 class ModelRunner:

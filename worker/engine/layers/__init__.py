@@ -1,1 +1,2 @@
-"""Layers the engine's models share: linear projections (bf16 or FP8 block-scaled)."""
+"""Layers the engine's models share: attention over the paged KV cache, linear projections (bf16 or FP8
+block-scaled)."""

@@ -1,77 +1,21 @@
-"""Pieces every engine model shares: RMSNorm, rotary embeddings, the gated MLP and paged attention.
+"""Pieces every engine model shares: RMSNorm, rotary embeddings, the gated MLP, the decoder stack.
 
-The model runner describes one step as a flat list of new tokens plus `AttentionMetadata`: where each
-new token's KV goes in the paged cache (`slot_mapping`) and, per attention group, which cache slots each
-sequence reads. Sequences are split into a decode group (one new token each) and a prefill group (several),
-so that a step mixing a long prompt with many decodes does not pad every decode to the prompt's length.
-The CPU path gathers the cache slots into dense tensors and calls torch's scaled_dot_product_attention;
-the GPU path (`paged_groups`) runs a Triton kernel that reads the cache through the block tables.
+Attention over the paged KV cache, and the choice of how it runs, is worker/engine/layers/attention.py's.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from worker.engine.layers.attention import AttentionMetadata, PagedAttention
+from worker.engine.layers.attention import attend  # noqa: F401 - bench/paged_attention.py imports it from here
 from worker.engine.parallel import Shard, embed_vocab_parallel, slice_checkpoint_tensor
-
-
-@dataclass
-class AttentionGroup:
-    """Sequences of one step whose queries are padded to the same length.
-
-    query_token_indices: [sequences, max_query_len] index of each query token in the step's flat tokens;
-        padding repeats the sequence's last token so that every row stays finite.
-    query_is_real: [sequences, max_query_len] False on padding.
-    key_slots: [sequences, max_context_len] flat cache slot of each context position (padding reads slot 0).
-    attend_mask: [sequences, max_query_len, max_context_len] True where a query may see a key (causal).
-    real_query_token_indices: the flat token index of every real query, in row-major order.
-    """
-
-    query_token_indices: torch.Tensor
-    query_is_real: torch.Tensor
-    key_slots: torch.Tensor
-    attend_mask: torch.Tensor
-    real_query_token_indices: torch.Tensor
-    is_decode: bool
-
-
-@dataclass
-class PagedGroup:
-    """Sequences of one step attended by one launch of the paged-attention kernel (the GPU path).
-
-    Per sequence (int32, on the device): where its new tokens start in the step's flat tokens, how
-    many there are, how many positions its context holds once they are in, and its block table
-    [sequences, most blocks]. `max_query_len` (a host int) sizes the launch grid.
-    """
-
-    query_starts: torch.Tensor
-    query_lens: torch.Tensor
-    context_lens: torch.Tensor
-    block_tables: torch.Tensor
-    max_query_len: int
-
-
-@dataclass
-class AttentionMetadata:
-    """How a step's new tokens meet the cache: the dense `groups` (CPU) or the kernel's `paged_groups` (GPU)."""
-
-    slot_mapping: torch.Tensor  # [tokens] flat cache slot where each new token's KV is written
-    groups: list[AttentionGroup] = field(default_factory=list)
-    paged_groups: list[PagedGroup] = field(default_factory=list)
-    block_size: int = 16
-
-    @property
-    def uses_paged_kernel(self) -> bool:
-        return bool(self.paged_groups)
 
 
 def uses_fused_kernels(tensor: torch.Tensor) -> bool:
@@ -211,71 +155,6 @@ def packed_rows(**packed: list[tuple[str, int]]) -> dict[str, tuple[str, int, in
     return where
 
 
-def write_kv_cache(cache: torch.Tensor, slot_mapping: torch.Tensor, new_entries: torch.Tensor) -> None:
-    """Stores each new token's entry [tokens, ...] at its slot of a cache [blocks, block_size, ...]."""
-    cache.view(-1, *cache.shape[2:])[slot_mapping] = new_entries.to(cache.dtype)
-
-
-def gather_kv_cache(cache: torch.Tensor, key_slots: torch.Tensor) -> torch.Tensor:
-    """The cache entries [sequences, context, ...] at `key_slots` [sequences, context]."""
-    return cache.view(-1, *cache.shape[2:])[key_slots]
-
-
-def attend(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attend_mask: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """Masked attention: query [seqs, q, heads, d], key/value [seqs, ctx, kv_heads, d] → [seqs, q, heads, dv]."""
-    output = F.scaled_dot_product_attention(
-        query.transpose(1, 2),
-        key.transpose(1, 2),
-        value.transpose(1, 2),
-        attn_mask=attend_mask[:, None, :, :],
-        scale=scale,
-        enable_gqa=query.shape[2] != key.shape[2],
-    )
-    return output.transpose(1, 2)
-
-
-def attend_each_group(
-    query: torch.Tensor,
-    metadata: AttentionMetadata,
-    group_attention: Callable[[torch.Tensor, AttentionGroup], torch.Tensor],
-    output_head_dim: int,
-) -> torch.Tensor:
-    """Runs `group_attention` on each group's padded queries and scatters the real rows back to [tokens, ...]."""
-    output = query.new_empty(query.shape[0], query.shape[1], output_head_dim)
-    for group in metadata.groups:
-        group_output = group_attention(query[group.query_token_indices], group)
-        output[group.real_query_token_indices] = group_output[group.query_is_real]
-    return output
-
-
-def attend_paged(
-    query: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor | None,
-    metadata: AttentionMetadata,
-    scale: float,
-    key_dim_a: int,
-    value_dim: int,
-) -> torch.Tensor:
-    """Attention of query [tokens, heads, dim] over the paged cache, one kernel launch per paged group.
-
-    key_cache / value_cache: [blocks, block_size, kv_heads, dim] views; value_cache None means the
-    values are the keys' first `value_dim` dimensions (MLA's latent). `key_dim_a` splits the key
-    dimensions into two power-of-two parts (MLA: latent | rope); the whole dimension otherwise.
-    """
-    from worker.engine.kernels.paged_attention import paged_attention  # needs Triton: GPU only
-
-    output = query.new_empty(query.shape[0], query.shape[1], value_dim)
-    for group in metadata.paged_groups:
-        paged_attention(
-            query, key_cache, value_cache, output, group.block_tables, group.query_starts, group.query_lens,
-            group.context_lens, group.max_query_len, scale, metadata.block_size, key_dim_a, value_dim,
-        )
-    return output
-
-
 class DecoderLayer(nn.Module):
     """Pre-norm residual block: attention then feed-forward (Llama, Qwen2 and DeepSeek alike)."""
 
@@ -317,8 +196,8 @@ class DecoderStack(nn.Module):
 class PagedCausalLM(nn.Module):
     """Embedding → decoder layers → norm → lm_head over the paged KV cache; subclasses build the layers.
 
-    Each attention module declares `kv_cache_entry_shape` (what one token stores per layer) and receives
-    its cache tensor [blocks, block_size, *entry_shape] in `kv_cache` from `allocate_kv_cache`.
+    Each layer's `PagedAttention` (layers/attention.py) declares `kv_cache_entry_shape` (what one token
+    stores per layer) and receives its cache tensor [blocks, block_size, *entry_shape] from `allocate_kv_cache`.
     """
 
     model: DecoderStack
@@ -365,8 +244,8 @@ class PagedCausalLM(nn.Module):
         """Whether a decode step runs without asking the host anything, so a CUDA graph can hold it."""
         return True
 
-    def attention_modules(self) -> list[nn.Module]:
-        return [layer.self_attn for layer in self.model.layers]
+    def attention_modules(self) -> list[PagedAttention]:
+        return [module for module in self.modules() if isinstance(module, PagedAttention)]
 
     def kv_cache_bytes_per_token(self, dtype: torch.dtype) -> int:
         element_size = torch.empty((), dtype=dtype).element_size()

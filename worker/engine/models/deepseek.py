@@ -24,20 +24,8 @@ from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 
 from worker.engine.layers.linear import dequantized, is_fp8
-from worker.engine.models.common import (
-    AttentionGroup,
-    AttentionMetadata,
-    DecoderLayer,
-    GatedMLP,
-    PagedCausalLM,
-    RMSNorm,
-    apply_rotary,
-    attend,
-    attend_each_group,
-    attend_paged,
-    gather_kv_cache,
-    write_kv_cache,
-)
+from worker.engine.layers.attention import AttentionMetadata, LatentAttention
+from worker.engine.models.common import DecoderLayer, GatedMLP, PagedCausalLM, RMSNorm, apply_rotary
 from worker.engine.parallel import Shard
 
 
@@ -58,7 +46,7 @@ def uses_interleaved_rope(hf_config: PretrainedConfig) -> bool:
 
 
 class MultiHeadLatentAttention(nn.Module):
-    """MLA; cache entry per token: [kv_lora_rank normalised latent | qk_rope_head_dim rotated key].
+    """MLA's projections and rope around its attention over the latent cache (layers/attention.py).
 
     Under tensor parallelism each rank computes its share of the heads: q_b_proj (q_proj), kv_b_proj and
     o_proj are split by heads, the low-rank projections before them are replicated, and so is the latent
@@ -75,7 +63,6 @@ class MultiHeadLatentAttention(nn.Module):
         self.qk_rope_head_dim = hf_config.qk_rope_head_dim
         self.v_head_dim = hf_config.v_head_dim
         self.qk_head_dim = self.qk_nope_head_dim + self.qk_rope_head_dim
-        self.scaling = softmax_scale(hf_config)
         self.interleaved_rope = uses_interleaved_rope(hf_config)
         hidden_size, bias = hf_config.hidden_size, bool(hf_config.attention_bias)
         if self.q_lora_rank is None:
@@ -96,8 +83,8 @@ class MultiHeadLatentAttention(nn.Module):
             "kv_b_proj.weight": shard.rows(self.num_heads * (self.qk_nope_head_dim + self.v_head_dim)),
             "o_proj.weight": shard.rows(self.num_heads * self.v_head_dim, dim=1),
             "o_proj.bias": shard.first_rank_only()}
-        self.kv_cache_entry_shape = (self.kv_lora_rank + self.qk_rope_head_dim,)
-        self.kv_cache: torch.Tensor | None = None
+        self.attn = LatentAttention(self.kv_lora_rank, self.qk_nope_head_dim, self.qk_rope_head_dim,
+                                    self.v_head_dim, softmax_scale(hf_config))
 
     def forward(
         self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, metadata: AttentionMetadata
@@ -113,62 +100,8 @@ class MultiHeadLatentAttention(nn.Module):
         latent = self.kv_a_layernorm(latent)
         query_rope = apply_rotary(query_rope, cos, sin, self.interleaved_rope)
         key_rope = apply_rotary(key_rope[:, None, :], cos, sin, self.interleaved_rope)[:, 0, :]
-        write_kv_cache(self.kv_cache, metadata.slot_mapping, torch.cat((latent, key_rope), dim=-1))
-        if metadata.uses_paged_kernel:
-            output = self._attend_paged(query_nope, query_rope, metadata)
-        else:
-            query = torch.cat((query_nope, query_rope), dim=-1)
-            output = attend_each_group(query, metadata, self._attend_group, self.v_head_dim)
+        output = self.attn(query_nope, query_rope, latent, key_rope, self.kv_b_proj, metadata)
         return self.shard.all_reduce(self.o_proj(output.reshape(num_tokens, -1)))
-
-    def _up_projections(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """kv_b_proj's key half [heads, nope, lora] and value half [heads, v, lora]."""
-        up_projection = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, -1)
-        key_up, value_up = up_projection.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
-        return key_up, value_up
-
-    def _attend_paged(self, query_nope: torch.Tensor, query_rope: torch.Tensor,
-                      metadata: AttentionMetadata) -> torch.Tensor:
-        """The absorbed form for every query, decode and prefill alike, in the paged kernel: the latent
-        cache is read once per sequence for all heads, and never decompressed."""
-        key_up, value_up = self._up_projections()
-        query_latent = torch.bmm(query_nope.transpose(0, 1), key_up).transpose(0, 1)  # [tokens, heads, lora]
-        absorbed_query = torch.cat((query_latent, query_rope), dim=-1)
-        latent_cache = self.kv_cache[:, :, None, :]  # one shared "head": [blocks, block_size, 1, lora + rope]
-        latent_output = attend_paged(absorbed_query, latent_cache, None, metadata, self.scaling,
-                                     self.kv_lora_rank, self.kv_lora_rank)
-        return torch.bmm(latent_output.transpose(0, 1), value_up.transpose(1, 2)).transpose(0, 1)
-
-    def _attend_group(self, group_query: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
-        cached = gather_kv_cache(self.kv_cache, group.key_slots)  # [sequences, context, lora + rope]
-        if group.is_decode:
-            return self._attend_absorbed(group_query, cached, group.attend_mask)
-        return self._attend_decompressed(group_query, cached, group.attend_mask)
-
-    def _attend_decompressed(
-        self, query: torch.Tensor, cached: torch.Tensor, attend_mask: torch.Tensor
-    ) -> torch.Tensor:
-        """Up-projects the gathered latents to per-head keys and values, as transformers does."""
-        sequences, context = cached.shape[:2]
-        latent, key_rope = cached.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        key_value = self.kv_b_proj(latent).view(sequences, context, self.num_heads, -1)
-        key_nope, value = key_value.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
-        key_rope = key_rope[:, :, None, :].expand(-1, -1, self.num_heads, -1)
-        key = torch.cat((key_nope, key_rope), dim=-1)
-        return attend(query, key, value, attend_mask, self.scaling)
-
-    def _attend_absorbed(
-        self, query: torch.Tensor, cached: torch.Tensor, attend_mask: torch.Tensor
-    ) -> torch.Tensor:
-        """Attends in latent space: one shared latent 'head' serves as key and value for every query head."""
-        key_up, value_up = self._up_projections()
-        query_nope, query_rope = query.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-        query_latent = torch.einsum("sqhn,hnl->sqhl", query_nope, key_up)
-        absorbed_query = torch.cat((query_latent, query_rope), dim=-1)
-        shared_key = cached[:, :, None, :]
-        shared_value = cached[:, :, None, : self.kv_lora_rank]
-        latent_output = attend(absorbed_query, shared_key, shared_value, attend_mask, self.scaling)
-        return torch.einsum("sqhl,hvl->sqhv", latent_output, value_up)
 
 
 class TopKRouter(nn.Module):

@@ -10,20 +10,8 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from worker.engine.models.common import (
-    AttentionGroup,
-    AttentionMetadata,
-    DecoderLayer,
-    GatedMLP,
-    PagedCausalLM,
-    apply_rotary,
-    attend,
-    attend_each_group,
-    attend_paged,
-    gather_kv_cache,
-    packed_rows,
-    write_kv_cache,
-)
+from worker.engine.layers.attention import Attention, AttentionMetadata
+from worker.engine.models.common import DecoderLayer, GatedMLP, PagedCausalLM, apply_rotary, packed_rows
 from worker.engine.parallel import Shard, TensorParallelError, TensorSlice
 
 
@@ -44,8 +32,8 @@ def kv_heads_of_rank(num_kv_heads: int, shard: Shard) -> tuple[int, int]:
 
 
 class GroupedQueryAttention(nn.Module):
-    """Caches each token's key and value per KV head: entry shape [2, kv_heads, head_dim]. The query, key
-    and value projections are one packed matrix product (`qkv_proj`). Under tensor parallelism each rank
+    """The query, key and value projections, rope, and the output projection around the paged attention
+    layer (which caches each token's key and value per KV head). The query, key and value projections are one packed matrix product (`qkv_proj`). Under tensor parallelism each rank
     computes its share of the query heads with the KV heads they read; o_proj's partial sums are added
     across ranks."""
 
@@ -55,7 +43,6 @@ class GroupedQueryAttention(nn.Module):
         self.num_heads = shard.part(hf_config.num_attention_heads, "attention heads")
         first_kv_head, self.num_kv_heads = kv_heads_of_rank(hf_config.num_key_value_heads, shard)
         self.head_dim = head_dim_of(hf_config)
-        self.scaling = self.head_dim**-0.5
         is_qwen2 = hf_config.model_type == "qwen2"
         qkv_bias = True if is_qwen2 else bool(getattr(hf_config, "attention_bias", False))
         output_bias = False if is_qwen2 else bool(getattr(hf_config, "attention_bias", False))
@@ -71,8 +58,7 @@ class GroupedQueryAttention(nn.Module):
             "q_proj.weight": query_slice, "q_proj.bias": query_slice, "k_proj.weight": key_value_slice,
             "k_proj.bias": key_value_slice, "v_proj.weight": key_value_slice, "v_proj.bias": key_value_slice,
             "o_proj.weight": shard.rows(query_rows, dim=1), "o_proj.bias": shard.first_rank_only()}
-        self.kv_cache_entry_shape = (2, self.num_kv_heads, self.head_dim)
-        self.kv_cache: torch.Tensor | None = None
+        self.attn = Attention(self.num_kv_heads, self.head_dim, scale=self.head_dim**-0.5)
 
     def forward(
         self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, metadata: AttentionMetadata
@@ -86,17 +72,8 @@ class GroupedQueryAttention(nn.Module):
         value = value.view(num_tokens, self.num_kv_heads, self.head_dim)
         query = apply_rotary(query, cos, sin, interleaved=False)
         key = apply_rotary(key, cos, sin, interleaved=False)
-        write_kv_cache(self.kv_cache, metadata.slot_mapping, torch.stack((key, value), dim=1))
-        if metadata.uses_paged_kernel:
-            key_cache, value_cache = self.kv_cache[:, :, 0], self.kv_cache[:, :, 1]
-            output = attend_paged(query, key_cache, value_cache, metadata, self.scaling, self.head_dim, self.head_dim)
-        else:
-            output = attend_each_group(query, metadata, self._attend_group, self.head_dim)
+        output = self.attn(query, key, value, metadata)
         return self.shard.all_reduce(self.o_proj(output.view(num_tokens, -1)))
-
-    def _attend_group(self, group_query: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
-        keys, values = gather_kv_cache(self.kv_cache, group.key_slots).unbind(dim=2)
-        return attend(group_query, keys, values, group.attend_mask, self.scaling)
 
 
 class Qwen2ForCausalLM(PagedCausalLM):
