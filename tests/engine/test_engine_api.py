@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -164,3 +168,51 @@ def test_the_warm_up_leaves_the_engine_ready_for_real_requests(make_engine) -> N
     assert not engine.scheduler.has_work
     completion = engine.generate([[5, 6, 7]], SamplingParams(max_tokens=3, ignore_eos=True))[0]
     assert completion.completion_tokens == 3
+
+
+def test_a_failed_generate_cancels_the_rest_and_the_engine_shuts_down(make_engine) -> None:
+    """generate raises the first failure at once and cancels the other prompts, so nothing keeps the loop
+    generating; the engine then stops with no thread left behind."""
+    engine = make_engine(model="tiny-deepseek-v3")
+    outside = [engine.hf_config.vocab_size + 5]
+    futures: list = []
+    original_submit = engine.submit
+    engine.submit = lambda prompt, sampling: futures.append(original_submit(prompt, sampling)) or futures[-1]
+    with pytest.raises(PermanentEngineError, match="outside the vocabulary"):
+        engine.generate([[5, 6, 7], outside], SamplingParams(max_tokens=3000, ignore_eos=True))
+    assert futures[0].cancelled()
+    engine.shutdown()
+    assert not engine._thread.is_alive()
+
+
+ENGINE_LEFT_RUNNING = """
+import atexit, sys, threading
+
+def no_engine_thread_left() -> None:  # registered first, so it runs after the engine module's own handler
+    alive = [thread.name for thread in threading.enumerate() if thread.name == "deepbatch-engine"]
+    print("engine threads at exit:", alive, flush=True)
+
+atexit.register(no_engine_thread_left)
+from worker.engine.engine import LLMEngine
+from worker.engine.types import EngineConfig, PermanentEngineError, SamplingParams
+
+engine = LLMEngine(EngineConfig(model="tiny-deepseek-v3", device="cpu", max_wait_ms=1))
+try:
+    engine.generate([[5, 6, 7], [10**7]], SamplingParams(max_tokens=3000, ignore_eos=True))
+except PermanentEngineError as error:
+    print("failed:", error, flush=True)
+"""
+
+
+def test_an_engine_left_running_after_a_failed_generate_stops_at_exit(tmp_path) -> None:
+    """A script whose generate fails and that never shuts its engine down exits cleanly: the engine's loop
+    is stopped at exit, not killed inside a step (on a GPU that aborted the process)."""
+    script = tmp_path / "left_running.py"
+    script.write_text(ENGINE_LEFT_RUNNING)
+    root = Path(__file__).resolve().parents[2]
+    finished = subprocess.run([sys.executable, str(script)], cwd=root, capture_output=True, text=True,
+                              timeout=300, env={**os.environ, "PYTHONPATH": str(root)})
+    assert finished.returncode == 0, finished.stderr
+    assert "failed: prompt_token_ids hold ids outside the vocabulary" in finished.stdout
+    assert "engine threads at exit: []" in finished.stdout
+    assert "terminate called" not in finished.stderr

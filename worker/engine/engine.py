@@ -13,6 +13,7 @@ engine, failing what it holds and calling `on_fatal_error` (the worker exits).
 
 from __future__ import annotations
 
+import atexit
 import gc
 import logging
 import os
@@ -21,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from collections.abc import Sequence as SequenceOf
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import FIRST_EXCEPTION, Future, InvalidStateError, wait
 
 import torch
 
@@ -48,6 +49,16 @@ from worker.engine.types import (
 log = logging.getLogger(__name__)
 
 FATAL_EXIT_CODE = 70  # sysexits' EX_SOFTWARE: the worker's engine stopped (a rank died or failed)
+# Engines whose loop runs. Their threads are daemons (a worker exiting must not wait on a step), and a
+# daemon killed at exit inside a CUDA call aborts the process ("terminate called without an active
+# exception"): atexit stops each loop first, as the interpreter runs atexit before it kills daemons.
+_running_engines: set[LLMEngine] = set()
+
+
+@atexit.register
+def _shut_down_running_engines() -> None:
+    for engine in list(_running_engines):
+        engine.shutdown()
 
 
 def eos_token_ids_of(hf_config, tokenizer) -> frozenset[int]:
@@ -117,6 +128,7 @@ class LLMEngine:
         self._last_batch_size = 0
         self._thread = threading.Thread(target=self._run_loop, name="deepbatch-engine", daemon=True)
         self._thread.start()
+        _running_engines.add(self)
         if self.device.type == "cuda":
             self.warm_up()
         self._log_start(num_blocks, bytes_per_block)
@@ -165,10 +177,23 @@ class LLMEngine:
     def generate(
         self, prompts: SequenceOf[list[int]], sampling: SamplingParams | SequenceOf[SamplingParams]
     ) -> list[Completion]:
-        """Submits every prompt at once and waits for all (for tests and benchmarks)."""
+        """Submits every prompt at once and waits for all (for tests and benchmarks). The first failure is
+        raised at once, the other prompts cancelled, so that the loop does not go on generating for them."""
         samplings = [sampling] * len(prompts) if isinstance(sampling, SamplingParams) else list(sampling)
         futures = [self.submit(prompt, params) for prompt, params in zip(prompts, samplings)]
+        wait(futures, return_when=FIRST_EXCEPTION)
+        failed = next((future for future in futures if future.done() and future.exception()), None)
+        if failed is not None:
+            for future in futures:
+                future.cancel()  # the loop drops a cancelled sequence at its next token
+            raise failed.exception()
         return [future.result() for future in futures]
+
+    def __enter__(self) -> LLMEngine:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
 
     def stats(self) -> dict[str, float]:
         return {
@@ -179,6 +204,9 @@ class LLMEngine:
         }
 
     def shutdown(self) -> None:
+        """Stops the step loop (failing what it holds) and the ranks. Idempotent; also run at interpreter
+        exit for an engine nobody shut down."""
+        _running_engines.discard(self)
         with self._condition:
             self._stopping = True
             self._condition.notify_all()
