@@ -304,7 +304,7 @@ class RankProcesses:
         ranks._watcher = threading.Thread(target=ranks._watch, name="deepbatch-rank-watcher", daemon=True)
         ranks._watcher.start()
         try:
-            ranks.groups = join_process_groups(0, size, address, device)
+            ranks.groups = join_process_groups(0, size, address, rank_device(device, 0))  # "cuda" → "cuda:0"
         except BaseException:
             ranks.abandon()
             raise
