@@ -1,7 +1,8 @@
 """The `deepbatch` command: a module per command group, assembled here.
 
 jobs.py: submit, status, cancel, jobs, results. services.py: run, worker, serve, flower. admin.py: migrate,
-keys, reconcile, dlq, audit. common.py: the settings, a command's database sessions, errors.
+keys, reconcile, dlq, audit. progress.py: a job's progress bar and counts. common.py: the settings, a
+command's database sessions, errors.
 
 Errors print one clear line and exit non-zero: 1 for a failed operation, 2 for bad usage (typer's).
 
