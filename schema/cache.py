@@ -33,10 +33,6 @@ CLI_OWNER: Final = "cli"  # submissions with no API key: the CLI's, and the API'
 DEPLOYMENT_OWNER: Final = "deployment"  # every submission, when the operator shares the cache
 
 
-def is_greedy(body: ChatBody | CompletionBody) -> bool:
-    return body.temperature == 0 or body.top_k == 1
-
-
 def cache_owner(owner_key_id: str | None, scope: CacheScopeSetting) -> str:
     """Whose results a job may reuse: its API key's, the CLI's, or (a shared cache) the deployment's."""
     if scope == "deployment":
@@ -56,7 +52,7 @@ class CacheScope:
 
 
 def result_cache_key(served_model: str, url: str, body: ChatBody | CompletionBody, owner: str) -> str | None:
-    if not is_greedy(body):
+    if not body.is_greedy:
         return None
     canonical = to_json(body, exclude_none=True, exclude=IGNORED_FIELDS)
     parts = (KEY_VERSION, owner.encode(), served_model.encode(), url.encode(), canonical)

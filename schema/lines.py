@@ -3,7 +3,9 @@
 Input: the OpenAI Batch line (`custom_id`, `method`, `url`, `body`) for `/v1/chat/completions` and
 `/v1/completions`, or a plain line (`{"prompt": ...}` or `{"messages": [...]}` with optional
 `custom_id` and sampling parameters). Both normalise to a `RequestSpec`: what the worker needs.
-Output: the OpenAI Batch output and error line formats.
+What a request asks of the engine, OpenAI's defaults included, is read off its body here (`SamplingFields`);
+worker/sampling.py only copies it into the engine's SamplingParams. Output: the OpenAI Batch output and
+error line formats.
 
 Parsing has two paths with one outcome. The fast path hands the raw line to pydantic's JSON parser
 once, with a model shaped like the line's form (no `json.loads`, no dict validated field by field in
@@ -21,6 +23,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
 Url = Literal["/v1/chat/completions", "/v1/completions"]
+# OpenAI's defaults for a request that leaves them out (the engine's own temperature default is greedy).
+OPENAI_TEMPERATURE = 1.0
+OPENAI_TOP_P = 1.0
+NO_TOP_K = 0  # OpenAI has no top_k; 0 cuts nothing
 
 
 class ChatMessage(BaseModel):
@@ -46,19 +52,50 @@ class SamplingFields(BaseModel):
     stream: Literal[False] | None = None
     user: str | None = None
 
+    # What the request asks for, with OpenAI's defaults for what it leaves out: the worker hands these to the
+    # engine (worker/sampling.py) and the result cache keys only greedy requests (schema/cache.py).
     @property
     def stop_strings(self) -> list[str]:
         if self.stop is None:
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
+    @property
+    def sampling_temperature(self) -> float:
+        return OPENAI_TEMPERATURE if self.temperature is None else self.temperature
+
+    @property
+    def sampling_top_p(self) -> float:
+        return OPENAI_TOP_P if self.top_p is None else self.top_p
+
+    @property
+    def sampling_top_k(self) -> int:
+        return NO_TOP_K if self.top_k is None else self.top_k
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        """`max_tokens`, or its newer name `max_completion_tokens`; None: the deployment's default."""
+        return self.max_tokens or self.max_completion_tokens
+
+    @property
+    def is_greedy(self) -> bool:
+        """Temperature 0 or top_k 1: the output is a function of the model and the prompt alone."""
+        return self.sampling_temperature == 0 or self.sampling_top_k == 1
+
 
 class ChatBody(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
 
+    def prompt_input(self) -> list[dict[str, str]]:
+        """The messages as the prompt encoder takes them (worker/engine/tokenizer.py)."""
+        return self.model_dump(include={"messages"}, exclude_none=True)["messages"]
+
 
 class CompletionBody(SamplingFields):
     prompt: str
+
+    def prompt_input(self) -> str:
+        return self.prompt
 
 
 CustomId = Annotated[str, Field(min_length=1, max_length=512)]
@@ -176,6 +213,7 @@ class BodyError(ValueError):
 
 
 def parse_body(url: str, body: dict[str, Any]) -> ChatBody | CompletionBody:
+    """A batch line's body, or a stored one read back (the worker reads `requests.body` through this)."""
     model = ChatBody if url == CHAT_URL else CompletionBody
     try:
         return model.model_validate(body)

@@ -1,5 +1,8 @@
 """The one settings class. Every field has a default, an environment variable and a README line.
 
+Components take their share of it, not the whole (`EngineSettings.of(settings)`, `FeederSettings.of(...)`):
+the fields they read under the same names, so what a component depends on is in its signature.
+
 Environment variables are `DEEPBATCH_<FIELD>`; the two URLs also answer to the conventional
 `DATABASE_URL` and `BROKER_URL`. A `.env` file in the working directory is read too.
 """
@@ -8,9 +11,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
-from pydantic import AliasChoices, Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # worker/engine/sizing.py's MAX_GPU_BATCH (schema cannot import the engine; a test keeps them equal).
@@ -34,18 +37,20 @@ class Settings(BaseSettings):
     model: str = "tiny-deepseek-v3"  # a built-in name, a .gguf file or a local checkpoint directory
     model_aliases: str = ""  # comma-separated: more names a line's `model` may give for the served model
     engine: str = Field(default="deepbatch", pattern=r"^(deepbatch|null|[\w.]+:\w+)$")
-    device: str = "auto"
-    dtype: str = "auto"
-    seed: int = 0
-    max_batch_size: PositiveInt | None = None  # None: sized from the device and its KV cache (README: Engine)
-    max_wait_ms: float = Field(default=20.0, ge=0)
-    max_num_batched_tokens: PositiveInt | None = None  # None: 8192 on a GPU, 4096 on the CPU
-    max_model_len: PositiveInt = 4096
-    default_max_tokens: PositiveInt = 256
-    gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1)  # share of the GPU the engine may fill
-    cuda_graphs: bool = True  # replay decode steps from CUDA graphs (GPU only)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N, read by the engine (worker/engine/device.py)
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16, read likewise
     tensor_parallel_size: PositiveInt = 1  # GPUs one worker splits the model over, one process each
     quantization: str | None = Field(default=None, pattern=r"^(none|fp8)$")  # fp8: linear weights FP8 at load
+    # None below: the engine's own default, written once in worker/engine/types.py (EngineConfig for the
+    # engine, SamplingParams for default_max_tokens); the README gives each value.
+    seed: int | None = None
+    max_batch_size: PositiveInt | None = None  # None: sized from the device and its KV cache (README: Engine)
+    max_wait_ms: float | None = Field(default=None, ge=0)
+    max_num_batched_tokens: PositiveInt | None = None  # None: 8192 on a GPU, 4096 on the CPU
+    max_model_len: PositiveInt | None = None
+    default_max_tokens: PositiveInt | None = None  # a request's max_tokens when it gives none
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)  # share of the GPU the engine may fill
+    cuda_graphs: bool | None = None  # replay decode steps from CUDA graphs (GPU only)
 
     # Delivery and retries.
     max_attempts: PositiveInt = 3
@@ -124,6 +129,59 @@ class Settings(BaseSettings):
             if self.database_url.startswith(prefix):
                 return "postgresql+psycopg://" + self.database_url[len(prefix) :]
         raise ValueError(f"DATABASE_URL must be a postgresql:// URL, got {self.database_url!r}")
+
+
+class ComponentSettings(BaseModel):
+    """A component's share of Settings. Fields are declared with their type only: the default, the
+    environment variable and the validation are Settings' (a test checks the types agree)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    @classmethod
+    def of(cls, settings: Settings) -> Self:
+        return cls.model_construct(**{name: getattr(settings, name) for name in cls.model_fields})
+
+
+class EngineSettings(ComponentSettings):
+    """What builds a worker's engine (worker/runtime.py): which engine, and its EngineConfig."""
+
+    engine: str
+    model: str
+    device: str
+    dtype: str
+    tensor_parallel_size: PositiveInt
+    quantization: str | None
+    seed: int | None
+    max_batch_size: PositiveInt | None
+    max_wait_ms: float | None
+    max_num_batched_tokens: PositiveInt | None
+    max_model_len: PositiveInt | None
+    gpu_memory_utilization: float | None
+    cuda_graphs: bool | None
+
+
+class RetrySettings(ComponentSettings):
+    """The retry policy's (worker/retries.py): backoff of a failed request, patience with a lost database."""
+
+    retry_backoff_s: PositiveFloat
+    retry_backoff_max_s: PositiveFloat
+    database_retry_s: PositiveFloat
+
+
+class RecorderSettings(RetrySettings):
+    """The recorder's (worker/recorder.py): how often results are written, and the model they name."""
+
+    model: str
+    flush_interval_ms: float
+    flush_max_results: PositiveInt
+
+
+class FeederSettings(RecorderSettings):
+    """The feeder's (worker/feeder.py), with its recorder's and retry policy's."""
+
+    circuit_failures: PositiveInt
+    target_queue_depth: PositiveInt | None
+    default_max_tokens: PositiveInt | None
 
 
 @lru_cache(maxsize=1)

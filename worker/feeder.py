@@ -28,14 +28,15 @@ from dataclasses import asdict
 from functools import partial
 from typing import Any, Protocol
 
-from schema.lines import CHAT_URL
-from schema.settings import Settings
+from schema.lines import BodyError, ChatBody, CompletionBody, parse_body
+from schema.settings import FeederSettings
 from worker import metrics
 from worker.circuit import CircuitBreaker
 from worker.engine.types import Completion, PermanentEngineError, SamplingParams
 from worker.isolation import IsolationLock
 from worker.recorder import Outcome, Recorder
 from worker.retries import failure_for, with_database_retry
+from worker.sampling import sampling_params
 from worker.transitions import ClaimedRequest, DeadRequest, Failure, Success, Transitions
 
 log = logging.getLogger(__name__)
@@ -46,19 +47,6 @@ class Engine(Protocol):
 
     def submit(self, prompt_token_ids: list[int], sampling: SamplingParams) -> Any: ...
     def shutdown(self) -> None: ...
-
-
-def sampling_from_body(body: dict[str, Any], default_max_tokens: int) -> SamplingParams:
-    """OpenAI defaults: temperature 1 and top_p 1 unless the request says otherwise."""
-    stop = body.get("stop") or []
-    return SamplingParams(
-        max_tokens=body.get("max_tokens") or body.get("max_completion_tokens") or default_max_tokens,
-        temperature=body.get("temperature", 1.0),
-        top_p=body.get("top_p", 1.0),
-        top_k=body.get("top_k", 0),
-        seed=body.get("seed"),
-        stop=(stop,) if isinstance(stop, str) else tuple(stop),
-    )
 
 
 class SliceTracker:
@@ -98,7 +86,7 @@ class SliceTracker:
 
 
 class Feeder:
-    def __init__(self, settings: Settings, engine: Engine, encoder: Any, transitions: Transitions,
+    def __init__(self, settings: FeederSettings, engine: Engine, encoder: Any, transitions: Transitions,
                  announce_dead: Any = lambda letters: None, republish: Any = lambda ordinary, groups: None,
                  on_circuit_open: Any = lambda: None):
         self.settings, self.engine, self.encoder, self.transitions = settings, engine, encoder, transitions
@@ -200,21 +188,36 @@ class Feeder:
         self._submit([claim for claim in claims if claim.id not in hit_ids])
 
     def _submit(self, claims: list[ClaimedRequest]) -> None:
-        prompts = [claim.body["messages"] if claim.url == CHAT_URL else claim.body["prompt"] for claim in claims]
+        claims, bodies = self._read_bodies(claims)
+        prompts = [body.prompt_input() for body in bodies]
         try:
             encoded = self.encoder.encode_many(prompts)
         except Exception:  # noqa: BLE001 - find the culprits one by one; the rest go on
             encoded = [self._encode_one(prompt) for prompt in prompts]
-        for claim, prompt_token_ids in zip(claims, encoded):
+        for claim, body, prompt_token_ids in zip(claims, bodies, encoded):
             try:
                 if isinstance(prompt_token_ids, Exception):
                     raise prompt_token_ids
-                sampling = sampling_from_body(claim.body, self.settings.default_max_tokens)
+                sampling = sampling_params(body, self.settings.default_max_tokens)
                 future = self.engine.submit(prompt_token_ids, sampling)
             except Exception as error:  # noqa: BLE001 - judged by the retry policy like any engine error
                 self._finished(claim, error=error)
                 continue
             future.add_done_callback(partial(self._on_engine_done, claim))
+
+    def _read_bodies(self, claims: list[ClaimedRequest]) -> tuple[list[ClaimedRequest], list[ChatBody | CompletionBody]]:
+        """Each claim's stored body as schema/lines.py reads a request; one that no longer reads (stored by an
+        older version) fails as the request's own fault."""
+        readable: list[ClaimedRequest] = []
+        bodies: list[ChatBody | CompletionBody] = []
+        for claim in claims:
+            try:
+                bodies.append(parse_body(claim.url, claim.body))
+            except BodyError as error:
+                self._finished(claim, error=PermanentEngineError(f"the stored request is invalid: {error}"))
+                continue
+            readable.append(claim)
+        return readable, bodies
 
     def _encode_one(self, prompt: Any) -> list[int] | Exception:
         try:

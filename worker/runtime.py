@@ -15,7 +15,7 @@ from datetime import timedelta
 from functools import partial
 
 from schema.db import session_factory
-from schema.settings import Settings, get_settings
+from schema.settings import EngineSettings, FeederSettings, Settings, get_settings
 from worker import metrics
 from worker.app import celery_app, publish_dead_letters, publish_groups, publish_slices
 from worker.circuit import EXIT_CIRCUIT_OPEN
@@ -25,18 +25,22 @@ from worker.reconcile import Maintenance
 from worker.transitions import Transitions
 
 
-def engine_config(settings: Settings) -> EngineConfig:
-    return EngineConfig(
-        model=settings.model, device=settings.device, dtype=settings.dtype, seed=settings.seed,
-        max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms,
-        max_num_batched_tokens=settings.max_num_batched_tokens, max_model_len=settings.max_model_len,
-        gpu_memory_utilization=settings.gpu_memory_utilization, use_cuda_graphs=settings.cuda_graphs,
-        tensor_parallel_size=settings.tensor_parallel_size,
-        quantization=settings.quantization,
-    )
+# EngineConfig's name of each engine setting named otherwise in Settings.
+ENGINE_CONFIG_NAMES = {"cuda_graphs": "use_cuda_graphs"}
 
 
-def build_engine(settings: Settings) -> Engine:
+def engine_config(settings: Settings | EngineSettings) -> EngineConfig:
+    """The settings given; the engine's own defaults (EngineConfig) for those left unset (None)."""
+    given = engine_share(settings).model_dump(exclude={"engine"}, exclude_none=True)
+    return EngineConfig(**{ENGINE_CONFIG_NAMES.get(name, name): value for name, value in given.items()})
+
+
+def engine_share(settings: Settings | EngineSettings) -> EngineSettings:
+    """The engine's share; a whole Settings is taken too (bench/system.py, the CLI's check)."""
+    return EngineSettings.of(settings) if isinstance(settings, Settings) else settings
+
+
+def build_engine(settings: EngineSettings) -> Engine:
     """`deepbatch`, `null` (benchmarks and tests only), or `package.module:factory` taking an EngineConfig."""
     config = engine_config(settings)
     if settings.engine == "deepbatch":
@@ -56,13 +60,15 @@ class SettingError(ValueError):
     """An engine setting that cannot work; the message names the setting and its value."""
 
 
-def check_engine_settings(settings: Settings) -> None:
+def check_engine_settings(settings: Settings | EngineSettings) -> None:
     """The engine's settings, checked in a second without loading anything big, so that a typo stops a
     worker (or `deepbatch run`) at once rather than in its first request."""
     import torch
 
     from worker.engine.device import resolve_device, resolve_dtype
     from worker.engine.loader import model_path
+
+    settings = engine_share(settings)
 
     if settings.engine not in ("deepbatch", "null"):
         module_name, _, factory_name = settings.engine.partition(":")
@@ -118,7 +124,8 @@ def get_feeder() -> Feeder:
             transitions = Transitions(sessions, worker_identity(), timedelta(seconds=settings.lease_s),
                                       settings.queue_name)
             encoder = PromptEncoder(load_tokenizer(settings.model))
-            _feeder = Feeder(settings, build_engine(settings), encoder, transitions,
+            engine = build_engine(EngineSettings.of(settings))
+            _feeder = Feeder(FeederSettings.of(settings), engine, encoder, transitions,
                              announce_dead=lambda letters: publish_dead_letters(celery_app, settings, letters),
                              republish=lambda ordinary, groups: (publish_slices(celery_app, ordinary,
                                                                                 settings.slice_size),

@@ -38,3 +38,13 @@ def test_owners_never_share_a_key_unless_the_deployment_shares_its_cache():
     assert len({key(line, COMPLETIONS_URL, owner=owner) for owner in owners}) == 3
     assert cache_owner("key_a", "deployment") == cache_owner("key_b", "deployment") == cache_owner(None, "deployment")
     assert cache_owner("key_a", "deployment") not in owners
+
+
+def test_keys_of_version_3_do_not_move():
+    """Keys already stored must keep matching: a change here needs KEY_VERSION bumped (schema/cache.py)."""
+    completion = key('{"prompt": "The capital of France is", "temperature": 0, "max_tokens": 16, "seed": 3,'
+                     ' "stop": ["\\n"]}', COMPLETIONS_URL)
+    chat = key('{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "m",'
+               ' "messages": [{"role": "user", "content": "Hi"}], "top_k": 1, "user": "u"}}')
+    assert completion == "cbde67310b67daa70654fff7b47a3d00bc0d8c519d43cd5dd09661d91ae6258e"
+    assert chat == "cfb069ae24c673fe9e2540dbca8dffffedcba213add544fa3b425cd9408e2fdb"

@@ -9,7 +9,7 @@ import threading
 import time
 from concurrent.futures import Future
 
-from schema.settings import Settings
+from schema.settings import FeederSettings, Settings
 from worker.engine.types import Completion
 from worker.feeder import Feeder
 from worker.transitions import ClaimedRequest
@@ -72,7 +72,7 @@ class Encoder:
 
 
 def test_slices_claiming_together_stay_within_the_target_depth() -> None:
-    settings = Settings(target_queue_depth=64, flush_interval_ms=1, metrics_port=0)
+    settings = FeederSettings.of(Settings(target_queue_depth=64, flush_interval_ms=1, metrics_port=0))
     transitions, engine = FakeTransitions(total=1000), HeldEngine()
     feeder = Feeder(settings, engine, Encoder(), transitions)
     slices = [threading.Thread(target=feeder.run_slice, args=(list(range(250)),)) for _ in range(4)]
@@ -114,7 +114,8 @@ class FailableTransitions(FakeTransitions):
 
 
 def start_feeder(total: int, engine, circuit_failures: int = 5):
-    settings = Settings(target_queue_depth=8, flush_interval_ms=1, metrics_port=0, circuit_failures=circuit_failures)
+    settings = FeederSettings.of(Settings(target_queue_depth=8, flush_interval_ms=1, metrics_port=0,
+                                          circuit_failures=circuit_failures))
     transitions, opened = FailableTransitions(total), threading.Event()
     feeder = Feeder(settings, engine, Encoder(), transitions, on_circuit_open=opened.set)
     threading.Thread(target=feeder.run_slice, args=(list(range(total)),), daemon=True).start()

@@ -15,7 +15,7 @@ from worker.engine.types import EngineConfig, PromptTooLongError, SamplingParams
 
 @pytest.fixture(scope="module")
 def engine():
-    engine = ReferenceEngine(EngineConfig(max_model_len=64, max_wait_ms=50))
+    engine = ReferenceEngine(EngineConfig(model="tiny-deepseek-v3", max_model_len=64, max_wait_ms=50))
     yield engine
     engine.shutdown()
 

@@ -4,23 +4,39 @@ from __future__ import annotations
 
 import pytest
 
+from schema.lines import COMPLETIONS_URL, parse_body
 from schema.settings import Settings
-from worker.engine.types import InvalidSamplingError
-from worker.feeder import sampling_from_body
+from worker.engine.types import InvalidSamplingError, SamplingParams
+from worker.sampling import sampling_params
 from worker.retries import backoff_seconds
 
 
+def sampling(body: dict, default_max_tokens: int | None = 16):
+    return sampling_params(parse_body(COMPLETIONS_URL, {"prompt": "x", **body}), default_max_tokens)
+
+
 def test_sampling_uses_openai_defaults_and_the_request_values() -> None:
-    assert sampling_from_body({"prompt": "x"}, 16).temperature == 1.0
-    sampling = sampling_from_body({"max_tokens": 5, "temperature": 0, "stop": "\n", "seed": 3}, 16)
-    assert (sampling.max_tokens, sampling.greedy, sampling.stop, sampling.seed) == (5, True, ("\n",), 3)
-    assert sampling_from_body({"max_completion_tokens": 9}, 16).max_tokens == 9
-    assert sampling_from_body({}, 16).max_tokens == 16
+    defaults = sampling({})
+    assert (defaults.temperature, defaults.top_p, defaults.top_k, defaults.max_tokens) == (1.0, 1.0, 0, 16)
+    given = sampling({"max_tokens": 5, "temperature": 0, "stop": "\n", "seed": 3})
+    assert (given.max_tokens, given.greedy, given.stop, given.seed) == (5, True, ("\n",), 3)
+    assert sampling({"max_completion_tokens": 9}).max_tokens == 9
+    assert sampling({"stop": ["a", "b"], "top_k": 1, "temperature": 0.7}).stop == ("a", "b")
+
+
+def test_an_unset_default_max_tokens_is_the_engines() -> None:
+    assert sampling({}, default_max_tokens=None).max_tokens == SamplingParams().max_tokens
+
+
+def test_the_engine_and_the_cache_agree_on_greedy() -> None:
+    for body in ({}, {"temperature": 0}, {"top_k": 1}, {"temperature": 0.5, "top_k": 2}):
+        request = parse_body(COMPLETIONS_URL, {"prompt": "x", **body})
+        assert sampling_params(request, 16).greedy == request.is_greedy
 
 
 def test_invalid_sampling_is_a_permanent_error() -> None:
     with pytest.raises(InvalidSamplingError):
-        sampling_from_body({"top_p": 0}, 16)
+        SamplingParams(top_p=0)
 
 
 def test_backoff_grows_exponentially_and_is_capped() -> None:
@@ -57,3 +73,21 @@ def test_engine_errors_become_snake_case_codes() -> None:
         PromptTooLongError("too long"), InvalidSamplingError("top_p"), TransientEngineError("oom"), RuntimeError("?"))}
     assert codes == {"PromptTooLongError": "prompt_too_long", "InvalidSamplingError": "invalid_sampling",
                      "TransientEngineError": "engine_unavailable", "RuntimeError": "internal_error"}
+
+
+def test_component_settings_are_settings_fields_of_the_same_type() -> None:
+    from schema.settings import EngineSettings, FeederSettings
+
+    for component in (EngineSettings, FeederSettings):
+        for name, field in component.model_fields.items():
+            assert field.annotation == Settings.model_fields[name].annotation, (component.__name__, name)
+        assert component.of(Settings()).model_dump() == Settings().model_dump(include=set(component.model_fields))
+
+
+def test_the_engine_config_takes_the_settings_given_and_the_engines_defaults() -> None:
+    from worker.engine.types import EngineConfig
+    from worker.runtime import engine_config
+
+    assert engine_config(Settings()) == EngineConfig(model=Settings().model)
+    given = engine_config(Settings(model="tiny-qwen2", max_wait_ms=3, cuda_graphs=False, max_model_len=64))
+    assert given == EngineConfig(model="tiny-qwen2", max_wait_ms=3, use_cuda_graphs=False, max_model_len=64)

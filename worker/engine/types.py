@@ -15,7 +15,7 @@ FinishReason = Literal["stop", "length"]
 class SamplingParams:
     """Per-request decoding parameters (OpenAI names where they exist)."""
 
-    max_tokens: int = 256
+    max_tokens: int = 256  # DEEPBATCH_DEFAULT_MAX_TOKENS, when a request gives none and the setting is unset
     temperature: float = 0.0  # 0 means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 means no top-k cut
@@ -57,9 +57,10 @@ CPU_BATCH = 32  # the batch on a CPU, and of engines that answer at once (worker
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """How to build an engine; the worker fills it from its settings."""
+    """How to build an engine. These defaults are the deployment's too: the worker passes only the settings
+    given (worker/runtime.py), so each is written here once."""
 
-    model: str = "tiny-deepseek-v3"  # a built-in name, a .gguf file, or a local checkpoint directory
+    model: str  # a built-in name, a .gguf file, or a local checkpoint directory (the deployment's default: Settings)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
     seed: int = 0  # random weights of the built-in models come from this seed

@@ -1,0 +1,25 @@
+"""A request's sampling fields as the engine's SamplingParams: the one conversion, used by the feeder.
+
+It lives in worker/ because that is the one package allowed to see both sides: imports run producer →
+worker → schema, and the engine imports none of them. schema/lines.py reads a request (RequestSpec, its
+body) and owns OpenAI's defaults for what a request leaves out; worker/engine/types.py owns SamplingParams
+and the engine's defaults. This module only copies one into the other, field for field.
+"""
+
+from __future__ import annotations
+
+from schema.lines import ChatBody, CompletionBody
+from worker.engine.types import SamplingParams
+
+
+def sampling_params(body: ChatBody | CompletionBody, default_max_tokens: int | None) -> SamplingParams:
+    """default_max_tokens: for a request that gives none (DEEPBATCH_DEFAULT_MAX_TOKENS); None: the engine's."""
+    max_tokens = body.requested_max_tokens or default_max_tokens
+    return SamplingParams(
+        **({"max_tokens": max_tokens} if max_tokens is not None else {}),
+        temperature=body.sampling_temperature,
+        top_p=body.sampling_top_p,
+        top_k=body.sampling_top_k,
+        seed=body.seed,
+        stop=tuple(body.stop_strings),
+    )
