@@ -97,7 +97,9 @@ def test_bad_cli_input_is_one_clear_line(tmp_path: Path, service_env: dict) -> N
 @pytest.mark.parametrize("broker_url", ["rabbitmq", "redis"], indirect=True)
 def test_a_high_priority_job_overtakes_a_low_priority_backlog(tmp_path: Path, service_env: dict, start_worker,
                                                               db_engine: Engine) -> None:
-    env = {**service_env, **SLOW_WORKER}
+    # Slices of 16: the backlog is 19 messages ahead of the urgent job's one, and the worker stopped at the
+    # end finishes the backlog slice it holds, 16 requests, not 256 (13 s at 2 a step).
+    env = {**service_env, **SLOW_WORKER, "DEEPBATCH_SLICE_SIZE": "16"}
     backlog = deepbatch("submit", str(write_prompts(tmp_path / "low.jsonl", 300)), env=env).stdout.strip()
     urgent = deepbatch("submit", str(write_prompts(tmp_path / "high.jsonl", 15)), "--priority", "10",
                        env=env).stdout.strip()  # every one of its messages sits behind the backlog's 300
