@@ -93,6 +93,7 @@ def measure(arguments: argparse.Namespace, size: int, device: torch.device, dtyp
         "kv_cache_capacity_tokens": engine.block_manager.num_blocks * engine.config.kv_block_size,
         "steps": steps.summary(engine_weight_bytes(engine), kv_bytes_per_token, None),
     }
+    print(json.dumps({key: value for key, value in result.items() if key != "outputs"}), file=sys.stderr, flush=True)
     engine.shutdown()
     del engine
     release_memory(device)

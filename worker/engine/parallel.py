@@ -345,6 +345,10 @@ class RankProcesses:
                 self.groups.broadcast(("stop", None))
             except RuntimeError as error:  # a rank that died meanwhile: it is killed below anyway
                 log.warning("could not tell the ranks to stop: %s", error)
+            else:
+                # Every rank tears its group down at the same time: NCCL's teardown waits for its peers, so
+                # rank 0 tearing down after its children were joined (or killed) waited for ever.
+                dist.destroy_process_group()
         self._end_processes(timeout=10)
 
     def abandon(self) -> None:
@@ -353,13 +357,23 @@ class RankProcesses:
         self._end_processes(timeout=0)
 
     def _end_processes(self, timeout: float) -> None:
+        """Joins (or kills) the children. A group still up here lost a peer: it is aborted, not torn down,
+        as a teardown would wait for the dead rank."""
         for process in self.processes:
             process.join(timeout=timeout)
             if process.is_alive():
                 process.kill()
                 process.join()
         if dist.is_initialized():
-            dist.destroy_process_group()
+            abort_process_group()
+
+
+def abort_process_group() -> None:
+    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+    if abort is not None and dist.get_backend() == "nccl":
+        abort()
+    else:
+        dist.destroy_process_group()
 
 
 class DrivingRunner:
