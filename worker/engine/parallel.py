@@ -345,10 +345,6 @@ class RankProcesses:
                 self.groups.broadcast(("stop", None))
             except RuntimeError as error:  # a rank that died meanwhile: it is killed below anyway
                 log.warning("could not tell the ranks to stop: %s", error)
-            else:
-                # Every rank tears its group down at the same time: NCCL's teardown waits for its peers, so
-                # rank 0 tearing down after its children were joined (or killed) waited for ever.
-                dist.destroy_process_group()
         self._end_processes(timeout=10)
 
     def abandon(self) -> None:
@@ -357,21 +353,22 @@ class RankProcesses:
         self._end_processes(timeout=0)
 
     def _end_processes(self, timeout: float) -> None:
-        """Joins (or kills) the children. A group still up here lost a peer: it is aborted, not torn down,
-        as a teardown would wait for the dead rank."""
         for process in self.processes:
             process.join(timeout=timeout)
             if process.is_alive():
                 process.kill()
                 process.join()
-        if dist.is_initialized():
-            abort_process_group()
+        leave_process_groups()
 
 
-def abort_process_group() -> None:
-    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
-    if abort is not None and dist.get_backend() == "nccl":
-        abort()
+def leave_process_groups() -> None:
+    """Ends this rank's groups without waiting for its peers. NCCL's orderly teardown blocked for ever on two
+    H200s, on every rank at once, after decode CUDA graphs had captured its all-reduces; an abort does not
+    wait, and a rank that leaves has no collective left to finish (gloo's teardown never waits)."""
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "nccl":
+        dist.distributed_c10d._abort_process_group()
     else:
         dist.destroy_process_group()
 
@@ -437,4 +434,4 @@ def serve_rank(rank: int, size: int, address: str, config: EngineConfig,
         if kind == "stop":
             break
         runner.step_logits([item.scheduled() for item in items])
-    dist.destroy_process_group()
+    leave_process_groups()
