@@ -162,11 +162,3 @@ def worker_app() -> Celery:
     """The app of this worker process, built on first use from the settings: the one `deepbatch worker`
     runs is the one its feeder and maintenance thread publish with (worker/runtime.py)."""
     return make_celery_app(get_settings())
-
-
-def __getattr__(name: str) -> Any:
-    # The name worker/runtime.py imports this process's app by: served by worker_app() on first use, so
-    # that importing this module still builds nothing.
-    if name == "celery_app":
-        return worker_app()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,7 +17,7 @@ from functools import partial
 from schema.db import session_factory
 from schema.settings import EngineSettings, FeederSettings, Settings, get_settings
 from worker import metrics
-from worker.app import celery_app, publish_dead_letters, publish_groups, publish_slices
+from worker.app import publish_dead_letters, publish_groups, publish_slices, worker_app
 from worker.circuit import EXIT_CIRCUIT_OPEN
 from worker.engine.types import EngineConfig
 from worker.feeder import Engine, Feeder
@@ -118,6 +118,7 @@ def get_feeder() -> Feeder:
             from worker.engine.tokenizer import PromptEncoder, load_tokenizer
 
             settings = get_settings()
+            celery_app = worker_app()
             # No pre-ping: a round trip per transaction; a lost connection is retried (worker/retries.py).
             sessions = session_factory(settings.sqlalchemy_url, pool_size=(settings.worker_threads or 2) + 2,
                                        pre_ping=False)
