@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from worker.engine.kernels import fp8_gemm  # noqa: E402
-from worker.engine.layers.linear import quantize_weight_blocks  # noqa: E402
+from worker.engine.kernels.fp8_blocks import quantize_weight_blocks  # noqa: E402
 
 RESULTS_DIRECTORY = Path(__file__).resolve().parent / "results"
 # (model, projection, N, K) of one layer.

@@ -31,7 +31,8 @@ from tests.engine.helpers import prefill_logits, random_prompts, reference_greed
 from worker.engine.configs import FP8_BLOCK_QUANTIZATION, tiny_deepseek_v3_config, tiny_llama_config
 from worker.engine.engine import LLMEngine
 from worker.engine.kernels.fp8_gemm import reference_block_scaled_matmul
-from worker.engine.layers.linear import Fp8Linear, dequantize_blocks, quantize_weight_blocks
+from worker.engine.kernels.fp8_blocks import dequantize_blocks, quantize_weight_blocks
+from worker.engine.layers.linear import Fp8Linear
 from worker.engine.loader import load_model, random_reference_model
 from worker.engine.types import EngineConfig, SamplingParams
 

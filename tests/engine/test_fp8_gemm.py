@@ -14,7 +14,8 @@ import torch
 from tests.engine.helpers import prefill_logits, random_prompts
 from worker.engine.configs import builtin_config
 from worker.engine.kernels import fp8_gemm
-from worker.engine.layers.linear import Fp8Linear, quantize_weight_blocks
+from worker.engine.kernels.fp8_blocks import quantize_weight_blocks
+from worker.engine.layers.linear import Fp8Linear
 from worker.engine.loader import empty_model, load_model
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

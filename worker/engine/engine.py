@@ -6,7 +6,7 @@ arrives, the loop waits up to `max_wait_ms` for company so that concurrent submi
 Each step: schedule, run the model, append sampled tokens, resolve the futures of finished requests.
 A step that runs out of memory is split in halves and retried; one that still fails (or raises anything
 else) fails only the futures of the requests in that step (out of memory as a TransientEngineError), and
-the loop carries on with the rest. With tensor parallelism (worker/engine/parallel.py) this process is
+the loop carries on with the rest. With tensor parallelism (worker/engine/ranks.py) this process is
 rank 0: it schedules and samples, each step runs on every rank, and a rank that dies or fails ends the
 engine, failing what it holds and calling `on_fatal_error` (the worker exits).
 """
@@ -30,7 +30,8 @@ from worker.engine.block_manager import BlockManager
 from worker.engine.device import resolve_device, resolve_dtype
 from worker.engine.loader import load_model
 from worker.engine.model_runner import ModelRunner, build_runner
-from worker.engine.parallel import DrivingRunner, RankFailedError, RankProcesses, Shard, rank_device
+from worker.engine.parallel import RankFailedError, Shard, rank_device
+from worker.engine.ranks import DrivingRunner, RankProcesses
 from worker.engine.scheduler import Scheduler, StepPlan
 from worker.engine.sequence import Sequence
 from worker.engine.sizing import choose_batch_limits, choose_num_kv_blocks

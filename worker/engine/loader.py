@@ -30,7 +30,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from worker.engine.configs import builtin_config, resolve_model
 from worker.engine.gguf_file import is_gguf, open_gguf
-from worker.engine.layers.linear import BLOCK, dequantize_blocks, is_fp8, quantize_linears
+from worker.engine.kernels.fp8_blocks import BLOCK, dequantize_blocks, is_fp8
+from worker.engine.layers.linear import quantize_linears
 from worker.engine.models import build_model
 from worker.engine.parallel import Shard
 

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 # The scale block of weights (rows and columns) is also the activation group.
-from worker.engine.layers.linear import BLOCK, FP8_DTYPE, FP8_MAX, SCALE_FLOOR, dequantize_blocks
+from worker.engine.kernels.fp8_blocks import BLOCK, FP8_DTYPE, FP8_MAX, SCALE_FLOOR, dequantize_blocks
 
 
 @triton.jit

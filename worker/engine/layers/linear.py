@@ -22,45 +22,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-BLOCK = 128
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8_DTYPE).max
-SCALE_FLOOR = 1e-10  # the scale of an all-zero block
+from worker.engine.kernels.fp8_blocks import (
+    BLOCK,
+    dequantize_blocks,
+    is_fp8,
+    quantize_weight_blocks,
+    scale_shape,
+)
+
 KEPT_LINEAR_NAMES = ("lm_head", "kv_b_proj")
-
-
-def is_fp8(tensor: torch.Tensor) -> bool:
-    return tensor.dtype == FP8_DTYPE
-
-
-def scale_shape(rows: int, columns: int) -> tuple[int, int]:
-    return -(-rows // BLOCK), -(-columns // BLOCK)
-
-
-def padded_blocks(weight: torch.Tensor) -> torch.Tensor:
-    """weight [..., N, K] zero-padded to whole blocks and viewed as [..., N/128, 128, K/128, 128]."""
-    rows, columns = weight.shape[-2:]
-    block_rows, block_columns = scale_shape(rows, columns)
-    padded = F.pad(weight, (0, block_columns * BLOCK - columns, 0, block_rows * BLOCK - rows))
-    return padded.view(*weight.shape[:-2], block_rows, BLOCK, block_columns, BLOCK)
-
-
-def quantize_weight_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp8 [..., N, K], scale_inv [..., N/128, K/128] float32): each block's largest magnitude maps to 448."""
-    rows, columns = weight.shape[-2:]
-    blocks = padded_blocks(weight.float())
-    scale = (blocks.abs().amax(dim=(-3, -1), keepdim=True) / FP8_MAX).clamp(min=SCALE_FLOOR)
-    quantized = (blocks / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    block_rows, block_columns = scale_shape(rows, columns)
-    quantized = quantized.view(*weight.shape[:-2], block_rows * BLOCK, block_columns * BLOCK)[..., :rows, :columns]
-    return quantized.contiguous(), scale.view(*weight.shape[:-2], block_rows, block_columns)
-
-
-def dequantize_blocks(weight: torch.Tensor, weight_scale_inv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The FP8 weight [..., N, K] times its block scales, in `dtype`."""
-    rows, columns = weight.shape[-2:]
-    scale = weight_scale_inv.repeat_interleave(BLOCK, dim=-2).repeat_interleave(BLOCK, dim=-1)
-    return (weight.float() * scale[..., :rows, :columns]).to(dtype)
 
 
 def dequantized(module: nn.Module, weight_name: str, dtype: torch.dtype) -> torch.Tensor:

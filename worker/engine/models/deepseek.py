@@ -23,7 +23,8 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 
-from worker.engine.layers.linear import dequantized, is_fp8
+from worker.engine.kernels.fp8_blocks import is_fp8
+from worker.engine.layers.linear import dequantized
 from worker.engine.layers.attention import AttentionMetadata, LatentAttention
 from worker.engine.models.common import DecoderLayer, GatedMLP, PagedCausalLM, RMSNorm, apply_rotary
 from worker.engine.parallel import Shard
