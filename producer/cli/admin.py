@@ -24,11 +24,55 @@ commands = typer.Typer()
 
 @commands.command()
 def migrate() -> None:
-    """Apply the database migrations (Alembic) to DATABASE_URL."""
+    """Apply the database migrations (Alembic) to DATABASE_URL; says which it applied. Needs no broker."""
     from schema.migrate import upgrade
 
-    upgrade(configured_settings().sqlalchemy_url)
-    console.print("database is at the latest schema")
+    settings = database_settings()
+    before = schema_revisions(settings.sqlalchemy_url)
+    upgrade(settings.sqlalchemy_url)
+    applied = applied_between(settings.sqlalchemy_url, before)
+    for revision, description in applied:
+        console.print(f"applied {revision}: {escape(description)}", highlight=False)
+    head = applied[-1][0] if applied else ", ".join(before) or "none"
+    console.print(f"applied {len(applied)} migration{'s' if len(applied) != 1 else ''}; the database is at {head}, "
+                  f"the latest" if applied else f"nothing to apply: the database is already at {head}, the latest",
+                  highlight=False)
+
+
+def database_settings() -> Settings:
+    """The settings of a command that only touches the database: DATABASE_URL alone must be set."""
+    from schema.settings import get_settings
+
+    settings = get_settings()
+    if settings.database_url is None:
+        raise fail("DATABASE_URL must be set")
+    return settings
+
+
+def schema_revisions(sqlalchemy_url: str) -> tuple[str, ...]:
+    """The migrations the database is at (none for an empty one)."""
+    from alembic.runtime.migration import MigrationContext
+    from sqlalchemy import create_engine, pool
+
+    engine = create_engine(sqlalchemy_url, poolclass=pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            return MigrationContext.configure(connection).get_current_heads()
+    finally:
+        engine.dispose()
+
+
+def applied_between(sqlalchemy_url: str, before: tuple[str, ...]) -> list[tuple[str, str]]:
+    """The migrations after `before` up to where the database is now, oldest first: (revision, its message)."""
+    from alembic.script import ScriptDirectory
+
+    from schema.migrate import alembic_config
+
+    scripts = ScriptDirectory.from_config(alembic_config(sqlalchemy_url))
+    after = schema_revisions(sqlalchemy_url)
+    revisions = scripts.iterate_revisions(after, before or "base")
+    return [(script.revision, (script.doc or "").strip().splitlines()[0] if script.doc else "")
+            for script in reversed(list(revisions))]
 
 
 keys = typer.Typer(help="API keys of `deepbatch serve`: create, list, revoke.", no_args_is_help=True)
