@@ -46,8 +46,9 @@ def completion_window(job: Job) -> str:
 
 
 def batch_object(job: Job, progress: queries.JobProgress, output_file_id: str | None, error_file_id: str | None,
-                 errors: list[queries.FailedLines] | None = None) -> dict[str, Any]:
-    """A job as OpenAI's batch object, with its fields and their meanings."""
+                 errors: list[queries.FailedLines] | None = None, usage: tuple[int, int] = (0, 0)) -> dict[str, Any]:
+    """A job as OpenAI's batch object, with its fields and their meanings; `usage`: its results' (input,
+    output) tokens."""
     status = progress.status
     ended = timestamp(progress.last_finished_at or job.submitted_at or job.created_at)
     return {
@@ -64,8 +65,13 @@ def batch_object(job: Job, progress: queries.JobProgress, output_file_id: str | 
         "expired_at": ended if status == "expired" else None,
         "cancelling_at": timestamp(job.cancel_requested_at),
         "cancelled_at": ended if status == "cancelled" else None,
+        # As OpenAI counts them: a request the batch never ran (cancelled, expired) is failed, in the error
+        # file as batch_cancelled / batch_expired, so completed + failed = total once the batch has ended.
         "request_counts": {"total": progress.total, "completed": progress.completed_requests,
-                           "failed": progress.failed_requests},
+                           "failed": progress.failed_requests + progress.cancelled + progress.expired},
+        "usage": {"input_tokens": usage[0], "input_tokens_details": {"cached_tokens": 0},
+                  "output_tokens": usage[1], "output_tokens_details": {"reasoning_tokens": 0},
+                  "total_tokens": usage[0] + usage[1]},
         "metadata": job.metadata_json or None,
         "model": job.model,
     }
@@ -77,8 +83,9 @@ def batch_response(session: Session, job: Job, directory: Path) -> dict[str, Any
     assert progress is not None  # the job row exists: the view has it
     output_id, error_id = outputs.batch_files(session, job, progress, directory)
     errors = queries.failed_lines(session, job.id)[:ERRORS_SHOWN] if progress.status == "failed" else None
+    usage = store.batch_usage(session, job.id)
     session.commit()
-    return batch_object(job, progress, output_id, error_id, errors)
+    return batch_object(job, progress, output_id, error_id, errors, usage)
 
 
 def owned_batch(batch_id: str, owner: Caller, session: Db) -> Job:

@@ -171,6 +171,18 @@ def list_jobs(session: Session, owner_key_id: str | None, limit: int, after: str
     return newest_first(session, owned, owned, Job, limit, after)
 
 
+BATCH_USAGE = text("""
+    SELECT coalesce(sum(prompt_tokens), 0) AS input_tokens, coalesce(sum(completion_tokens), 0) AS output_tokens
+    FROM results WHERE job_id = :job_id
+""")
+
+
+def batch_usage(session: Session, job_id: str) -> tuple[int, int]:
+    """The tokens of the batch's results so far: (input, output)."""
+    row = session.execute(BATCH_USAGE, {"job_id": job_id}).one()
+    return int(row.input_tokens), int(row.output_tokens)
+
+
 # ---- the dashboard ----
 
 
@@ -179,7 +191,7 @@ class DashboardRow:
     """One job as the dashboard shows it: its job_progress counts, what finished lately, its first failures."""
 
     id: str
-    input_file: str
+    input_file: str  # the uploaded file's name for a batch of the API, the path given for a CLI job
     status: str
     total: int
     queued: int
@@ -199,10 +211,11 @@ class DashboardRow:
 # through job_progress in a LATERAL subquery, which OFFSET 0 keeps from being flattened into the outer
 # query: so the view's counts are grouped for that job alone (an index scan), never for every job.
 DASHBOARD_PAGE = text("""
-    WITH page AS (
-        SELECT id, coalesce(input_file_id, input_file) AS input_file, created_at FROM jobs
-        WHERE CAST(:owner_key_id AS text) IS NULL OR owner_key_id = :owner_key_id
-        ORDER BY created_at DESC, id DESC LIMIT :limit
+    WITH page AS (  -- a batch's input as it was uploaded (the file's name), a CLI job's as the path given
+        SELECT j.id, coalesce(f.filename, j.input_file) AS input_file, j.created_at
+        FROM jobs AS j LEFT JOIN files AS f ON f.id = j.input_file_id
+        WHERE CAST(:owner_key_id AS text) IS NULL OR j.owner_key_id = :owner_key_id
+        ORDER BY j.created_at DESC, j.id DESC LIMIT :limit
     )
     SELECT page.id, page.input_file, progress.status, progress.total, progress.queued, progress.running,
            progress.succeeded, progress.failed, progress.dead, progress.cancelled, progress.expired,
