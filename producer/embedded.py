@@ -158,16 +158,28 @@ def worker_pid_file(data_dir: Path) -> Path:
     return data_dir / "worker.pid"
 
 
-def start_worker_process(settings: Settings, log_path: Path, loglevel: str = "WARNING") -> subprocess.Popen:
+def start_worker_process(settings: Settings, log_path: Path, loglevel: str = "WARNING",
+                         ready_file: Path | None = None) -> subprocess.Popen:
+    """The worker, on `settings`' queue; it creates `ready_file` (removed first) once it takes requests."""
     env = {**os.environ, "DEEPBATCH_DATABASE_URL": settings.database_url or "",
            "DEEPBATCH_BROKER_URL": settings.broker_url or "", "DEEPBATCH_MODEL": settings.model,
            "DEEPBATCH_TENSOR_PARALLEL_SIZE": str(settings.tensor_parallel_size),
-           "DEEPBATCH_QUANTIZATION": settings.quantization or "none"}
+           "DEEPBATCH_QUANTIZATION": settings.quantization or "none", "DEEPBATCH_QUEUE_NAME": settings.queue_name}
     log = log_path.open("ab")
     command = [sys.executable, "-m", "producer.cli", "worker", "--loglevel", loglevel]
+    if ready_file is not None:
+        ready_file.unlink(missing_ok=True)
+        command += ["--ready-file", str(ready_file)]
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
     worker_pid_file(settings.data_dir).write_text(str(process.pid))
     return process
+
+
+def fresh_log(log_path: Path) -> Path:
+    """Start `log_path` empty, the previous one kept as `<name>.1`: each run's log holds that run alone."""
+    if log_path.exists():
+        log_path.replace(log_path.with_name(log_path.name + ".1"))
+    return log_path
 
 
 def die_with_parent() -> None:

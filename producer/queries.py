@@ -4,8 +4,8 @@ job-level operations of the CLI (cancel, dead letters)."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -51,6 +51,7 @@ def create_job(session: Session, input_file: str, model: str, metadata: dict[str
 class ChunkOutcome:
     queued_request_ids: list[int]
     rejected_lines: int
+    queues: list[str] = field(default_factory=list)  # of each queued request, in the same order
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,15 @@ class JobOptions:
     max_attempts: int
     cache_scope: CacheScope | None = None  # model and owner of its cache keys, when the job uses the result cache
     priority: int = 0
-    queue: str = "deepbatch"
+    queue: str = "deepbatch"  # of a row routed nowhere else (a rejected line's, a default model's before routing)
+
+
+@dataclass(frozen=True)
+class StagedRoute:
+    """Where a line was routed (worker/registry.py's Route): its model keys its cache, its queue takes it."""
+
+    model: str
+    queue: str
 
 
 # COPY is the fast way in, but one duplicate custom_id would abort a COPY straight into `requests`: so a
@@ -68,16 +77,17 @@ class JobOptions:
 CREATE_STAGING = """
     CREATE TEMP TABLE submit_staging (
         line_no integer, custom_id text, custom_id_repr text, url text, body jsonb, cache_key text,
-        error_code text, line_error text
+        error_code text, line_error text, queue text
     ) ON COMMIT DROP;
     -- No statistics on a table filled a moment ago: the planner over-estimates INSERT_STAGED and
     -- JIT-compiles it, which cost ~80 ms a chunk (measured), more than running it.
     SET LOCAL jit = off
 """
-# The columns of a staged row: custom_id_repr words a duplicate's error as Python words it, and a rejected
-# line brings its error_code and line_error. `copy_line` encodes them; UTF-8 whatever the client encoding.
+# The columns of a staged row: custom_id_repr words a duplicate's error as Python words it, a rejected
+# line brings its error_code and line_error, a routed one its model's queue. `copy_line` encodes them; UTF-8
+# whatever the client encoding.
 COPY_STAGING = ("COPY submit_staging (line_no, custom_id, custom_id_repr, url, body, cache_key, error_code, "
-                "line_error) FROM STDIN WITH (ENCODING 'UTF8')")
+                "line_error, queue) FROM STDIN WITH (ENCODING 'UTF8')")
 DROP_STAGING = "DROP TABLE submit_staging"  # so a second chunk in the same transaction can stage too
 
 # One statement per chunk: the accepted rows, the rejected ones, and all their audit events in ONE insert
@@ -87,14 +97,15 @@ INSERT_STAGED = text("""
     WITH inserted AS (
         INSERT INTO requests (job_id, line_no, custom_id, url, body, state, attempt, max_attempts, priority,
                               queue, cache_key)
-        SELECT :job_id, line_no, custom_id, url, body, 'queued', 0, :max_attempts, :priority, :queue, cache_key
+        SELECT :job_id, line_no, custom_id, url, body, 'queued', 0, :max_attempts, :priority,
+               coalesce(queue, :queue), cache_key
         FROM submit_staging AS staged
         WHERE error_code IS NULL AND NOT EXISTS (
             SELECT FROM submit_staging AS earlier
             WHERE earlier.custom_id = staged.custom_id AND earlier.line_no < staged.line_no
               AND earlier.error_code IS NULL)
         ON CONFLICT (job_id, custom_id) WHERE line_error IS NULL DO NOTHING
-        RETURNING id, line_no, custom_id
+        RETURNING id, line_no, custom_id, queue
     ), rejections AS (
         SELECT staged.line_no, staged.custom_id, coalesce(staged.error_code, 'duplicate_custom_id') AS error_code,
                coalesce(staged.line_error, format('duplicate custom_id %s (first used on line %s)',
@@ -122,7 +133,7 @@ INSERT_STAGED = text("""
         ) AS events
         ORDER BY line_no
     )
-    SELECT id FROM inserted ORDER BY line_no
+    SELECT id, queue FROM inserted ORDER BY line_no
 """)
 
 
@@ -144,8 +155,8 @@ def copy_text(value: str | None) -> bytes:
     return value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r").encode()
 
 
-def copy_line(line: ReadLine, cache_scope: CacheScope | None) -> bytes:
-    """One staged row in COPY text format. Hand-written rather than psycopg's `write_row`: here it runs in
+def copy_line(line: ReadLine, cache_scope: CacheScope | None, route: StagedRoute | None = None) -> bytes:
+    """One staged row in COPY text format; `route`: the model (of its cache key) and queue it was routed to. Hand-written rather than psycopg's `write_row`: here it runs in
     the read-ahead thread, and the writing thread sends a whole chunk in one call instead of waiting (and
     queueing for the GIL) every 32 kB; the body is dumped to JSON once, by pydantic, straight to bytes."""
     request = line.request
@@ -155,22 +166,29 @@ def copy_line(line: ReadLine, cache_scope: CacheScope | None) -> bytes:
         if custom_id is not None:  # as written in the file: Postgres text cannot hold NUL
             custom_id = custom_id.replace("\x00", "\\u0000").encode("utf-8", "backslashreplace").decode()
         fields = (copy_text(custom_id), b"\\N", b"\\N", b"\\N", b"\\N", copy_text(line.error.code),
-                  copy_text(line.error.message))
+                  copy_text(line.error.message), b"\\N")
         return b"\t".join((str(line.line_no).encode(), *fields)) + b"\n"
     body = request.body
+    if cache_scope is not None and route is not None and route.model != cache_scope.served_model:
+        cache_scope = CacheScope(route.model, cache_scope.owner)  # the model that will run it, not the default
     cache_key = cache_scope.key(request.url, body) if cache_scope else None
     # JSON text never holds a raw tab, newline or CR (they are escaped): only its backslashes need doubling.
     body_json = to_json(body, exclude_none=True).replace(b"\\", b"\\\\")
     fields = (copy_text(request.custom_id), copy_text(repr(request.custom_id)), copy_text(request.url), body_json,
-              copy_text(cache_key), b"\\N", b"\\N")
+              copy_text(cache_key), b"\\N", b"\\N", copy_text(route.queue if route else None))
     return b"\t".join((str(line.line_no).encode(), *fields)) + b"\n"
 
 
-def stage_chunk(lines: Iterable[ReadLine], cache_scope: CacheScope | None) -> StagedChunk:
-    """Encode `lines` as they come: only their COPY text is kept, never the chunk's parsed lines."""
+def stage_chunk(lines: Iterable[ReadLine], cache_scope: CacheScope | None,
+                router: Callable[[ReadLine], tuple[ReadLine, StagedRoute | None]] | None = None) -> StagedChunk:
+    """Encode `lines` as they come: only their COPY text is kept, never the chunk's parsed lines. `router`
+    gives each line its route, or turns it into an error (a model nobody serves)."""
     rows, line = [], None
     for line in lines:
-        rows.append(copy_line(line, cache_scope))
+        route = None
+        if router is not None:
+            line, route = router(line)
+        rows.append(copy_line(line, cache_scope, route))
     if line is None:
         return StagedChunk(b"", 0)
     return StagedChunk(b"".join(rows), len(rows), line.line_no, line.end_offset)
@@ -186,11 +204,12 @@ def insert_staged(session: Session, job_id: str, chunk: StagedChunk, options: Jo
         cursor.execute(CREATE_STAGING)
         with cursor.copy(COPY_STAGING) as copy:
             copy.write(chunk.copy_data)
-    queued = list(session.scalars(INSERT_STAGED, {"job_id": job_id, "max_attempts": options.max_attempts,
-                                                  "priority": options.priority, "queue": options.queue}))
+    queued = session.execute(INSERT_STAGED, {"job_id": job_id, "max_attempts": options.max_attempts,
+                                             "priority": options.priority, "queue": options.queue}).all()
     with driver_connection.cursor() as cursor:
         cursor.execute(DROP_STAGING)
-    return ChunkOutcome(queued_request_ids=queued, rejected_lines=chunk.lines - len(queued))
+    return ChunkOutcome(queued_request_ids=[row.id for row in queued], rejected_lines=chunk.lines - len(queued),
+                        queues=[row.queue for row in queued])
 
 
 RECORD_SUBMISSION_PROGRESS = text("""
@@ -243,6 +262,28 @@ def try_submission_lock(session: Session, job_id: str) -> bool:
 
 def release_submission_lock(session: Session, job_id: str) -> None:
     session.execute(RELEASE_SUBMISSION_LOCK, {"job_id": job_id, "namespace": SUBMISSION_LOCK_NAMESPACE})
+
+
+# A job's label: the models its lines were routed to (DEEPBATCH_MODEL's until any line is stored).
+LABEL_JOB_MODELS = text("""
+    UPDATE jobs SET model = coalesce((
+        SELECT string_agg(DISTINCT model, ', ' ORDER BY model) FROM (
+            SELECT unnest(string_to_array(model, ', ')) AS model FROM jobs WHERE id = :job_id AND :resumed
+            UNION SELECT unnest(CAST(:models AS text[]))) AS models), model)
+    WHERE id = :job_id
+""")
+# The queues a job's queued requests wait in (several when its lines name several models).
+JOB_QUEUES = text("SELECT DISTINCT queue FROM requests WHERE job_id = :job_id AND state = 'queued' ORDER BY 1")
+
+
+def label_job_models(session: Session, job_id: str, models: Iterable[str], resumed: bool) -> None:
+    """Name the job after the models its lines were routed to (with those of its first part, `resumed`)."""
+    if models := sorted(set(models)):
+        session.execute(LABEL_JOB_MODELS, {"job_id": job_id, "models": models, "resumed": resumed})
+
+
+def job_queues(session: Session, job_id: str) -> list[str]:
+    return list(session.scalars(JOB_QUEUES, {"job_id": job_id}))
 
 
 def finish_submission(session: Session, job_id: str, total_lines: int) -> None:
@@ -411,3 +452,68 @@ def purge_dead_letters(session: Session, job_id: str | None = None) -> int:
     if job_id is not None:
         statement = statement.where(DeadLetter.job_id == job_id)
     return session.execute(statement).rowcount
+
+
+# ---- what the CLI shows beside a job's counts ----
+
+REJECTED_LINES = text("""
+    SELECT count(*) FROM requests WHERE job_id = :job_id AND state = 'failed' AND line_error IS NOT NULL
+""")
+
+
+def rejected_line_count(session: Session, job_id: str) -> int:
+    """The job's lines refused at submission (failed without running): reported apart from requests run."""
+    return session.execute(REJECTED_LINES, {"job_id": job_id}).scalar_one()
+
+
+RESULT_MODELS = text("""
+    SELECT model, count(*) AS count FROM results WHERE job_id = :job_id GROUP BY model ORDER BY 2 DESC, 1
+""")
+
+
+def result_models(session: Session, job_id: str) -> list[tuple[str, int]]:
+    """The models that answered the job's requests so far, with how many each."""
+    return [(row.model, row.count) for row in session.execute(RESULT_MODELS, {"job_id": job_id})]
+
+
+# A batch of the HTTP API stores its input under the file's id; the name it was uploaded as is the file's.
+FILE_NAMES = text("""
+    SELECT j.id, coalesce(f.filename, j.input_file) AS name
+    FROM jobs AS j LEFT JOIN files AS f ON f.id = j.input_file_id
+    WHERE j.id = ANY(:job_ids)
+""")
+
+
+def input_file_names(session: Session, job_ids: Sequence[str]) -> dict[str, str]:
+    """Each job's input as its user named it: the uploaded file's name for an API batch, else the path given."""
+    return {row.id: row.name for row in session.execute(FILE_NAMES, {"job_ids": list(job_ids)})}
+
+
+@dataclass(frozen=True)
+class UnfinishedJob:
+    """A job with requests still to run or lines still to submit: what an interrupted `run` leaves."""
+
+    job_id: str
+    input_file: str
+    queue: str
+    status: str
+    total: int
+    finished: int
+    submitted: bool
+    submitted_bytes: int
+    submitted_sha256: str | None
+
+
+UNFINISHED_JOBS = text("""
+    SELECT p.job_id, j.input_file, j.queue, p.status, p.total, p.finished, j.submitted_at IS NOT NULL AS submitted,
+           j.submitted_bytes, j.submitted_sha256
+    FROM job_progress AS p JOIN jobs AS j ON j.id = p.job_id
+    WHERE p.status NOT IN ('completed', 'failed', 'expired', 'cancelled') AND j.cancel_requested_at IS NULL
+      AND j.input_file_id IS NULL
+    ORDER BY j.created_at DESC
+""")
+
+
+def unfinished_jobs(session: Session) -> list[UnfinishedJob]:
+    """The CLI's jobs not yet done nor cancelled, newest first."""
+    return [UnfinishedJob(**row) for row in session.execute(UNFINISHED_JOBS).mappings()]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,10 +15,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
+from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
 
 from producer.cli.common import cli_identity, command_sessions, configured_settings, console, fail
-from producer.cli.progress import print_progress, progress_bar, wait_for_job
+from producer.cli.progress import print_job, progress_bar, wait_for_job
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
@@ -30,9 +33,10 @@ commands = typer.Typer()
 
 def submit_with_progress(path: Path, settings: Settings, completion_window: timedelta | None = None,
                          metadata: dict[str, str] | None = None, use_result_cache: bool = True,
-                         priority: int = 0, resume: str | None = None) -> str:
+                         priority: int = 0, resume: str | None = None, go_on_with: str | None = None) -> str:
     """Submit (or, with `resume`, go on submitting) `path` with a progress bar; returns the job id. Ctrl-C
-    stops at once, and says how far the file got and how to resume."""
+    stops at once, and says how far the file got and how to resume (`go_on_with`: the command that does,
+    when it is not `deepbatch submit --resume`)."""
     from producer import queries
     from producer.submit import SubmissionStopped, SubmitError, resume_file, submit_file
     from worker.app import make_celery_app
@@ -57,7 +61,7 @@ def submit_with_progress(path: Path, settings: Settings, completion_window: time
     except SubmitError as error:
         raise fail(str(error)) from None
     except (SubmissionStopped, KeyboardInterrupt):
-        raise interrupted_submission(sessions, path, started[0] if started else None) from None
+        raise interrupted_submission(sessions, path, started[0] if started else None, go_on_with) from None
     job_id = started[0]
     with sessions() as session:
         report_rejected_lines(queries.failed_lines(session, job_id, rejected_only=True),
@@ -81,7 +85,8 @@ def stop_on_ctrl_c(stop: threading.Event) -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def interrupted_submission(sessions: sessionmaker[Session], path: Path, job_id: str | None) -> typer.Exit:
+def interrupted_submission(sessions: sessionmaker[Session], path: Path, job_id: str | None,
+                           go_on_with: str | None = None) -> typer.Exit:
     """What Ctrl-C during submit says: how far the file got, and the command that goes on from there."""
     from producer.queries import submission_of
 
@@ -91,6 +96,10 @@ def interrupted_submission(sessions: sessionmaker[Session], path: Path, job_id: 
     with sessions() as session:
         submission = submission_of(session, job_id)
     stored = submission.lines if submission else 0
+    if go_on_with:
+        console.print(f"[yellow]submission interrupted:[/] job {job_id} holds lines 1-{stored} of "
+                      f"{escape(str(path))}. Go on with: {escape(go_on_with)}", highlight=False)
+        return typer.Exit(code=130)
     console.print(f"[yellow]submission interrupted:[/] job {job_id} holds lines 1-{stored} of {escape(str(path))}, "
                   f"which run as usual. Go on with: deepbatch submit {escape(str(path))} --resume {job_id}   "
                   f"(or drop the rest: deepbatch cancel {job_id})", highlight=False)
@@ -151,7 +160,9 @@ def submit(
     job_id = submit_with_progress(file, settings, window, parse_metadata(metadata or []), cache, priority, resume)
     print(job_id)
     if wait:
-        print_progress(wait_for_job(settings, job_id))
+        progress = wait_for_job(settings, job_id)
+        with command_sessions(settings)() as session:
+            print_job(session, progress)
 
 
 @commands.command()
@@ -164,7 +175,8 @@ def status(
     from producer import queries
 
     settings = configured_settings()
-    with command_sessions(settings)() as session:
+    sessions = command_sessions(settings)
+    with sessions() as session:
         progress = queries.job_progress(session, job_id)
         submission = queries.submission_of(session, job_id)
     if progress is None or submission is None:
@@ -173,11 +185,15 @@ def status(
         console.print(stopped_note(job_id, submission), highlight=False)
     if watch and not progress.done:
         progress = wait_for_job(settings, job_id)
-    if as_json:
-        print(json.dumps({**asdict(progress), "submission_stopped_at_line": submission.lines
-                          if submission.stopped else None}, default=str))
-    else:
-        print_progress(progress)
+    with sessions() as session:
+        if as_json:
+            models = queries.result_models(session, job_id)
+            print(json.dumps({**asdict(progress), "submission_stopped_at_line": submission.lines
+                              if submission.stopped else None,
+                              "rejected_lines": queries.rejected_line_count(session, job_id),
+                              "result_models": dict(models)}, default=str))
+        else:
+            print_job(session, progress)
 
 
 def stopped_note(job_id: str, submission: Submission) -> str:
@@ -207,21 +223,35 @@ def jobs(
     limit: Annotated[int, typer.Option(help="how many of the newest jobs")] = 20,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
-    """List the newest jobs."""
+    """List the newest jobs: status, file, model and counts (failed = failed + dead)."""
     from producer import queries
 
     settings = configured_settings()
     with command_sessions(settings)() as session:
         recent = queries.recent_jobs(session, limit)
         if as_json:
-            print(json.dumps([asdict(progress) for progress in recent], default=str))
+            names = queries.input_file_names(session, [progress.job_id for progress in recent])
+            print(json.dumps([{**asdict(progress), "input_file_name": names.get(progress.job_id)}
+                              for progress in recent], default=str))
             return
         stopped = {progress.job_id: submission for progress in recent
                    if progress.status == "validating" and (submission := queries.submission_of(session, progress.job_id))
                    and submission.stopped}
+        names = queries.input_file_names(session, [progress.job_id for progress in recent])
+    table = Table("job", "status", "file", "model", "done", "succeeded", "failed", "cancelled", "expired", "created")
     for progress in recent:
-        note = f"  (submission stopped at line {stopped[progress.job_id].lines})" if progress.job_id in stopped else ""
-        print(f"{progress.job_id}  {progress.status:<11} {progress.finished}/{progress.total}  {progress.input_file}{note}")
+        status_text = progress.status
+        if progress.job_id in stopped:
+            status_text += f" (submission stopped at line {stopped[progress.job_id].lines})"
+        table.add_row(progress.job_id, status_text, escape(names.get(progress.job_id, progress.input_file)),
+                      escape(progress.model), f"{progress.finished}/{progress.total}", str(progress.succeeded),
+                      str(progress.failed + progress.dead), str(progress.cancelled), str(progress.expired),
+                      f"{progress.created_at.astimezone():%Y-%m-%d %H:%M}")
+    if not recent:
+        console.print("no jobs yet")
+        return
+    # In a terminal the table fits its width; piped or redirected, each job stays on one line.
+    Console(width=None if sys.stdout.isatty() else 1000).print(table)
 
 
 def default_errors_path(output: Path) -> Path:

@@ -11,11 +11,14 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from producer.cli.common import command_sessions, configured_settings, console, fail
+from rich.markup import escape
+
+from producer.cli.common import cli_identity, command_sessions, configured_settings, console, fail
 from producer.cli.jobs import default_errors_path, export_to_files, submit_with_progress
-from producer.cli.progress import print_progress, wait_for_job
+from producer.cli.progress import print_job, wait_for_job, wait_for_worker
 
 if TYPE_CHECKING:
+    from producer.queries import UnfinishedJob
     from schema.settings import Settings
 
 commands = typer.Typer()
@@ -65,6 +68,8 @@ def worker(
     model: Annotated[Optional[str], typer.Option(help=MODEL_HELP)] = None,
     tensor_parallel_size: Annotated[Optional[int], typer.Option(min=1, help=TENSOR_PARALLEL_HELP)] = None,
     quantization: QuantizationOption = None,
+    ready_file: Annotated[Optional[Path], typer.Option(hidden=True, help="created once the worker takes requests "
+                                                       "(how `run` knows its worker has loaded the model)")] = None,
 ) -> None:
     """Run a Celery worker: one per GPU (or per group of --tensor-parallel-size GPUs), one engine per worker process."""
     from schema.settings import get_settings
@@ -79,6 +84,10 @@ def worker(
     get_settings.cache_clear()
     settings = configured_settings()
     start_engine_or_exit(settings)
+    if ready_file is not None:
+        from celery.signals import worker_ready
+
+        worker_ready.connect(lambda **_: ready_file.write_text(str(os.getpid())), weak=False)
     worker_app().worker_main([
         "worker", "--pool=threads", f"--concurrency={concurrency or settings.worker_threads}",
         "-Q", settings.queue_name, f"--loglevel={loglevel}", "--without-gossip", "--without-mingle",
@@ -90,6 +99,8 @@ def worker(
 def serve(
     host: Annotated[Optional[str], typer.Option(help="default DEEPBATCH_API_HOST")] = None,
     port: Annotated[Optional[int], typer.Option(help="default DEEPBATCH_API_PORT")] = None,
+    access_log: Annotated[Optional[Path], typer.Option(
+        help="append the access log (a line per request) to this file; default: standard output")] = None,
 ) -> None:
     """Serve OpenAI's Batch API (/v1/files, /v1/batches) and the job dashboard (/) over HTTP."""
     import uvicorn
@@ -103,8 +114,36 @@ def serve(
             if not any(key.revoked_at is None for key in list_keys(session)):
                 console.print("[yellow]no API key yet:[/] create one with `deepbatch keys create NAME` "
                               "(DEEPBATCH_API_AUTH=false serves without keys, on trusted networks only)")
-    uvicorn.run(create_app(settings), host=host or settings.api_host, port=port or settings.api_port,
-                log_level="warning")
+    host, port = host or settings.api_host, port or settings.api_port
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    console.print(f"serving the Batch API at {url}/v1 and the dashboard at {url}/ "
+                  f"(access log: {access_log or 'standard output'}; Ctrl-C stops)", highlight=False)
+    uvicorn.run(create_app(settings), host=host, port=port, log_config=uvicorn_logging(access_log))
+
+
+def uvicorn_logging(access_log: Path | None) -> dict:
+    """Uvicorn's own messages from warnings up, on standard error; its access log, a line per request in
+    its usual format (client, request line, status), on standard output or appended to `access_log`."""
+    access_handler: dict = ({"class": "logging.FileHandler", "filename": str(access_log), "encoding": "utf-8"}
+                            if access_log else {"class": "logging.StreamHandler", "stream": "ext://sys.stdout"})
+    return {
+        "version": 1, "disable_existing_loggers": False,
+        "formatters": {
+            "default": {"()": "uvicorn.logging.DefaultFormatter", "fmt": "%(levelprefix)s %(message)s",
+                        "use_colors": False},
+            "access": {"()": "uvicorn.logging.AccessFormatter", "use_colors": False,
+                       "fmt": '%(asctime)s %(client_addr)s "%(request_line)s" %(status_code)s'},
+        },
+        "handlers": {
+            "default": {"class": "logging.StreamHandler", "stream": "ext://sys.stderr", "formatter": "default"},
+            "access": {**access_handler, "formatter": "access"},
+        },
+        "loggers": {
+            "uvicorn": {"handlers": ["default"], "level": "WARNING", "propagate": False},
+            "uvicorn.error": {"handlers": ["default"], "level": "WARNING", "propagate": False},
+            "uvicorn.access": {"handlers": ["access"], "level": "INFO", "propagate": False},
+        },
+    }
 
 
 @commands.command()
@@ -132,26 +171,36 @@ def run(
     model: Annotated[Optional[str], typer.Option(help=MODEL_HELP)] = None,
     tensor_parallel_size: Annotated[Optional[int], typer.Option(min=1, help=TENSOR_PARALLEL_HELP)] = None,
     quantization: QuantizationOption = None,
+    resume: Annotated[bool, typer.Option("--resume", help="go on with the unfinished job an interrupted run of "
+                                         "FILE left (what a run of FILE does anyway); an error if there is none")] = False,
+    new: Annotated[bool, typer.Option("--new", help="cancel the unfinished job of FILE, if any, and start over")] = False,
+    cancel: Annotated[bool, typer.Option("--cancel", help="cancel the unfinished job of FILE, write what it "
+                                         "finished, and exit (no worker is started)")] = False,
 ) -> None:
-    """Everything in one command: services (embedded if unset), migrations, a worker, submit, wait, export."""
+    """Everything in one command: services (embedded if unset), migrations, a worker, submit, wait, export.
+    An interrupted run writes the results finished so far; the next run of FILE goes on with what is left."""
     from producer.embedded import DataDirInUse, embedded_services, stop_leftover_worker
     from schema.settings import get_settings
 
+    if resume + new + cancel > 1:
+        raise typer.BadParameter("choose one of --resume, --new and --cancel")
     options = {"model": model, "tensor_parallel_size": tensor_parallel_size,
                "quantization": quantization.value if quantization else None}
     base = get_settings().model_copy(update={name: value for name, value in options.items() if value})
     if not file.is_file():
         raise fail(f"no such file: {file}")
-    check_engine_settings_or_exit(base)
+    if not cancel:
+        check_engine_settings_or_exit(base)
     exit_cleanly_on_termination()
     if (leftover := stop_leftover_worker(base.data_dir)) is not None:
         console.print(f"stopped a worker (pid {leftover}) left running by an earlier `deepbatch run`")
+    choice = "cancel" if cancel else "new" if new else "resume" if resume else "auto"
     try:
         with embedded_services(base.data_dir, base.database_url, base.broker_url, on_leftovers=lambda servers:
                                console.print(f"stopped what an earlier `deepbatch run` left running in "
                                              f"{base.data_dir}: {', '.join(servers)}")) as urls:
             settings = base.model_copy(update={"database_url": urls.database_url, "broker_url": urls.broker_url})
-            run_with_worker(settings, file, output, errors or default_errors_path(output))
+            run_in_services(settings, file, output, errors or default_errors_path(output), choice)
     except KeyboardInterrupt:
         console.print("interrupted: the worker and the services this run started are stopped")
         raise typer.Exit(code=130) from None
@@ -159,23 +208,104 @@ def run(
         raise fail(str(error)) from None
 
 
-def run_with_worker(settings: Settings, file: Path, output: Path, errors: Path) -> None:
-    """`run` once its services are up: migrate, start the worker, submit, wait (stopping early if the worker
-    dies), stop the worker, export."""
-    from producer.embedded import start_worker_process, stop_worker_process
+def run_in_services(settings: Settings, file: Path, output: Path, errors: Path, choice: str) -> None:
+    """`run` once its services are up: migrate, pick the job (a new one, or the one an interrupted run of
+    this file left), then run it with a worker, or cancel it (`choice` "cancel")."""
+    from producer import queries
+    from producer.runs import run_queue, unfinished_runs
     from schema.migrate import upgrade
 
     upgrade(settings.sqlalchemy_url)
-    log_path = settings.data_dir / "worker.log"
-    worker_process = start_worker_process(settings, log_path)
+    path = file.resolve()
+    sessions = command_sessions(settings)
+    with sessions() as session:
+        earlier = unfinished_runs(session, path)
+    for job in earlier.other_files:
+        console.print(f"[yellow]job {job.job_id} of {escape(job.input_file)} is unfinished[/] "
+                      f"({job.total - job.finished} of {job.total} requests left; it waits on a queue of its own "
+                      f"and does not delay this run): `deepbatch run {escape(job.input_file)}` goes on with it, "
+                      f"`deepbatch run {escape(job.input_file)} --cancel` ends it", highlight=False)
+    previous = earlier.this_file
+    if choice in ("resume", "cancel") and previous is None:
+        raise fail(f"no unfinished job of {escape(str(path))} to {'resume' if choice == 'resume' else 'cancel'}")
+    if previous is not None and choice in ("new", "cancel"):
+        with sessions.begin() as session:
+            cancelled = queries.cancel_job(session, previous.job_id, cli_identity())
+        console.print(f"job {previous.job_id} cancelled ({cancelled} queued requests)")
+        if choice == "cancel":
+            export_to_files(settings, previous.job_id, output, errors)
+            return
+        previous = None
+    queue = previous.queue if previous is not None else run_queue(settings.queue_name, path)
+    run_with_worker(settings.model_copy(update={"queue_name": queue}), path, output, errors, previous)
+
+
+def run_with_worker(settings: Settings, path: Path, output: Path, errors: Path,
+                    previous: UnfinishedJob | None) -> None:
+    """Start the worker, submit (or go on with `previous`), wait (stopping early if the worker dies), stop the
+    worker, export. Interrupted, it writes what has finished and says how to go on."""
+    from producer.embedded import fresh_log, start_worker_process, stop_worker_process
+
+    log_path = fresh_log(settings.data_dir / "worker.log")
+    ready_file = settings.data_dir / "worker.ready"
+    worker_process = start_worker_process(settings, log_path, ready_file=ready_file)
+    go_on_with = f"deepbatch run {path} --resume"
+    job_id: str | None = previous.job_id if previous is not None else None
+    interrupted: BaseException | None = None
     try:
-        job_id = submit_with_progress(file, settings)
-        console.print(f"job {job_id} submitted; worker log: {log_path}")
+        if previous is None:
+            job_id = submit_with_progress(path, settings, go_on_with=go_on_with)
+            console.print(f"job {job_id} submitted; worker log: {log_path}")
+        else:
+            go_on(settings, path, previous, go_on_with)
+        wait_for_worker(worker_process, ready_file, log_path, settings.model)
         progress = wait_for_job(settings, job_id, worker_process, log_path)
+    except (KeyboardInterrupt, SystemExit) as stop:  # Ctrl-C; SIGTERM and SIGHUP (exit_cleanly_on_termination)
+        interrupted = stop
     finally:
-        stop_worker_process(worker_process)
+        stop_worker_process(worker_process)  # it finishes what it holds first: those results are kept too
+    if interrupted is not None:
+        if job_id is not None:
+            keep_what_finished(settings, job_id, output, errors, go_on_with)
+        raise interrupted
     export_to_files(settings, job_id, output, errors)
-    print_progress(progress)
+    with command_sessions(settings)() as session:
+        print_job(session, progress)
+
+
+def go_on(settings: Settings, path: Path, previous: UnfinishedJob, go_on_with: str) -> None:
+    """Go on with the job an interrupted run of this file left: submit the rest of the file if its
+    submission stopped, and publish its queued requests again (the broker may have lost them)."""
+    from producer.runs import publish_what_is_left, stored_part_unchanged
+
+    if not stored_part_unchanged(path, previous):
+        raise fail(f"{escape(str(path))} is not the file job {previous.job_id} was submitted from (its first "
+                   f"{previous.submitted_bytes} bytes changed): run it with --new to cancel that job and start over, "
+                   "or with --cancel to end that job")
+    left = previous.total - previous.finished
+    console.print(f"going on with job {previous.job_id}, left unfinished by an earlier run of this file: "
+                  f"{previous.finished} of {previous.total} requests done, {left} left "
+                  f"(`--new` starts over instead)", highlight=False)
+    publish_what_is_left(settings, command_sessions(settings), previous.job_id)
+    if not previous.submitted:
+        submit_with_progress(path, settings, resume=previous.job_id, go_on_with=go_on_with)
+
+
+def keep_what_finished(settings: Settings, job_id: str, output: Path, errors: Path, go_on_with: str) -> None:
+    """An interrupted run writes the results finished so far (and the lines failed so far) and says how to
+    go on; the run that does rewrites both files with everything."""
+    from producer.export import export_job
+    from producer.queries import job_progress
+
+    with command_sessions(settings)() as session:
+        progress = job_progress(session, job_id)
+        written, failed = export_job(session, job_id, output, errors)
+    assert progress is not None
+    left = progress.queued + progress.running
+    console.print(f"[yellow]interrupted:[/] job {job_id} has {progress.finished} of {progress.total} requests "
+                  f"finished: {written} results → {escape(str(output))}"
+                  + (f", {failed} errors → {escape(str(errors))}" if failed else "")
+                  + f"; {left} left. Go on with: {escape(go_on_with)}", highlight=False)
 
 
 def exit_cleanly_on_termination() -> None:
