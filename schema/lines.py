@@ -15,10 +15,12 @@ to the reference path (`json.loads`, then the models below), which decides, and 
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
@@ -27,6 +29,34 @@ Url = Literal["/v1/chat/completions", "/v1/completions"]
 OPENAI_TEMPERATURE = 1.0
 OPENAI_TOP_P = 1.0
 NO_TOP_K = 0  # OpenAI has no top_k; 0 cuts nothing
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value: -100..100
+MAX_TOP_LOGPROBS = 20  # chat's top_logprobs: 0..20
+MAX_COMPLETION_LOGPROBS = 5  # completions' logprobs: 0..5
+# OpenAI parameters DeepBatch refuses, and why; a line giving one fails naming it (README "OpenAI parameters").
+# Any other unknown key is refused too, as an unknown parameter.
+REFUSED_PARAMETERS = {
+    "response_format": "structured output is a chat parameter (/v1/chat/completions)",
+    "logprobs": "log-probabilities are not stored with results yet",
+    "top_logprobs": "log-probabilities are not stored with results yet",
+    "n": "only n=1: a result holds one choice",
+    "best_of": "only one choice per request",
+    "echo": "the prompt is not returned",
+    "suffix": "insertion is not supported",
+    "tools": "tool calling is not supported",
+    "tool_choice": "tool calling is not supported",
+    "parallel_tool_calls": "tool calling is not supported",
+    "functions": "function calling is not supported",
+    "function_call": "function calling is not supported",
+    "stream_options": "batch results are not streamed",
+    "modalities": "text output only",
+    "audio": "text output only",
+    "prediction": "predicted outputs are not supported",
+    "reasoning_effort": "no reasoning models are served",
+    "service_tier": "there is one service tier",
+    "store": "completions are not stored for distillation or evals",
+    "metadata": "request metadata is not stored",
+    "web_search_options": "web search is not supported",
+}
 
 
 class ChatMessage(BaseModel):
@@ -51,6 +81,17 @@ class SamplingFields(BaseModel):
     n: Literal[1] | None = None
     stream: Literal[False] | None = None
     user: str | None = None
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]] | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_id_keys(cls, logit_bias: dict[str, float] | None) -> dict[str, float] | None:
+        for key in logit_bias or {}:
+            if not key.isdigit() or not key.isascii():
+                raise ValueError(f"logit_bias keys are token ids (non-negative integers as strings), got {key!r}")
+        return logit_bias
 
     # What the request asks for, with OpenAI's defaults for what it leaves out: the worker hands these to the
     # engine (worker/sampling.py) and the result cache keys only greedy requests (schema/cache.py).
@@ -78,13 +119,69 @@ class SamplingFields(BaseModel):
         return self.max_tokens or self.max_completion_tokens
 
     @property
+    def token_logit_bias(self) -> dict[int, float]:
+        """logit_bias with its keys as token ids (a later duplicate of one id wins, as in json.loads)."""
+        return {int(key): value for key, value in (self.logit_bias or {}).items()}
+
+    @property
     def is_greedy(self) -> bool:
         """Temperature 0 or top_k 1: the output is a function of the model and the prompt alone."""
         return self.sampling_temperature == 0 or self.sampling_top_k == 1
 
 
+class TextFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["text"]
+
+
+class JsonObjectFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["json_object"]
+
+
+class JsonSchemaSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, validate_by_name=True, validate_by_alias=True,
+                              serialize_by_alias=True)
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+    description: str | None = None
+    json_schema: Annotated[dict[str, Any], Field(alias="schema")] = Field(default_factory=dict)
+    strict: bool | None = None
+
+    @field_validator("json_schema")
+    @classmethod
+    def _compiles(cls, json_schema: dict[str, Any]) -> dict[str, Any]:
+        problem = schema_problem(json.dumps(json_schema, sort_keys=True))
+        if problem is not None:
+            raise ValueError(f"the schema cannot be compiled into a grammar: {problem}")
+        return json_schema
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
+
+
+@functools.lru_cache(maxsize=256)
+def schema_problem(schema_json: str) -> str | None:
+    """Why xgrammar cannot turn this JSON schema into a grammar, or None when it can. The grammar does not
+    depend on a tokenizer, so a schema the worker could not constrain decoding with fails here, at submit."""
+    import xgrammar  # only lines with a json_schema pay for the import
+
+    try:
+        xgrammar.Grammar.from_json_schema(schema_json, strict_mode=True)
+    except Exception as error:  # noqa: BLE001 - xgrammar raises RuntimeError/ValueError/its own types
+        lines = str(error).strip().splitlines() or [type(error).__name__]
+        return re.sub(r"^\[[\d:.]+\] \S+:\d+: ", "", lines[0])  # xgrammar's "[time] file.cc:line: " prefix
+    return None
+
+
 class ChatBody(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    response_format: ResponseFormat | None = None
 
     def prompt_input(self) -> list[dict[str, str]]:
         """The messages as the prompt encoder takes them (worker/engine/tokenizer.py)."""
@@ -113,6 +210,7 @@ class PlainLine(SamplingFields):
     """`{"prompt": "..."}` or `{"messages": [...]}`; custom_id defaults to the line number."""
 
     custom_id: CustomId | None = None
+    response_format: ResponseFormat | None = None  # messages only: ChatBody has it, CompletionBody refuses it
     prompt: str | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
 
@@ -204,8 +302,20 @@ def describe_validation_error(error: ValidationError, prefix: str = "") -> str:
     problems = []
     for item in error.errors():
         where = prefix + ".".join(str(part) for part in item["loc"]) if item["loc"] else "line"
-        problems.append(f"{where}: {item['msg']}")
+        problems.append(f"{where}: {refusal_reason(item) or item['msg']}")
     return "; ".join(problems)
+
+
+def refusal_reason(item: Any) -> str | None:
+    """A refused OpenAI parameter named with why; an unknown key said to be one (never silently ignored)."""
+    name = item["loc"][-1] if item["loc"] else None
+    if item["type"] == "extra_forbidden":
+        if name in REFUSED_PARAMETERS:
+            return f"OpenAI's parameter '{name}' is not supported by DeepBatch: {REFUSED_PARAMETERS[name]}"
+        return f"unknown parameter '{name}' (README \"OpenAI parameters\" lists those DeepBatch takes)"
+    if name == "n" and item["type"] == "literal_error":
+        return f"n={item['input']!r} is not supported by DeepBatch: {REFUSED_PARAMETERS['n']}"
+    return None
 
 
 class BodyError(ValueError):
@@ -239,12 +349,11 @@ def parse_line_reference(text: str, line_no: int) -> RequestSpec:
         if {"url", "body", "method"} & document.keys():
             line = OpenAIBatchLine.model_validate(document)
             return RequestSpec(custom_id=line.custom_id, url=line.url, body=parse_body(line.url, line.body))
-        plain = PlainLine.model_validate(document)
+        return plain_to_spec(PlainLine.model_validate(document), line_no)
     except ValidationError as error:
         raise LineError("invalid_request", describe_validation_error(error), custom_id) from None
     except BodyError as error:
         raise LineError("invalid_request", str(error), custom_id) from None
-    return plain_to_spec(plain, line_no)
 
 
 def plain_to_spec(plain: PlainLine, line_no: int) -> RequestSpec:

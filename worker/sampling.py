@@ -8,8 +8,10 @@ and the engine's defaults. This module only copies one into the other, field for
 
 from __future__ import annotations
 
-from schema.lines import ChatBody, CompletionBody
-from worker.engine.types import SamplingParams
+import json
+
+from schema.lines import ChatBody, CompletionBody, JsonObjectFormat, JsonSchemaFormat
+from worker.engine.types import GrammarRequest, SamplingParams
 
 
 def sampling_params(body: ChatBody | CompletionBody, default_max_tokens: int | None) -> SamplingParams:
@@ -22,4 +24,18 @@ def sampling_params(body: ChatBody | CompletionBody, default_max_tokens: int | N
         top_k=body.sampling_top_k,
         seed=body.seed,
         stop=tuple(body.stop_strings),
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        logit_bias=tuple(sorted(body.token_logit_bias.items())),
+        grammar=grammar_request(body),
     )
+
+
+def grammar_request(body: ChatBody | CompletionBody) -> GrammarRequest | None:
+    """The body's response_format as the engine's grammar; None for text (or a completions body)."""
+    response_format = getattr(body, "response_format", None)
+    if isinstance(response_format, JsonObjectFormat):
+        return GrammarRequest("json_object")
+    if isinstance(response_format, JsonSchemaFormat):
+        return GrammarRequest("json_schema", json.dumps(response_format.json_schema.json_schema, sort_keys=True))
+    return None

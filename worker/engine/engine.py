@@ -28,6 +28,7 @@ import torch
 
 from worker.engine.block_manager import BlockManager
 from worker.engine.device import resolve_device, resolve_dtype
+from worker.engine.grammar import GrammarError, Grammars
 from worker.engine.loader import load_model
 from worker.engine.model_runner import ModelRunner, build_runner
 from worker.engine.parallel import RankFailedError, Shard, rank_device
@@ -126,6 +127,7 @@ class LLMEngine:
         self.runner = self._make_runner(num_blocks)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
         self.eos_token_ids = eos_token_ids_of(self.hf_config, self.tokenizer)
+        self.grammars = Grammars(self.tokenizer, self.hf_config.vocab_size, self.eos_token_ids)
         self._last_batch_size = 0
         self._thread = threading.Thread(target=self._run_loop, name="deepbatch-engine", daemon=True)
         self._thread.start()
@@ -162,7 +164,12 @@ class LLMEngine:
 
     def submit(self, prompt_token_ids: list[int], sampling: SamplingParams) -> Future:
         sequence = Sequence(list(prompt_token_ids), sampling)
-        problem = self._prompt_problem(sequence.prompt_token_ids)
+        problem = self._prompt_problem(sequence.prompt_token_ids) or self._sampling_problem(sampling)
+        if problem is None and sampling.grammar is not None:
+            try:  # compiled here, in the submitting thread, not in the step loop (cached per schema)
+                sequence.grammar_matcher = self.grammars.matcher(sampling.grammar)
+            except GrammarError as error:
+                problem = error
         if problem is not None:
             resolve_future(sequence.future, error=problem)
             return sequence.future
@@ -226,6 +233,14 @@ class LLMEngine:
         if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= self.hf_config.vocab_size:
             vocab_size = self.hf_config.vocab_size
             return PermanentEngineError(f"prompt_token_ids hold ids outside the vocabulary [0, {vocab_size})")
+        return None
+
+    def _sampling_problem(self, sampling: SamplingParams) -> Exception | None:
+        vocab_size = self.hf_config.vocab_size
+        outside = [token_id for token_id, _ in sampling.logit_bias if token_id >= vocab_size]
+        if outside:
+            return PermanentEngineError(f"logit_bias names token ids outside the vocabulary [0, {vocab_size}): "
+                                        f"{outside[:5]}")
         return None
 
     # ---- the step loop (engine thread only) ----

@@ -1,5 +1,11 @@
 """Turns each sequence's logits into its next token: greedy, or temperature + top-k + top-p sampling.
 
+Before either, each row's own constraints adjust its logits, in one batched op each and only for the
+rows that ask (the rest of the batch is untouched, and the model's forward, CUDA graphs included, never
+sees them): OpenAI's frequency and presence penalties over the tokens the sequence generated so far,
+logit_bias (a bias of -100 bans the token: its logit becomes -inf, so no logit however large brings it
+back), and the grammar mask of structured output (worker/engine/grammar.py).
+
 Sampling draws by inverse transform: each sampled row needs one uniform number, taken from the
 sequence's own `random.Random` (seeded from `seed`, or at random when none is given), and the token is
 where that number falls in the row's cumulative distribution. So a seeded request produces the same
@@ -14,7 +20,9 @@ import random
 
 import torch
 
+from worker.engine.grammar import apply_grammar_masks
 from worker.engine.sequence import Sequence
+from worker.engine.types import MAX_LOGIT_BIAS
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -48,9 +56,63 @@ def sample_by_inverse_transform(probabilities: torch.Tensor, uniforms: torch.Ten
     return torch.searchsorted(cumulative, targets, right=True)[:, 0]
 
 
+def apply_penalties(logits: torch.Tensor, sequences: list[Sequence]) -> None:
+    """OpenAI's penalties, in place on float logits [sequences, vocab]: logit[j] -= count[j] * frequency_penalty
+    + (count[j] > 0) * presence_penalty, count[j] being how often token j occurs in the sequence's output."""
+    rows = [row for row, sequence in enumerate(sequences) if sequence.sampling.has_penalties]
+    outputs = [sequences[row].output_token_ids for row in rows]
+    longest = max((len(output) for output in outputs), default=0)
+    if longest == 0:
+        return
+    device = logits.device
+    padded = torch.tensor([output + [0] * (longest - len(output)) for output in outputs], device=device)
+    is_real = torch.arange(longest, device=device)[None, :] < torch.tensor([len(o) for o in outputs], device=device)[:, None]
+    counts = torch.zeros(len(rows), logits.shape[-1], device=device).scatter_add_(1, padded, is_real.float())
+    frequency = torch.tensor([sequences[row].sampling.frequency_penalty for row in rows], device=device)
+    presence = torch.tensor([sequences[row].sampling.presence_penalty for row in rows], device=device)
+    row_index = torch.tensor(rows, device=device)
+    logits[row_index] -= counts * frequency[:, None] + (counts > 0).float() * presence[:, None]
+
+
+def apply_logit_bias(logits: torch.Tensor, sequences: list[Sequence]) -> None:
+    """Each row's logit_bias added, in place, to float logits [sequences, vocab]; -100 sets the logit to -inf."""
+    entries = [(row, token_id, bias) for row, sequence in enumerate(sequences)
+               for token_id, bias in sequence.sampling.logit_bias]
+    if not entries:
+        return
+    rows, token_ids, biases = zip(*entries)
+    device = logits.device
+    biases_tensor = torch.tensor(biases, device=device, dtype=logits.dtype)
+    biases_tensor = biases_tensor.masked_fill(biases_tensor <= -MAX_LOGIT_BIAS, float("-inf"))
+    logits.index_put_((torch.tensor(rows, device=device), torch.tensor(token_ids, device=device)), biases_tensor,
+                      accumulate=True)
+
+
+def adjusted_logits(logits: torch.Tensor, sequences: list[Sequence]) -> torch.Tensor:
+    """The logits after each row's penalties, logit_bias and grammar mask: a float32 copy when any row has one
+    (the model's own buffer, a CUDA graph's output, is never written), else the logits as they are."""
+    sampling = [sequence.sampling for sequence in sequences]
+    if not any(s.has_penalties or s.logit_bias for s in sampling) and all(seq.grammar_matcher is None
+                                                                          for seq in sequences):
+        return logits
+    logits = logits.to(torch.float32, copy=True)
+    apply_penalties(logits, sequences)
+    apply_logit_bias(logits, sequences)
+    apply_grammar_masks(logits, [sequence.grammar_matcher for sequence in sequences])
+    return logits
+
+
 class Sampler:
     def sample(self, logits: torch.Tensor, sequences: list[Sequence]) -> list[int]:
-        """One next token per row of logits [sequences, vocab]."""
+        """One next token per row of logits [sequences, vocab]; a constrained sequence's matcher takes it."""
+        logits = adjusted_logits(logits, sequences)
+        token_ids = self.choose(logits, sequences)
+        for sequence, token_id in zip(sequences, token_ids):
+            if sequence.grammar_matcher is not None and not sequence.grammar_matcher.is_terminated():
+                sequence.grammar_matcher.accept_token(token_id)
+        return token_ids
+
+    def choose(self, logits: torch.Tensor, sequences: list[Sequence]) -> list[int]:
         token_ids = logits.argmax(dim=-1)
         sampled_rows = [row for row, sequence in enumerate(sequences) if not sequence.sampling.greedy]
         if sampled_rows:

@@ -38,6 +38,7 @@ class Sequence:
     finish_reason: FinishReason | None = None
     text: str | None = None  # set when a stop string cut the output
     random_generator: Any = None  # the sampler's per-request torch.Generator, made on first use
+    grammar_matcher: Any = None  # structured output: xgrammar's matcher of this sequence (worker/engine/grammar.py)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

@@ -9,6 +9,17 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 FinishReason = Literal["stop", "length"]
+MAX_PENALTY = 2.0  # OpenAI's range for presence_penalty and frequency_penalty: -2..2
+MAX_LOGIT_BIAS = 100.0  # a bias of -100 bans the token outright (worker/engine/sampler.py)
+
+
+@dataclass(frozen=True)
+class GrammarRequest:
+    """Structured output: decoding is constrained to JSON (`json_object`) or to JSON valid against `schema`
+    (`json_schema`, the schema as JSON text). worker/engine/grammar.py compiles it."""
+
+    kind: Literal["json_object", "json_schema"]
+    schema: str | None = None
 
 
 @dataclass(frozen=True)
@@ -22,6 +33,10 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # benchmarks generate exactly max_tokens
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from the logit of every token already generated
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per earlier occurrence of the token in the output
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit); -100 bans the token
+    grammar: GrammarRequest | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -32,6 +47,17 @@ class SamplingParams:
             raise InvalidSamplingError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise InvalidSamplingError(f"top_k must be >= 0, got {self.top_k}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -MAX_PENALTY <= getattr(self, name) <= MAX_PENALTY:
+                raise InvalidSamplingError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        for token_id, bias in self.logit_bias:
+            if token_id < 0 or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise InvalidSamplingError(f"logit_bias needs token ids >= 0 and biases in [-100, 100], "
+                                           f"got {token_id}: {bias}")
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
 
     @property
     def greedy(self) -> bool:

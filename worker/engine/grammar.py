@@ -1,0 +1,71 @@
+"""Structured output: a request's JSON schema (or plain JSON object) as a grammar that masks its next token.
+
+xgrammar does the work (the library vLLM and SGLang use; chosen over llguidance by measurement, README
+"OpenAI parameters"): it compiles a schema against the tokenizer's vocabulary once, and a per-sequence
+matcher then fills a bitmask of the tokens allowed next in microseconds. The compiler caches what it
+compiled, keyed by the schema, so each distinct schema of an engine (one tokenizer) is compiled once.
+Compiling happens in `LLMEngine.submit`, in the submitting thread, never in the step loop; the loop
+only fills masks and advances matchers (worker/engine/sampler.py).
+
+Whitespace between JSON tokens is not free (`any_whitespace=False`): a small model let loose on
+whitespace can spend its whole max_tokens on it. `json_object` is the schema `{"type": "object"}`.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from worker.engine.types import GrammarRequest, PermanentEngineError
+
+JSON_OBJECT_SCHEMA = '{"type": "object"}'
+
+
+class GrammarError(PermanentEngineError):
+    """The request's schema cannot be compiled into a grammar (schema/lines.py refuses most such lines first)."""
+
+
+class Grammars:
+    """One engine's grammar compiler: a vocabulary (the tokenizer's, padded to the model's logits) and a cache."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: frozenset[int]):
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.stop_token_ids = sorted(stop_token_ids)
+        self._compiler: Any = None
+        self._lock = threading.Lock()
+
+    def compiler(self) -> Any:
+        with self._lock:  # built on first use: an engine that never sees a grammar never pays for the vocabulary
+            if self._compiler is None:
+                import xgrammar
+
+                info = xgrammar.TokenizerInfo.from_huggingface(
+                    self.tokenizer, vocab_size=self.vocab_size, stop_token_ids=self.stop_token_ids)
+                self._compiler = xgrammar.GrammarCompiler(info, max_threads=1, cache_enabled=True)
+            return self._compiler
+
+    def matcher(self, request: GrammarRequest) -> Any:
+        """A fresh matcher for one sequence, at the start of the grammar."""
+        import xgrammar
+
+        schema = JSON_OBJECT_SCHEMA if request.kind == "json_object" else request.schema
+        try:
+            compiled = self.compiler().compile_json_schema(schema, any_whitespace=False, strict_mode=True)
+        except Exception as error:  # noqa: BLE001 - xgrammar raises RuntimeError and its own types
+            raise GrammarError(f"response_format: the schema cannot be compiled into a grammar: {error}") from None
+        return xgrammar.GrammarMatcher(compiled)
+
+
+def apply_grammar_masks(logits: Any, matchers: list[Any]) -> None:
+    """Sets to -inf, in place, the logits [rows, vocab] of the tokens each row's matcher (None: unconstrained)
+    forbids next. One bitmask for the batch, filled on the CPU, applied on the logits' device in one kernel."""
+    import xgrammar
+
+    rows = [row for row, matcher in enumerate(matchers) if matcher is not None]
+    if not rows:
+        return
+    bitmask = xgrammar.allocate_token_bitmask(len(matchers), logits.shape[-1])  # all allowed
+    for row in rows:
+        matchers[row].fill_next_token_bitmask(bitmask, row)
+    xgrammar.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=rows)
