@@ -1,4 +1,4 @@
-"""SQLAlchemy 2 typed tables: jobs, requests, results, audit events, dead letters.
+"""SQLAlchemy 2 typed tables: jobs, requests, results, audit events, dead letters, the workers registry.
 
 Postgres is the source of truth: a request row's `state` is authoritative, the broker only carries
 request ids. Alembic's versions/ create exactly these tables (a test compares the two).
@@ -287,3 +287,33 @@ class StoredFile(Base):
     deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # A batch's output or error file: the results it was written from; rewritten when they change (0013).
     results_fingerprint: Mapped[str | None] = mapped_column(Text)
+
+
+class Worker(Base):
+    """A worker as it announced itself (worker/registry.py): what it serves, where, and its heartbeat.
+
+    The producer routes each line to the queue of a live worker serving the line's model; a worker whose
+    heartbeat is older than DEEPBATCH_LEASE_S is stale (its leases have expired too). A worker that stopped
+    cleanly keeps its row, with `stopped_at`, until the same host and pid announce themselves again.
+    """
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)  # host:pid, as its requests' `worker` names it
+    model: Mapped[str] = mapped_column(Text)  # the model setting it serves, as its results name it
+    aliases: Mapped[list[str]] = mapped_column(JSONB, server_default=text("'[]'::jsonb"))  # other names a line may give
+    architecture: Mapped[str | None] = mapped_column(Text)  # e.g. DeepseekV3ForCausalLM
+    model_format: Mapped[str | None] = mapped_column(Text)  # built-in, gguf, checkpoint
+    quantization: Mapped[str | None] = mapped_column(Text)
+    devices: Mapped[list[str]] = mapped_column(JSONB, server_default=text("'[]'::jsonb"))
+    dtype: Mapped[str | None] = mapped_column(Text)
+    tensor_parallel_size: Mapped[int] = mapped_column(Integer, server_default=text("1"))
+    max_batch_size: Mapped[int | None] = mapped_column(Integer)
+    kv_cache_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    queue: Mapped[str] = mapped_column(Text, index=True)
+    host: Mapped[str] = mapped_column(Text)
+    pid: Mapped[int] = mapped_column(Integer)
+    version: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    stopped_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

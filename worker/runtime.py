@@ -1,7 +1,14 @@
 """What one worker process holds: its engine, its feeder and the maintenance thread, built once.
 
-Built at Celery's `worker_init` (or by the first slice) because the engine owns the model and the KV
-cache, and every slice's requests must land in the same continuous batch.
+Built at Celery's `worker_init` (or by the first slice; `deepbatch worker` builds it before Celery starts)
+because the engine owns the model and the KV cache, and every slice's requests must land in the same
+continuous batch. Once built, the worker announces itself in the workers registry (worker/registry.py) and
+its maintenance thread beats its heart there.
+
+Celery configures logging only when it starts the worker, after the engine is built: the lines that say
+which model loads on which device, and when it is ready, would go to Python's last-resort handler, which
+drops INFO. So the build gives the root logger a handler in Celery's format if it has none; Celery keeps a
+handler it finds there (worker_hijack_root_logger is off) and sets its level from --loglevel.
 """
 
 from __future__ import annotations
@@ -11,12 +18,13 @@ import logging
 import os
 import socket
 import threading
+import time
 from datetime import timedelta
 from functools import partial
 
 from schema.db import session_factory
 from schema.settings import EngineSettings, FeederSettings, Settings, get_settings
-from worker import metrics
+from worker import metrics, registry
 from worker.app import publish_dead_letters, publish_groups, publish_slices, worker_app
 from worker.circuit import EXIT_CIRCUIT_OPEN
 from worker.engine.types import EngineConfig
@@ -106,17 +114,88 @@ def worker_identity() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+CELERY_LOG_FORMAT = "[%(asctime)s: %(levelname)s/%(processName)s] %(message)s"  # Celery's worker_log_format
+log = logging.getLogger(__name__)
+
+
+def show_startup_logs() -> None:
+    """INFO lines visible before Celery configures logging (the module's docstring says why)."""
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler()  # stderr, as Celery's
+        handler.setFormatter(logging.Formatter(CELERY_LOG_FORMAT))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+
+
+def model_format(model: str) -> str:
+    from worker.engine.configs import builtin_config, resolve_model
+
+    path = resolve_model(model)
+    if builtin_config(path) is not None:
+        return "built-in"
+    return "gguf" if path.endswith(".gguf") else "checkpoint"
+
+
+def placement(settings: EngineSettings) -> tuple[list[str], str]:
+    """The devices (one per tensor-parallel rank) and dtype the settings resolve to."""
+    from worker.engine.device import resolve_device, resolve_dtype
+
+    device = resolve_device(settings.device)
+    dtype = str(resolve_dtype(settings.dtype, device)).removeprefix("torch.")
+    if device.type == "cuda":
+        first = device.index or 0
+        return [f"cuda:{first + rank}" for rank in range(settings.tensor_parallel_size)], dtype
+    return [str(device)] * settings.tensor_parallel_size, dtype
+
+
+def describe_engine(engine: Engine) -> dict[str, object]:
+    """What the engine chose, for the log and the registry: architecture, max batch, KV-cache tokens (None
+    for what an engine does not tell, as the null one)."""
+    hf_config = getattr(engine, "hf_config", None)
+    architectures = getattr(hf_config, "architectures", None) or [getattr(hf_config, "model_type", None)]
+    blocks = getattr(engine, "block_manager", None)
+    return {"architecture": architectures[0], "max_batch_size": engine.max_batch_size,
+            "kv_cache_tokens": blocks.num_blocks * blocks.block_size if blocks is not None else None}
+
+
+def build_announced_engine(settings: Settings, sessions) -> tuple[Engine, registry.Announcement]:
+    """Check the queue is this model's, build the engine saying what loads where and when it is ready, and
+    describe this worker for the registry."""
+    engine_settings = EngineSettings.of(settings)
+    aliases = sorted(settings.served_model_names - {settings.model})
+    registry.check_queue_free(sessions, worker_identity(), settings.model, settings.queue_name, settings.lease_s)
+    devices, dtype = placement(engine_settings)
+    quantization = settings.quantization if settings.quantization not in (None, "none") else "no quantization"
+    fmt = model_format(settings.model) if settings.engine == "deepbatch" else f"{settings.engine} engine"
+    parallel = f", tensor parallel {settings.tensor_parallel_size}" if settings.tensor_parallel_size > 1 else ""
+    log.info("loading %s (%s, %s) on %s, %s%s; queue %s …", settings.model, fmt, quantization, ",".join(devices),
+             dtype, parallel, settings.queue_name)
+    started = time.monotonic()
+    engine = build_engine(engine_settings)
+    facts = describe_engine(engine)
+    log.info("ready in %.1f s: max batch %s, KV cache %s tokens", time.monotonic() - started, facts["max_batch_size"],
+             facts["kv_cache_tokens"] if facts["kv_cache_tokens"] is not None else "(not reported)")
+    announcement = registry.Announcement(
+        id=worker_identity(), model=settings.model, aliases=aliases, queue=settings.queue_name,
+        model_format=fmt, quantization=settings.quantization, devices=devices, dtype=dtype,
+        tensor_parallel_size=settings.tensor_parallel_size, **facts)
+    return engine, announcement
+
+
 _feeder: Feeder | None = None
 _maintenance: Maintenance | None = None
+_sessions = None
 _lock = threading.Lock()
 
 
 def get_feeder() -> Feeder:
-    global _feeder, _maintenance
+    global _feeder, _maintenance, _sessions
     with _lock:
         if _feeder is None:
             from worker.engine.tokenizer import PromptEncoder, load_tokenizer
 
+            show_startup_logs()
             settings = get_settings()
             celery_app = worker_app()
             # No pre-ping: a round trip per transaction; a lost connection is retried (worker/retries.py).
@@ -124,22 +203,25 @@ def get_feeder() -> Feeder:
                                        pre_ping=False)
             transitions = Transitions(sessions, worker_identity(), timedelta(seconds=settings.lease_s),
                                       settings.queue_name)
+            engine, announcement = build_announced_engine(settings, sessions)
             encoder = PromptEncoder(load_tokenizer(settings.model))
-            engine = build_engine(EngineSettings.of(settings))
             _feeder = Feeder(FeederSettings.of(settings), engine, encoder, transitions,
                              announce_dead=lambda letters: publish_dead_letters(celery_app, settings, letters),
                              republish=lambda ordinary, groups: (publish_slices(celery_app, ordinary,
                                                                                 settings.slice_size),
                                                                  publish_groups(celery_app, groups)),
                              on_circuit_open=exit_for_supervisor)
+            registry.announce(sessions, announcement)
+            _sessions = sessions
             _maintenance = Maintenance(transitions, celery_app, settings, _feeder.held_request_ids,
-                                       on_tick=partial(on_tick, _feeder))
+                                       on_tick=partial(on_tick, _feeder, sessions))
             _maintenance.start()
             metrics.serve(settings.metrics_port)
         return _feeder
 
 
-def on_tick(feeder: Feeder) -> None:
+def on_tick(feeder: Feeder, sessions) -> None:
+    registry.heartbeat(sessions, worker_identity())
     feeder.judge_failures_alone()
     metrics.record_engine_stats(feeder.engine)
 
@@ -157,3 +239,8 @@ def shutdown() -> None:
         _maintenance.stop()
     if _feeder is not None:
         _feeder.shutdown()
+    if _sessions is not None:
+        try:
+            registry.sign_off(_sessions, worker_identity())
+        except Exception:  # noqa: BLE001 - a lost database: the heartbeat stops, and the worker shows as stale
+            log.warning("could not mark this worker stopped in the registry", exc_info=True)
