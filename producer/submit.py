@@ -1,5 +1,9 @@
 """Submitting a file: create the job, insert its lines in chunks, publish their request ids in slices.
 
+Each line is routed by its `model` to the queue of the live workers serving it (worker/registry.py: the
+registry as it stands when the submission starts); a model nobody serves is the line's error, naming those
+served. One job may mix models: its slices go to each model's queue, and the job is labelled with them.
+
 Rows are committed before their messages are published, so a message always finds its row; a crash
 between the two leaves queued rows that `reconcile` re-publishes (Postgres is the source of truth).
 
@@ -29,9 +33,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from producer import queries
 from producer.reader import ReadLine, read_file
 from schema.cache import CacheScope, cache_owner
+from schema.lines import LineError
 from schema.settings import Settings
 from schema.tables import Job
 from worker.app import publish_groups, publish_slices
+from worker.registry import Routes, RoutingError, routes
 from worker.transitions import queued_request_ids
 
 T = TypeVar("T")
@@ -62,11 +68,31 @@ class SubmissionStopped(Exception):
     """The submission stopped, on request, after a committed chunk: what is stored stays, and runs."""
 
 
+class LineRouter:
+    """Gives each valid line the route of its model, or turns it into the error that no worker serves it;
+    keeps the models it routed to, to label the job with."""
+
+    def __init__(self, routes: Routes):
+        self.routes = routes
+        self.models: set[str] = set()
+
+    def __call__(self, line: ReadLine) -> tuple[ReadLine, queries.StagedRoute | None]:
+        if line.request is None:
+            return line, None
+        try:
+            route = self.routes.route(line.request.body.model)
+        except RoutingError as error:
+            return ReadLine(line.line_no, error=LineError(error.code, str(error), line.request.custom_id),
+                            end_offset=line.end_offset), None
+        self.models.add(route.model)
+        return line, queries.StagedRoute(route.model, route.queue)
+
+
 def staged_chunks(lines: Iterator[ReadLine], size: int, cache_scope: CacheScope | None, path: Path,
-                  prefix: FilePrefix) -> Iterator[queries.StagedChunk]:
+                  prefix: FilePrefix, router: LineRouter | None = None) -> Iterator[queries.StagedChunk]:
     """`lines` in chunks of `size`, each encoded for COPY and carrying the sha256 of the file up to its end."""
     with path.open("rb") as stream:
-        while (chunk := queries.stage_chunk(islice(lines, size), cache_scope)).lines:
+        while (chunk := queries.stage_chunk(islice(lines, size), cache_scope, router)).lines:
             chunk.prefix_sha256 = prefix.extend(stream, chunk.end_offset)
             yield chunk
 
@@ -105,8 +131,9 @@ def read_ahead(chunks: Iterator[T]) -> Iterator[T]:
 
 
 class SlicePublisher:
-    """Publishes committed request ids in full slices; the remainder waits for the next chunk's ids, so
-    slices span chunks and a job of N valid lines makes ceil(N / slice_size) messages.
+    """Publishes committed request ids in full slices, to their model's queue; the remainder waits for the
+    next chunk's ids, so slices span chunks and a job of N valid lines of one model makes ceil(N / slice_size)
+    messages.
 
     (Publishing from a helper thread instead, to overlap it with the next chunk's statement, made no
     measurable difference: the machine's two cores are already busy with Python and Postgres.)
@@ -114,18 +141,22 @@ class SlicePublisher:
 
     def __init__(self, app: Celery, slice_size: int):
         self.app, self.slice_size = app, slice_size
-        self.waiting: list[int] = []  # committed, not yet published; fewer than slice_size between chunks
+        # Per queue: committed, not yet published; fewer than slice_size between chunks.
+        self.waiting: dict[str | None, list[int]] = {}
 
-    def add(self, request_ids: list[int]) -> None:
-        self.waiting.extend(request_ids)
-        full = len(self.waiting) - len(self.waiting) % self.slice_size
-        if full:
-            publish_slices(self.app, self.waiting[:full], self.slice_size)
-            del self.waiting[:full]
+    def add(self, request_ids: list[int], queues: list[str] | None = None) -> None:
+        for request_id, queue in zip(request_ids, queues or [None] * len(request_ids), strict=True):
+            self.waiting.setdefault(queue, []).append(request_id)
+        for queue, waiting in self.waiting.items():
+            full = len(waiting) - len(waiting) % self.slice_size
+            if full:
+                publish_slices(self.app, waiting[:full], self.slice_size, queue)
+                del waiting[:full]
 
     def flush(self) -> None:
-        publish_slices(self.app, self.waiting, self.slice_size)
-        self.waiting = []
+        for queue, waiting in self.waiting.items():
+            publish_slices(self.app, waiting, self.slice_size, queue)
+        self.waiting = {}
 
 
 @contextmanager
@@ -212,17 +243,20 @@ def resume_locked(path: Path, job_id: str, settings: Settings, sessions: session
         if job.submitted_at is not None:
             raise SubmitError(f"job {job_id} is fully submitted ({job.total_lines} lines); there is nothing to resume")
         stored_lines, stored_bytes, stored_sha256 = job.submitted_lines, job.submitted_bytes, job.submitted_sha256
-        cache_scope = CacheScope(job.model, cache_owner(job.owner_key_id, settings.result_cache_scope))
+        # Each line's key names the model it is routed to (producer/queries.py, copy_line).
+        cache_scope = CacheScope(settings.model, cache_owner(job.owner_key_id, settings.result_cache_scope))
         options = queries.JobOptions(settings.max_attempts, cache_scope if job.use_result_cache else None,
                                      job.priority, job.queue)
-        suspect_groups, others = queued_request_ids(session, job.queue, timedelta(0), job_id)
+        queued = {queue: queued_request_ids(session, queue, timedelta(0), job_id)
+                  for queue in queries.job_queues(session, job_id)}
     prefix = FilePrefix()
     with path.open("rb") as stream:
         if stored_bytes and prefix.extend(stream, stored_bytes) != stored_sha256:
             raise SubmitError(f"the first {stored_lines} lines of {path} are not those job {job_id} stored: "
                               "resume only with the same file")
-    publish_slices(app, others, settings.slice_size)
-    publish_groups(app, suspect_groups)
+    for queue, (suspect_groups, others) in queued.items():
+        publish_slices(app, others, settings.slice_size, queue)
+        publish_groups(app, suspect_groups, queue)
     submit_lines(path, job_id, options, settings, sessions, app, prefix, stored_lines, on_chunk, stop)
     return stored_lines + 1
 
@@ -232,11 +266,18 @@ def submit_lines(path: Path, job_id: str, options: queries.JobOptions, settings:
                  on_chunk: Callable[[int], None] | None, stop: threading.Event | None = None) -> None:
     """Store and publish the file's lines after `stored_lines` (at byte `prefix.length`), then mark the job
     submitted; stops early, leaving it as it is, if the job is cancelled meanwhile."""
-    lines = read_file(path, settings.max_line_bytes, settings.served_model_names, stored_lines + 1, prefix.length)
-    chunks = read_ahead(staged_chunks(lines, settings.insert_chunk_size, options.cache_scope, path, prefix))
-    with prompt_thread_switches():
-        total_lines = write_chunks(chunks, job_id, options, sessions, SlicePublisher(app, settings.slice_size),
-                                   on_chunk, stored_lines, stop)
+    with sessions() as session:
+        router = LineRouter(routes(session, settings))
+    # The router checks each line's model (against the registry), not the reader.
+    lines = read_file(path, settings.max_line_bytes, None, stored_lines + 1, prefix.length)
+    chunks = read_ahead(staged_chunks(lines, settings.insert_chunk_size, options.cache_scope, path, prefix, router))
+    try:
+        with prompt_thread_switches():
+            total_lines = write_chunks(chunks, job_id, options, sessions, SlicePublisher(app, settings.slice_size),
+                                       on_chunk, stored_lines, stop)
+    finally:
+        with sessions.begin() as session:  # stopped or not: its label names the models of what it stored
+            queries.label_job_models(session, job_id, router.models, resumed=stored_lines > 0)
     if total_lines is not None:
         with sessions.begin() as session:
             queries.finish_submission(session, job_id, total_lines)
@@ -254,7 +295,7 @@ def write_chunks(chunks: Iterable[queries.StagedChunk], job_id: str, options: qu
         with sessions.begin() as session:
             outcome = queries.insert_staged(session, job_id, chunk, options)
             cancelled = queries.record_submission_progress(session, job_id, chunk)
-        publisher.add(outcome.queued_request_ids)
+        publisher.add(outcome.queued_request_ids, outcome.queues)
         total_lines += chunk.lines
         if on_chunk:
             on_chunk(total_lines)

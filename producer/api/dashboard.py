@@ -1,5 +1,6 @@
 """The job dashboard at `/`: every job of the caller with a live progress bar, counts by state, tokens/s,
-ETA, its first failures, a cancel button and download links. Server-rendered HTML that reloads itself
+ETA, its first failures, a cancel button and download links; below them, the workers of the registry
+(worker/registry.py): model, devices, batch, queue, live or stale. Server-rendered HTML that reloads itself
 every two seconds: no front-end build, no script. A refresh is one query (store.dashboard_page) whatever
 the number of jobs. Its cancel and downloads are the API's (batches.cancel, files.readable_file) answered
 for a browser: a redirect back, a plain 404. Other sites' pages can neither post to it nor frame it
@@ -15,9 +16,10 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 
 from producer.api import batches, files, outputs, store
 from producer.api.auth import Caller
-from producer.api.dependencies import Db, FilesDirectory
+from producer.api.dependencies import Db, FilesDirectory, ServerSettings
 from producer.export import ERROR_STATES
 from schema.tables import RequestState
+from worker.registry import RegisteredWorker, registered_workers
 
 JOBS_SHOWN, FAILURES_SHOWN = 50, 3
 RATE_WINDOW_S = 30  # tokens/s and ETA over the last half minute
@@ -76,13 +78,32 @@ def job_html(job: store.DashboardRow) -> str:
             f'<td class="failures">{failures}</td><td>{actions_html(job)}</td></tr>')
 
 
+WORKERS_HEADER = ("<tr><th>worker</th><th>status</th><th>model</th><th>devices</th><th>max batch</th>"
+                  "<th>KV cache tokens</th><th>queue</th><th>heartbeat</th></tr>")
+
+
+def worker_html(worker: RegisteredWorker) -> str:
+    """A worker's row: what it serves, where, and whether it is live."""
+    also = f"<br><small>also {escape(', '.join(worker.aliases))}</small>" if worker.aliases else ""
+    details = " · ".join(escape(str(part)) for part in (worker.architecture, worker.quantization, worker.dtype,
+                                                        f"tp {worker.tensor_parallel_size}") if part)
+    return (f'<tr class="worker {worker.status}"><td><code>{escape(worker.id)}</code></td>'
+            f'<td class="status">{worker.status}</td><td>{escape(worker.model)}{also}<br><small>{details}</small></td>'
+            f"<td>{escape(', '.join(worker.devices))}</td><td>{worker.max_batch_size or ''}</td>"
+            f"<td>{worker.kv_cache_tokens or ''}</td><td><code>{escape(worker.queue)}</code></td>"
+            f"<td>{int(worker.heartbeat_age_s)} s ago</td></tr>")
+
+
 @router.get("/", response_class=HTMLResponse)
-def dashboard(owner: Caller, session: Db) -> str:
+def dashboard(owner: Caller, session: Db, settings: ServerSettings) -> str:
     jobs = store.dashboard_page(session, owner, JOBS_SHOWN, RATE_WINDOW_S, FAILURES_SHOWN)
     rows = "".join(job_html(job) for job in jobs) or "<tr><td colspan=7>no jobs yet</td></tr>"
+    workers = "".join(worker_html(worker) for worker in registered_workers(session, settings)) or \
+        "<tr><td colspan=8>no worker has announced itself yet</td></tr>"
     return (f'<!doctype html><html><head><meta charset="utf-8"><meta http-equiv="refresh" content="2">'
             f"<title>DeepBatch jobs</title><style>{STYLE}</style></head><body><h1>DeepBatch jobs</h1>"
-            f"<table>{HEADER}{rows}</table></body></html>")
+            f"<table>{HEADER}{rows}</table>"
+            f'<h2>Workers</h2><table id="workers">{WORKERS_HEADER}{workers}</table></body></html>')
 
 
 @router.post("/dashboard/batches/{batch_id}/cancel")

@@ -124,11 +124,22 @@ def reconcile(
     from worker.transitions import Transitions
 
     settings = configured_settings()  # also expires the queued requests of jobs past their window
-    transitions = Transitions(command_sessions(settings), cli_identity(), timedelta(seconds=settings.lease_s),
-                              settings.queue_name)
-    report = reconcile_once(transitions, make_celery_app(settings), settings, force=force)
-    console.print(f"{len(report.requeued)} re-queued from expired leases, {len(report.dead)} dead-lettered, "
-                  f"{len(report.republished)} queued requests re-published, {report.expired} expired")
+    sessions = command_sessions(settings)
+    for queue in deployment_queues(settings, sessions):  # each model's queue, as its workers would
+        queue_settings = settings.model_copy(update={"queue_name": queue})
+        transitions = Transitions(sessions, cli_identity(), timedelta(seconds=settings.lease_s), queue)
+        report = reconcile_once(transitions, make_celery_app(queue_settings), queue_settings, force=force)
+        console.print(f"{queue}: {len(report.requeued)} re-queued from expired leases, {len(report.dead)} "
+                      f"dead-lettered, {len(report.republished)} queued requests re-published, {report.expired} "
+                      "expired", highlight=False)
+
+
+def deployment_queues(settings: Settings, sessions) -> list[str]:
+    """DEEPBATCH_QUEUE_NAME and the queue of every model a worker announced under it (worker/registry.py)."""
+    from worker.registry import registered_workers
+
+    with sessions() as session:
+        return sorted({settings.queue_name, *(worker.queue for worker in registered_workers(session, settings))})
 
 
 dlq = typer.Typer(help="The dead-letter queue: requests that failed every attempt.", no_args_is_help=True)
@@ -168,10 +179,14 @@ def dlq_requeue(
     from worker.app import make_celery_app, publish_slices
 
     settings = configured_settings()
-    with command_sessions(settings).begin() as session:
-        requeued = requeue_dead(session, settings.queue_name, cli_identity(), request_ids or None, job_id)
-    publish_slices(make_celery_app(settings), requeued, settings.slice_size)
-    console.print(f"{len(requeued)} requests re-queued")
+    sessions = command_sessions(settings)
+    app, requeued = make_celery_app(settings), 0
+    for queue in deployment_queues(settings, sessions):  # each back to its model's queue
+        with sessions.begin() as session:
+            request_ids_of_queue = requeue_dead(session, queue, cli_identity(), request_ids or None, job_id)
+        publish_slices(app, request_ids_of_queue, settings.slice_size, queue)
+        requeued += len(request_ids_of_queue)
+    console.print(f"{requeued} requests re-queued")
 
 
 @dlq.command("purge")
