@@ -359,6 +359,9 @@ class LLMEngine:
             self._finish(sequence, "stop")  # the EOS token itself is not part of the output
             return
         sequence.token_ids.append(token_id)
+        if sequence.pending_logprob is not None:
+            sequence.logprobs.append(sequence.pending_logprob)
+            sequence.pending_logprob = None
         if sampling.stop and self._cut_at_stop_string(sequence):
             self._finish(sequence, "stop")
         elif sequence.num_output_tokens >= sampling.max_tokens or len(sequence.token_ids) >= self.max_model_len:
@@ -384,6 +387,7 @@ class LLMEngine:
             text=text,
             finish_reason=finish_reason,
             prompt_tokens=sequence.num_prompt_tokens,
+            logprobs=sequence.logprobs if sequence.sampling.logprobs is not None else None,
         )
         resolve_future(sequence.future, result=completion)
 

@@ -102,11 +102,36 @@ def adjusted_logits(logits: torch.Tensor, sequences: list[Sequence]) -> torch.Te
     return logits
 
 
+def record_logprobs(logits: torch.Tensor, sequences: list[Sequence], token_ids: list[int]) -> None:
+    """For each sequence that asks: the chosen token's log-probability and the k likeliest, from the adjusted
+    logits (penalties, bias, grammar mask) divided by the temperature (1 for greedy) before the top-k/top-p cut,
+    the distribution the token was drawn from. Batched: one log_softmax and one topk for the rows that ask."""
+    rows = [row for row, sequence in enumerate(sequences) if sequence.sampling.logprobs is not None]
+    if not rows:
+        return
+    device = logits.device
+    row_index = torch.tensor(rows, device=device)
+    temperatures = torch.tensor([sequences[row].sampling.temperature or 1.0 for row in rows], device=device)
+    log_probabilities = (logits[row_index].float() / temperatures[:, None]).log_softmax(dim=-1)
+    chosen = log_probabilities.gather(1, torch.tensor([[token_ids[row]] for row in rows], device=device))[:, 0]
+    most = max(sequences[row].sampling.logprobs for row in rows)
+    top_values, top_ids = log_probabilities.topk(most, dim=-1) if most else (None, None)
+    chosen_list = chosen.tolist()
+    top_values_list = top_values.tolist() if most else None
+    top_ids_list = top_ids.tolist() if most else None
+    for position, row in enumerate(rows):
+        k = sequences[row].sampling.logprobs
+        top = [] if not k else [(token_id, value) for token_id, value in
+                                zip(top_ids_list[position][:k], top_values_list[position][:k]) if value > float("-inf")]
+        sequences[row].pending_logprob = (token_ids[row], chosen_list[position], top)
+
+
 class Sampler:
     def sample(self, logits: torch.Tensor, sequences: list[Sequence]) -> list[int]:
         """One next token per row of logits [sequences, vocab]; a constrained sequence's matcher takes it."""
         logits = adjusted_logits(logits, sequences)
         token_ids = self.choose(logits, sequences)
+        record_logprobs(logits, sequences, token_ids)
         for sequence, token_id in zip(sequences, token_ids):
             if sequence.grammar_matcher is not None and not sequence.grammar_matcher.is_terminated():
                 sequence.grammar_matcher.accept_token(token_id)

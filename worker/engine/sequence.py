@@ -38,6 +38,8 @@ class Sequence:
     finish_reason: FinishReason | None = None
     text: str | None = None  # set when a stop string cut the output
     random_generator: Any = None  # the sampler's per-request torch.Generator, made on first use
+    logprobs: list[Any] = field(default_factory=list)  # per output token, when sampling.logprobs is set
+    pending_logprob: Any = None  # the sampled token's, until the engine appends the token (EOS is not)
     grammar_matcher: Any = None  # structured output: xgrammar's matcher of this sequence (worker/engine/grammar.py)
 
     def __post_init__(self) -> None:

@@ -10,6 +10,7 @@ from typing import Literal
 
 FinishReason = Literal["stop", "length"]
 MAX_PENALTY = 2.0  # OpenAI's range for presence_penalty and frequency_penalty: -2..2
+MAX_TOP_LOGPROBS = 20
 MAX_LOGIT_BIAS = 100.0  # a bias of -100 bans the token outright (worker/engine/sampler.py)
 
 
@@ -37,6 +38,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI's: subtracted per earlier occurrence of the token in the output
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit); -100 bans the token
     grammar: GrammarRequest | None = None
+    logprobs: int | None = None  # None: none; k: each output token's log-probability and the k likeliest (k <= 20)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -55,6 +57,9 @@ class SamplingParams:
                 raise InvalidSamplingError(f"logit_bias needs token ids >= 0 and biases in [-100, 100], "
                                            f"got {token_id}: {bias}")
 
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidSamplingError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}")
+
     @property
     def has_penalties(self) -> bool:
         return self.presence_penalty != 0 or self.frequency_penalty != 0
@@ -62,6 +67,9 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+
+TokenLogprob = tuple[int, float, list[tuple[int, float]]]
 
 
 @dataclass
@@ -72,6 +80,9 @@ class Completion:
     text: str
     finish_reason: FinishReason
     prompt_tokens: int
+    # When asked (SamplingParams.logprobs): per output token, (token id, log-probability, the likeliest tokens
+    # as [(token id, log-probability)], most likely first), from the distribution it was sampled from.
+    logprobs: list[TokenLogprob] | None = None
     completion_tokens: int = field(init=False)
 
     def __post_init__(self) -> None:
