@@ -136,12 +136,12 @@ def test_a_killed_run_is_cleaned_up_by_the_next(tmp_path: Path) -> None:
     os.kill(run.pid, signal.SIGKILL)
     run.communicate(timeout=30)
     # The worker dies with its parent (PR_SET_PDEATHSIG); the embedded servers are the next run's to stop.
-    # The next run's job goes to a queue of its own: on the killed run's queue its worker would first work
-    # through the 5,000 requests the killed job left there (1.5 minutes on 2 cores), which this test does
-    # not check (`run` is stuck behind an abandoned job's requests: a known defect of producer/cli.py run).
+    # The killed run's job (of another file) is reported and waits on its file's own queue: the next run
+    # does not work through its 5,000 requests first.
     next_run = deepbatch("run", str(write_prompts(tmp_path / "q.jsonl", 3)), "-o", str(tmp_path / "q.out.jsonl"),
-                         env={**env, "DEEPBATCH_QUEUE_NAME": "next-run"}, timeout=300, check=False)
+                         env=env, timeout=300, check=False)
     assert next_run.returncode == 0, next_run.stderr[-3000:]
     assert "stopped what an earlier `deepbatch run` left running" in next_run.stderr
     assert "PostgreSQL (pid" in next_run.stderr
+    assert "p.jsonl is unfinished" in " ".join(next_run.stderr.split()), next_run.stderr
     assert_nothing_left(tmp_path / "data")
