@@ -114,10 +114,11 @@ def deepbatch(*args: str, env: dict[str, str], timeout: float = 300, check: bool
 
 
 class WorkerProcess:
-    def __init__(self, env: dict[str, str], log_path: Path):
+    def __init__(self, env: dict[str, str], log_path: Path, arguments: tuple[str, ...] = ()):
         self.log_path = log_path
         self.log = log_path.open("wb")
-        self.process = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--loglevel", "INFO"],
+        self.process = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--loglevel", "INFO",
+                                         *arguments],
                                         env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
 
     def stop(self, timeout: float = 60) -> None:
@@ -138,8 +139,9 @@ class WorkerProcess:
 def start_worker(service_env: dict[str, str], tmp_path: Path) -> Iterator:
     workers: list[WorkerProcess] = []
 
-    def start(**overrides: str) -> WorkerProcess:
-        worker = WorkerProcess({**service_env, **overrides}, tmp_path / f"worker-{len(workers)}.log")
+    def start(*arguments: str, **overrides: str) -> WorkerProcess:
+        """A `deepbatch worker` with these command-line arguments and environment overrides."""
+        worker = WorkerProcess({**service_env, **overrides}, tmp_path / f"worker-{len(workers)}.log", arguments)
         workers.append(worker)
         return worker
 

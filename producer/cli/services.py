@@ -53,8 +53,12 @@ def start_engine_or_exit(settings: Settings) -> None:
     check_engine_settings_or_exit(settings)
     from worker.runtime import get_feeder
 
+    from worker.registry import QueueTaken
+
     try:
         get_feeder()
+    except QueueTaken as error:
+        raise fail(str(error)) from None
     except Exception as error:  # noqa: BLE001 - whatever stops the engine stops the worker, said plainly
         raise fail(f"the worker cannot start its engine ({type(error).__name__}: {error}); settings: "
                    f"DEEPBATCH_ENGINE={settings.engine!r} DEEPBATCH_MODEL={settings.model!r} "
@@ -73,9 +77,12 @@ def worker(
 ) -> None:
     """Run a Celery worker: one per GPU (or per group of --tensor-parallel-size GPUs), one engine per worker process."""
     from schema.settings import get_settings
-    from worker.app import worker_app
+    from worker.app import model_queue_name, worker_app
 
     if model:  # the worker's runtime reads the settings again, from the environment
+        deployment = configured_settings()  # another model than the deployment's default gets a queue of its own
+        os.environ["DEEPBATCH_QUEUE_NAME"] = model_queue_name(deployment.queue_name, model,
+                                                              deployment.served_model_names)
         os.environ["DEEPBATCH_MODEL"] = model
     if tensor_parallel_size:
         os.environ["DEEPBATCH_TENSOR_PARALLEL_SIZE"] = str(tensor_parallel_size)

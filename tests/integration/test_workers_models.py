@@ -40,8 +40,7 @@ def line(custom_id: str, model: str | None, content: str = "Hi") -> str:
 def test_two_workers_two_models_one_mixed_file(tmp_path: Path, service_env: dict, queue_name: str, start_worker,
                                                db_engine: Engine) -> None:
     tiny = start_worker(DEEPBATCH_MODEL_ALIASES="deepseek-chat")
-    # What `deepbatch worker --model smollm2-135m-instruct` runs as: its model, on its model's queue.
-    smollm = start_worker(DEEPBATCH_MODEL=SMOLLM, DEEPBATCH_QUEUE_NAME=f"{queue_name}.{SMOLLM}")
+    smollm = start_worker("--model", SMOLLM)  # another model than the default: on a queue of its own
     wait_until(lambda: len(live_workers(db_engine, queue_name)) == 2, timeout=180,
                message=f"both workers to announce themselves; logs:\n{tiny.log_text()[-2000:]}\n"
                        f"{smollm.log_text()[-2000:]}")
