@@ -1,7 +1,8 @@
 """Writes a job's results and errors as OpenAI Batch output and error files, streamed in line order.
 
-Result text comes back exactly as the engine produced it (schema/stored_text.py restores what PostgreSQL
-could not hold: NUL, lone surrogates); JSON escapes those characters, so every line stays valid JSON.
+Result text, and the token texts of log-probabilities, come back exactly as the engine produced them
+(schema/stored_text.py restores what PostgreSQL could not hold: NUL, lone surrogates); JSON escapes those
+characters, so every line stays valid JSON.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from producer.queries import export_rows
 from schema.lines import error_line, output_line
+from schema.logprobs import from_stored_logprobs, holds_escapes
 from schema.stored_text import ESCAPE, from_stored
 from schema.tables import RequestState
 
@@ -30,9 +32,11 @@ def write_results(session: Session, job_id: str, stream: IO[str]) -> int:
             request_id=row["id"], custom_id=row["custom_id"], url=row["url"], model=row["model"],
             created=int(row["created_at"].timestamp()), text=from_stored(stored), finish_reason=row["finish_reason"],
             prompt_tokens=row["prompt_tokens"], completion_tokens=row["completion_tokens"],
+            logprobs=from_stored_logprobs(row["logprobs"]),
         )
         # A restored lone surrogate cannot be written as UTF-8: such a line spells it as a JSON escape.
-        stream.write(json.dumps(line, ensure_ascii=ESCAPE in stored) + "\n")
+        escaped = ESCAPE in stored or holds_escapes(row["logprobs"])
+        stream.write(json.dumps(line, ensure_ascii=escaped) + "\n")
         count += 1
     return count
 

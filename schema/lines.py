@@ -22,6 +22,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from schema.logprobs import chat_logprobs, completion_logprobs
+
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
 Url = Literal["/v1/chat/completions", "/v1/completions"]
@@ -36,8 +38,6 @@ MAX_COMPLETION_LOGPROBS = 5  # completions' logprobs: 0..5
 # Any other unknown key is refused too, as an unknown parameter.
 REFUSED_PARAMETERS = {
     "response_format": "structured output is a chat parameter (/v1/chat/completions)",
-    "logprobs": "log-probabilities are not stored with results yet",
-    "top_logprobs": "log-probabilities are not stored with results yet",
     "n": "only n=1: a result holds one choice",
     "best_of": "only one choice per request",
     "echo": "the prompt is not returned",
@@ -182,6 +182,19 @@ def schema_problem(schema_json: str) -> str | None:
 class ChatBody(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     response_format: ResponseFormat | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+
+    @model_validator(mode="after")
+    def _top_logprobs_needs_logprobs(self) -> ChatBody:
+        if self.top_logprobs is not None and self.logprobs is not True:
+            raise ValueError("top_logprobs requires logprobs: true (as OpenAI's chat completions do)")
+        return self
+
+    @property
+    def requested_logprobs(self) -> int | None:
+        """How many likeliest alternatives to give with each output token's log-probability; None: none."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def prompt_input(self) -> list[dict[str, str]]:
         """The messages as the prompt encoder takes them (worker/engine/tokenizer.py)."""
@@ -190,6 +203,12 @@ class ChatBody(SamplingFields):
 
 class CompletionBody(SamplingFields):
     prompt: str
+    logprobs: Annotated[int, Field(ge=0, le=MAX_COMPLETION_LOGPROBS)] | None = None
+
+    @property
+    def requested_logprobs(self) -> int | None:
+        """As ChatBody's: completions' `logprobs` is the number of alternatives itself."""
+        return self.logprobs
 
     def prompt_input(self) -> str:
         return self.prompt
@@ -213,6 +232,9 @@ class PlainLine(SamplingFields):
     response_format: ResponseFormat | None = None  # messages only: ChatBody has it, CompletionBody refuses it
     prompt: str | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    # chat's (a flag, with top_logprobs) or completions' (a count): ChatBody or CompletionBody checks which
+    logprobs: bool | int | None = None
+    top_logprobs: int | None = None
 
     @model_validator(mode="after")
     def _one_input(self) -> PlainLine:
@@ -368,9 +390,10 @@ def plain_to_spec(plain: PlainLine, line_no: int) -> RequestSpec:
 
 def output_line(
     request_id: int, custom_id: str, url: str, model: str, created: int, text: str,
-    finish_reason: str, prompt_tokens: int, completion_tokens: int,
+    finish_reason: str, prompt_tokens: int, completion_tokens: int, logprobs: list[Any] | None = None,
 ) -> dict[str, Any]:
-    """A line of the OpenAI Batch output file."""
+    """A line of the OpenAI Batch output file; `logprobs` as results.logprobs holds them, restored
+    (schema/logprobs.py), when the request asked for them."""
     usage = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
@@ -381,7 +404,11 @@ def output_line(
         body = {"id": f"chatcmpl-{request_id}", "object": "chat.completion"}
     else:
         choice, body = {"index": 0, "text": text}, {"id": f"cmpl-{request_id}", "object": "text_completion"}
-    choice.update(logprobs=None, finish_reason=finish_reason)
+    if logprobs is None:
+        choice_logprobs = None
+    else:
+        choice_logprobs = chat_logprobs(logprobs) if url == CHAT_URL else completion_logprobs(logprobs)
+    choice.update(logprobs=choice_logprobs, finish_reason=finish_reason)
     body.update(created=created, model=model, choices=[choice], usage=usage)
     response = {"status_code": 200, "request_id": f"req_{request_id}", "body": body}
     return {"id": f"batch_req_{request_id}", "custom_id": custom_id, "response": response, "error": None}

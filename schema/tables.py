@@ -154,6 +154,9 @@ class Result(Base):
     worker: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = created_at_column()
     cached_from: Mapped[int | None] = mapped_column(BigInteger)  # the request whose result this reuses
+    # Per output token, its log-probability and likeliest alternatives, when the request asked for them
+    # (schema/logprobs.py: the form, token texts escaped like `text`); migration 0016.
+    logprobs: Mapped[list[Any] | None] = mapped_column(JSONB)
 
 
 class AuditEvent(Base):

@@ -37,6 +37,7 @@ from worker.isolation import IsolationLock
 from worker.recorder import Outcome, Recorder
 from worker.retries import failure_for, with_database_retry
 from worker.sampling import sampling_params
+from worker.token_texts import TokenTexts
 from worker.transitions import ClaimedRequest, DeadRequest, Failure, Success, Transitions
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ class Feeder:
                  announce_dead: Any = lambda letters: None, republish: Any = lambda ordinary, groups: None,
                  on_circuit_open: Any = lambda: None):
         self.settings, self.engine, self.encoder, self.transitions = settings, engine, encoder, transitions
+        self.token_texts = TokenTexts(encoder)  # log-probabilities' token ids as text, for the results
         self.announce_dead = announce_dead  # copies dead-lettered requests to the broker's dead-letter queue
         self.republish = republish  # publishes given-back requests again: (ordinary ids, isolation groups)
         self.on_circuit_open = on_circuit_open  # called once what this worker held is given back: it exits
@@ -241,7 +243,8 @@ class Feeder:
             self.room.notify_all()
         if completion is not None:
             self.recorder.put(Success(claim, completion.text, completion.finish_reason, completion.prompt_tokens,
-                                      completion.completion_tokens))
+                                      completion.completion_tokens,
+                                      logprobs=self.token_texts.entries(completion.logprobs)))
             self._record_failures(self.circuit.succeeded())
         elif isinstance(error, PermanentEngineError):  # the request's own fault, whatever the engine's state
             self.recorder.put(failure_for(claim, error, self.settings))

@@ -28,6 +28,7 @@ def sampling_params(body: ChatBody | CompletionBody, default_max_tokens: int | N
         frequency_penalty=body.frequency_penalty or 0.0,
         logit_bias=tuple(sorted(body.token_logit_bias.items())),
         grammar=grammar_request(body),
+        logprobs=body.requested_logprobs,
     )
 
 

@@ -30,6 +30,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, BIGINT, TEXT
 from sqlalchemy.orm import Session, sessionmaker
 
 from schema.audit import AuditRow, append_events
+from schema.logprobs import from_stored_logprobs, to_stored_logprobs
 from schema.stored_text import from_stored, storable_message, to_stored
 from schema.tables import Job, Request, RequestState
 
@@ -61,6 +62,8 @@ class Success:
     prompt_tokens: int
     completion_tokens: int
     cached_from: int | None = None  # the request whose stored result this reuses
+    # When the request asked: per output token [token, logprob, bytes, top alternatives] (schema/logprobs.py)
+    logprobs: list[Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -146,7 +149,7 @@ RECORD_SUCCESSES = text("""
     WITH finished AS (
         SELECT * FROM jsonb_to_recordset(CAST(:rows AS jsonb))
             AS f(id bigint, attempt int, text text, finish_reason text, prompt_tokens int, completion_tokens int,
-                 cached_from bigint)
+                 cached_from bigint, logprobs jsonb)
     ),
     moved AS (
         UPDATE requests r SET state = 'succeeded', lease_expires_at = NULL, updated_at = now(),
@@ -154,12 +157,13 @@ RECORD_SUCCESSES = text("""
         FROM finished f
         WHERE r.id = f.id AND r.state = 'running' AND r.attempt = f.attempt
         RETURNING r.id, r.job_id, r.attempt, f.text, f.finish_reason, f.prompt_tokens, f.completion_tokens,
-                  f.cached_from
+                  f.cached_from, f.logprobs
     ),
     stored AS (
         INSERT INTO results (request_id, job_id, text, finish_reason, prompt_tokens, completion_tokens, model,
-                             worker, cached_from)
-        SELECT id, job_id, text, finish_reason, prompt_tokens, completion_tokens, :model, :worker, cached_from
+                             worker, cached_from, logprobs)
+        SELECT id, job_id, text, finish_reason, prompt_tokens, completion_tokens, :model, :worker, cached_from,
+               logprobs
         FROM moved
         ON CONFLICT (request_id) DO NOTHING
     ),
@@ -309,7 +313,7 @@ FAILED_ELSEWHERE = text("""
 # An earlier succeeded request with the same cache key (schema/cache.py), for each key asked.
 CACHED_RESULTS = text("""
     SELECT DISTINCT ON (r.cache_key) r.cache_key, s.request_id, s.text, s.finish_reason, s.prompt_tokens,
-           s.completion_tokens
+           s.completion_tokens, s.logprobs
     FROM requests r JOIN results s ON s.request_id = r.id
     WHERE r.cache_key = ANY(:keys) AND r.state = 'succeeded'
     ORDER BY r.cache_key, r.id
@@ -359,7 +363,7 @@ class Transitions:
         with self.sessions() as session:
             stored = {row.cache_key: row for row in session.execute(CACHED_RESULTS, {"keys": list(keys)})}
         return [Success(claim, from_stored(row.text), row.finish_reason, row.prompt_tokens, row.completion_tokens,
-                        cached_from=row.request_id)
+                        cached_from=row.request_id, logprobs=from_stored_logprobs(row.logprobs))
                 for claim in claims if (row := stored.get(claim.cache_key)) is not None and row.request_id != claim.id]
 
     def record(self, successes: Sequence[Success], failures: Sequence[Failure], model: str) -> set[int]:
@@ -378,7 +382,8 @@ class Transitions:
     def _success_columns(self, successes: Sequence[Success], model: str) -> dict[str, Any]:
         rows = [{"id": s.claim.id, "attempt": s.claim.attempt, "text": to_stored(s.text),
                  "finish_reason": s.finish_reason, "prompt_tokens": s.prompt_tokens,
-                 "completion_tokens": s.completion_tokens, "cached_from": s.cached_from} for s in successes]
+                 "completion_tokens": s.completion_tokens, "cached_from": s.cached_from,
+                 "logprobs": to_stored_logprobs(s.logprobs)} for s in successes]
         return {"rows": json.dumps(rows, ensure_ascii=False), "model": model, "worker": self.worker}
 
     def _failure_columns(self, failures: Sequence[Failure]) -> dict[str, Any]:

@@ -8,6 +8,7 @@ chat template.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
 USER = "<｜User｜>"
 ASSISTANT = "<｜Assistant｜>"
+SENTENCEPIECE_SPACE = "\u2581"  # ▁, how a SentencePiece piece writes a space
 
 
 class ChatMessage(TypedDict):
@@ -127,3 +129,35 @@ class PromptEncoder:
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (log-probabilities give them per token, where decoding a lone
+        token loses a partial character): a byte-level vocabulary's piece mapped back through its byte
+        alphabet, a special token's own text, a SentencePiece piece with its space mark and byte pieces
+        read; an id outside the vocabulary stands for nothing."""
+        piece = self.tokenizer.convert_ids_to_tokens(token_id) if 0 <= token_id < len(self.tokenizer) else None
+        if piece is None:
+            return b""
+        if token_id in self._special_ids:
+            return piece.encode("utf-8")
+        if self._byte_of is not None:
+            if all(character in self._byte_of for character in piece):
+                return bytes(self._byte_of[character] for character in piece)
+            return piece.encode("utf-8")
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace(SENTENCEPIECE_SPACE, " ").encode("utf-8")
+
+    @functools.cached_property
+    def _special_ids(self) -> frozenset[int]:
+        return frozenset(self.tokenizer.added_tokens_decoder)
+
+    @functools.cached_property
+    def _byte_of(self) -> dict[str, int] | None:
+        """A byte-level BPE vocabulary's alphabet (a printable character per byte), or None for another kind."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None or "ByteLevel" not in repr(backend.decoder):
+            return None
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        return {character: byte for byte, character in bytes_to_unicode().items()}
