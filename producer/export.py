@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from producer.queries import export_rows
 from schema.lines import error_line, output_line
-from schema.logprobs import from_stored_logprobs, holds_escapes
+from schema.logprobs import choices_hold_escapes, from_stored_logprobs, holds_escapes, restored_choices
 from schema.stored_text import ESCAPE, from_stored
 from schema.tables import RequestState
 
@@ -32,10 +32,10 @@ def write_results(session: Session, job_id: str, stream: IO[str]) -> int:
             request_id=row["id"], custom_id=row["custom_id"], url=row["url"], model=row["model"],
             created=int(row["created_at"].timestamp()), text=from_stored(stored), finish_reason=row["finish_reason"],
             prompt_tokens=row["prompt_tokens"], completion_tokens=row["completion_tokens"],
-            logprobs=from_stored_logprobs(row["logprobs"]),
+            logprobs=from_stored_logprobs(row["logprobs"]), more_choices=restored_choices(row["choices"]),
         )
         # A restored lone surrogate cannot be written as UTF-8: such a line spells it as a JSON escape.
-        escaped = ESCAPE in stored or holds_escapes(row["logprobs"])
+        escaped = ESCAPE in stored or holds_escapes(row["logprobs"]) or choices_hold_escapes(row["choices"])
         stream.write(json.dumps(line, ensure_ascii=escaped) + "\n")
         count += 1
     return count

@@ -387,6 +387,7 @@ def export_rows(session: Session, job_id: str, states: Sequence[RequestState]) -
             Request.id, Request.line_no, Request.custom_id, Request.url, Request.state,
             Request.error_code, Request.error_message, Result.text, Result.finish_reason,
             Result.prompt_tokens, Result.completion_tokens, Result.model, Result.created_at, Result.logprobs,
+            Result.choices,
         )
         .outerjoin(Result, Result.request_id == Request.id)
         .where(Request.job_id == job_id, Request.state.in_(states))

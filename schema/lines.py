@@ -34,12 +34,12 @@ NO_TOP_K = 0  # OpenAI has no top_k; 0 cuts nothing
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value: -100..100
 MAX_TOP_LOGPROBS = 20  # chat's top_logprobs: 0..20
 MAX_COMPLETION_LOGPROBS = 5  # completions' logprobs: 0..5
+MAX_CHOICES = 16  # n: choices per request, sharing the prompt's prefill
 # OpenAI parameters DeepBatch refuses, and why; a line giving one fails naming it (README "OpenAI parameters").
 # Any other unknown key is refused too, as an unknown parameter.
 REFUSED_PARAMETERS = {
     "response_format": "structured output is a chat parameter (/v1/chat/completions)",
-    "n": "only n=1: a result holds one choice",
-    "best_of": "only one choice per request",
+    "best_of": "choices are not ranked: n returns every choice",
     "echo": "the prompt is not returned",
     "suffix": "insertion is not supported",
     "tools": "tool calling is not supported",
@@ -78,7 +78,7 @@ class SamplingFields(BaseModel):
     top_k: Annotated[int, Field(ge=0)] | None = None
     seed: int | None = None
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
-    n: Literal[1] | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] | None = None
     stream: Literal[False] | None = None
     user: str | None = None
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
@@ -122,6 +122,10 @@ class SamplingFields(BaseModel):
     def token_logit_bias(self) -> dict[int, float]:
         """logit_bias with its keys as token ids (a later duplicate of one id wins, as in json.loads)."""
         return {int(key): value for key, value in (self.logit_bias or {}).items()}
+
+    @property
+    def choices(self) -> int:
+        return self.n or 1
 
     @property
     def is_greedy(self) -> bool:
@@ -335,8 +339,6 @@ def refusal_reason(item: Any) -> str | None:
         if name in REFUSED_PARAMETERS:
             return f"OpenAI's parameter '{name}' is not supported by DeepBatch: {REFUSED_PARAMETERS[name]}"
         return f"unknown parameter '{name}' (README \"OpenAI parameters\" lists those DeepBatch takes)"
-    if name == "n" and item["type"] == "literal_error":
-        return f"n={item['input']!r} is not supported by DeepBatch: {REFUSED_PARAMETERS['n']}"
     return None
 
 
@@ -391,27 +393,38 @@ def plain_to_spec(plain: PlainLine, line_no: int) -> RequestSpec:
 def output_line(
     request_id: int, custom_id: str, url: str, model: str, created: int, text: str,
     finish_reason: str, prompt_tokens: int, completion_tokens: int, logprobs: list[Any] | None = None,
+    more_choices: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """A line of the OpenAI Batch output file; `logprobs` as results.logprobs holds them, restored
-    (schema/logprobs.py), when the request asked for them."""
+    (schema/logprobs.py), when the request asked for them; `more_choices`, a request's choices after the
+    first (n > 1), as results.choices holds them, restored. `completion_tokens` counts every choice's."""
     usage = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
+    first = {"text": text, "finish_reason": finish_reason, "logprobs": logprobs}
+    choices = [output_choice(url, index, choice) for index, choice in enumerate([first, *(more_choices or [])])]
     if url == CHAT_URL:
-        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text}}
         body = {"id": f"chatcmpl-{request_id}", "object": "chat.completion"}
     else:
-        choice, body = {"index": 0, "text": text}, {"id": f"cmpl-{request_id}", "object": "text_completion"}
-    if logprobs is None:
-        choice_logprobs = None
-    else:
-        choice_logprobs = chat_logprobs(logprobs) if url == CHAT_URL else completion_logprobs(logprobs)
-    choice.update(logprobs=choice_logprobs, finish_reason=finish_reason)
-    body.update(created=created, model=model, choices=[choice], usage=usage)
+        body = {"id": f"cmpl-{request_id}", "object": "text_completion"}
+    body.update(created=created, model=model, choices=choices, usage=usage)
     response = {"status_code": 200, "request_id": f"req_{request_id}", "body": body}
     return {"id": f"batch_req_{request_id}", "custom_id": custom_id, "response": response, "error": None}
+
+
+def output_choice(url: str, index: int, choice: dict[str, Any]) -> dict[str, Any]:
+    """One of `choices`: {"text", "finish_reason", "logprobs"} in the endpoint's shape."""
+    logprobs = choice["logprobs"]
+    if url == CHAT_URL:
+        shaped: dict[str, Any] = {"index": index, "message": {"role": "assistant", "content": choice["text"]}}
+        shaped["logprobs"] = None if logprobs is None else chat_logprobs(logprobs)
+    else:
+        shaped = {"index": index, "text": choice["text"],
+                  "logprobs": None if logprobs is None else completion_logprobs(logprobs)}
+    shaped["finish_reason"] = choice["finish_reason"]
+    return shaped
 
 
 def error_line(request_id: int, custom_id: str | None, line_no: int, code: str, message: str) -> dict[str, Any]:

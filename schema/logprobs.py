@@ -1,4 +1,5 @@
-"""Log-probabilities of a result: the form `results.logprobs` stores, and OpenAI's two output shapes.
+"""Log-probabilities of a result: the form `results.logprobs` stores, and OpenAI's two output shapes; and
+the further choices of a request with n > 1, as `results.choices` stores them.
 
 The worker turns the engine's token ids into their text and bytes (worker/token_texts.py); what is stored
 is one JSON array, an entry per output token:
@@ -45,6 +46,27 @@ def from_stored_logprobs(stored: list[TokenEntry] | None) -> list[TokenEntry] | 
         return None
     return [[from_stored(token), logprob, raw, [[from_stored(t), p, b] for t, p, b in top]]
             for token, logprob, raw, top in stored]
+
+
+def stored_choice(text: str, finish_reason: str, completion_tokens: int,
+                  logprobs: list[TokenEntry] | None) -> dict[str, Any]:
+    """A further choice of a request with n > 1, as `results.choices` holds it (its text and token texts
+    escaped: schema/stored_text.py); the request's first choice is the result's own columns."""
+    return {"text": text, "finish_reason": finish_reason, "completion_tokens": completion_tokens,
+            "logprobs": logprobs}
+
+
+def restored_choices(stored: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """`results.choices` as its writer was given them: texts and token texts restored."""
+    if stored is None:
+        return None
+    return [{**choice, "text": from_stored(choice["text"]), "logprobs": from_stored_logprobs(choice["logprobs"])}
+            for choice in stored]
+
+
+def choices_hold_escapes(stored: list[dict[str, Any]] | None) -> bool:
+    return stored is not None and any(ESCAPE in choice["text"] or holds_escapes(choice["logprobs"])
+                                      for choice in stored)
 
 
 def holds_escapes(stored: list[TokenEntry] | None) -> bool:

@@ -157,6 +157,9 @@ class Result(Base):
     # Per output token, its log-probability and likeliest alternatives, when the request asked for them
     # (schema/logprobs.py: the form, token texts escaped like `text`); migration 0016.
     logprobs: Mapped[list[Any] | None] = mapped_column(JSONB)
+    # A request with n > 1: its choices 1..n-1 (the first is this row's own columns, and completion_tokens
+    # counts every choice's tokens); schema/logprobs.py: stored_choice; migration 0017.
+    choices: Mapped[list[Any] | None] = mapped_column(JSONB)
 
 
 class AuditEvent(Base):

@@ -36,9 +36,10 @@ from worker.engine.types import Completion, PermanentEngineError, SamplingParams
 from worker.isolation import IsolationLock
 from worker.recorder import Outcome, Recorder
 from worker.retries import failure_for, with_database_retry
-from worker.sampling import sampling_params
+from worker.choices import gather_choices, submit_choices
+from worker.sampling import choice_sampling_params
 from worker.token_texts import TokenTexts
-from worker.transitions import ClaimedRequest, DeadRequest, Failure, Success, Transitions
+from worker.transitions import Choice, ClaimedRequest, DeadRequest, Failure, Success, Transitions
 
 log = logging.getLogger(__name__)
 
@@ -200,12 +201,18 @@ class Feeder:
             try:
                 if isinstance(prompt_token_ids, Exception):
                     raise prompt_token_ids
-                sampling = sampling_params(body, self.settings.default_max_tokens)
-                future = self.engine.submit(prompt_token_ids, sampling)
+                samplings = choice_sampling_params(body, self.settings.default_max_tokens)
+                if len(samplings) == 1:
+                    future = self.engine.submit(prompt_token_ids, samplings[0])
+                else:
+                    futures = submit_choices(self.engine, prompt_token_ids, samplings)
             except Exception as error:  # noqa: BLE001 - judged by the retry policy like any engine error
                 self._finished(claim, error=error)
                 continue
-            future.add_done_callback(partial(self._on_engine_done, claim))
+            if len(samplings) == 1:
+                future.add_done_callback(partial(self._on_engine_done, claim))
+            else:
+                gather_choices(futures, partial(self._on_choices_done, claim))
 
     def _read_bodies(self, claims: list[ClaimedRequest]) -> tuple[list[ClaimedRequest], list[ChatBody | CompletionBody]]:
         """Each claim's stored body as schema/lines.py reads a request; one that no longer reads (stored by an
@@ -236,15 +243,28 @@ class Feeder:
         else:
             self._finished(claim, completion=completion)
 
+    def _on_choices_done(self, claim: ClaimedRequest, completions: list[Completion] | None,
+                         error: BaseException | None) -> None:
+        """A request of several choices (n > 1): all of them, or the first error (worker/choices.py)."""
+        if completions is None:
+            self._finished(claim, error=error)
+        else:
+            self._finished(claim, completion=completions[0], more_choices=completions[1:])
+
     def _finished(self, claim: ClaimedRequest, completion: Completion | None = None,
-                  error: BaseException | None = None) -> None:
+                  error: BaseException | None = None, more_choices: Sequence[Completion] = ()) -> None:
         with self.room:
             self.in_engine -= 1
             self.room.notify_all()
         if completion is not None:
+            # The request's first choice in the result's own columns, any further one in `choices`; its usage
+            # counts the tokens of every choice.
+            choices = [Choice(more.text, more.finish_reason, more.completion_tokens,
+                              self.token_texts.entries(more.logprobs)) for more in more_choices]
+            completion_tokens = completion.completion_tokens + sum(choice.completion_tokens for choice in choices)
             self.recorder.put(Success(claim, completion.text, completion.finish_reason, completion.prompt_tokens,
-                                      completion.completion_tokens,
-                                      logprobs=self.token_texts.entries(completion.logprobs)))
+                                      completion_tokens, logprobs=self.token_texts.entries(completion.logprobs),
+                                      choices=choices or None))
             self._record_failures(self.circuit.succeeded())
         elif isinstance(error, PermanentEngineError):  # the request's own fault, whatever the engine's state
             self.recorder.put(failure_for(claim, error, self.settings))

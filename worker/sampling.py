@@ -9,6 +9,7 @@ and the engine's defaults. This module only copies one into the other, field for
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 from schema.lines import ChatBody, CompletionBody, JsonObjectFormat, JsonSchemaFormat
 from worker.engine.types import GrammarRequest, SamplingParams
@@ -30,6 +31,15 @@ def sampling_params(body: ChatBody | CompletionBody, default_max_tokens: int | N
         grammar=grammar_request(body),
         logprobs=body.requested_logprobs,
     )
+
+
+def choice_sampling_params(body: ChatBody | CompletionBody, default_max_tokens: int | None) -> list[SamplingParams]:
+    """One SamplingParams per choice the body asks for (`n`): each samples on its own, so a seeded request's
+    choices take the seeds seed, seed + 1, ... (a choice gives what a request with its seed alone gives)."""
+    first = sampling_params(body, default_max_tokens)
+    if body.choices == 1:
+        return [first]
+    return [first if first.seed is None else replace(first, seed=first.seed + index) for index in range(body.choices)]
 
 
 def grammar_request(body: ChatBody | CompletionBody) -> GrammarRequest | None:

@@ -30,7 +30,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, BIGINT, TEXT
 from sqlalchemy.orm import Session, sessionmaker
 
 from schema.audit import AuditRow, append_events
-from schema.logprobs import from_stored_logprobs, to_stored_logprobs
+from schema.logprobs import from_stored_logprobs, stored_choice, to_stored_logprobs
 from schema.stored_text import from_stored, storable_message, to_stored
 from schema.tables import Job, Request, RequestState
 
@@ -55,6 +55,16 @@ class ClaimedRequest:
 
 
 @dataclass(frozen=True)
+class Choice:
+    """A further choice of a request that asked for several (n > 1); the first is the Success itself."""
+
+    text: str
+    finish_reason: str
+    completion_tokens: int
+    logprobs: list[Any] | None = None
+
+
+@dataclass(frozen=True)
 class Success:
     claim: ClaimedRequest
     text: str
@@ -64,6 +74,7 @@ class Success:
     cached_from: int | None = None  # the request whose stored result this reuses
     # When the request asked: per output token [token, logprob, bytes, top alternatives] (schema/logprobs.py)
     logprobs: list[Any] | None = None
+    choices: list[Choice] | None = None  # choices 1..n-1 of a request with n > 1; completion_tokens counts all
 
 
 @dataclass(frozen=True)
@@ -149,7 +160,7 @@ RECORD_SUCCESSES = text("""
     WITH finished AS (
         SELECT * FROM jsonb_to_recordset(CAST(:rows AS jsonb))
             AS f(id bigint, attempt int, text text, finish_reason text, prompt_tokens int, completion_tokens int,
-                 cached_from bigint, logprobs jsonb)
+                 cached_from bigint, logprobs jsonb, choices jsonb)
     ),
     moved AS (
         UPDATE requests r SET state = 'succeeded', lease_expires_at = NULL, updated_at = now(),
@@ -157,13 +168,13 @@ RECORD_SUCCESSES = text("""
         FROM finished f
         WHERE r.id = f.id AND r.state = 'running' AND r.attempt = f.attempt
         RETURNING r.id, r.job_id, r.attempt, f.text, f.finish_reason, f.prompt_tokens, f.completion_tokens,
-                  f.cached_from, f.logprobs
+                  f.cached_from, f.logprobs, f.choices
     ),
     stored AS (
         INSERT INTO results (request_id, job_id, text, finish_reason, prompt_tokens, completion_tokens, model,
-                             worker, cached_from, logprobs)
+                             worker, cached_from, logprobs, choices)
         SELECT id, job_id, text, finish_reason, prompt_tokens, completion_tokens, :model, :worker, cached_from,
-               logprobs
+               logprobs, choices
         FROM moved
         ON CONFLICT (request_id) DO NOTHING
     ),
@@ -313,11 +324,26 @@ FAILED_ELSEWHERE = text("""
 # An earlier succeeded request with the same cache key (schema/cache.py), for each key asked.
 CACHED_RESULTS = text("""
     SELECT DISTINCT ON (r.cache_key) r.cache_key, s.request_id, s.text, s.finish_reason, s.prompt_tokens,
-           s.completion_tokens, s.logprobs
+           s.completion_tokens, s.logprobs, s.choices
     FROM requests r JOIN results s ON s.request_id = r.id
     WHERE r.cache_key = ANY(:keys) AND r.state = 'succeeded'
     ORDER BY r.cache_key, r.id
 """).bindparams(*_arrays(keys=TEXT))
+
+
+def choices_to_stored(choices: list[Choice] | None) -> list[dict[str, Any]] | None:
+    """Further choices as `results.choices` holds them (schema/logprobs.py: stored_choice)."""
+    if choices is None:
+        return None
+    return [stored_choice(to_stored(choice.text), choice.finish_reason, choice.completion_tokens,
+                          to_stored_logprobs(choice.logprobs)) for choice in choices]
+
+
+def choices_from_stored(stored: list[dict[str, Any]] | None) -> list[Choice] | None:
+    if stored is None:
+        return None
+    return [Choice(from_stored(choice["text"]), choice["finish_reason"], choice["completion_tokens"],
+                   from_stored_logprobs(choice["logprobs"])) for choice in stored]
 
 
 def _claims(result: Any) -> list[ClaimedRequest]:
@@ -363,7 +389,8 @@ class Transitions:
         with self.sessions() as session:
             stored = {row.cache_key: row for row in session.execute(CACHED_RESULTS, {"keys": list(keys)})}
         return [Success(claim, from_stored(row.text), row.finish_reason, row.prompt_tokens, row.completion_tokens,
-                        cached_from=row.request_id, logprobs=from_stored_logprobs(row.logprobs))
+                        cached_from=row.request_id, logprobs=from_stored_logprobs(row.logprobs),
+                        choices=choices_from_stored(row.choices))
                 for claim in claims if (row := stored.get(claim.cache_key)) is not None and row.request_id != claim.id]
 
     def record(self, successes: Sequence[Success], failures: Sequence[Failure], model: str) -> set[int]:
@@ -383,7 +410,8 @@ class Transitions:
         rows = [{"id": s.claim.id, "attempt": s.claim.attempt, "text": to_stored(s.text),
                  "finish_reason": s.finish_reason, "prompt_tokens": s.prompt_tokens,
                  "completion_tokens": s.completion_tokens, "cached_from": s.cached_from,
-                 "logprobs": to_stored_logprobs(s.logprobs)} for s in successes]
+                 "logprobs": to_stored_logprobs(s.logprobs), "choices": choices_to_stored(s.choices)}
+                for s in successes]
         return {"rows": json.dumps(rows, ensure_ascii=False), "model": model, "worker": self.worker}
 
     def _failure_columns(self, failures: Sequence[Failure]) -> dict[str, Any]:

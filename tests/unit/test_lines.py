@@ -40,7 +40,7 @@ def test_openai_batch_line() -> None:
         ('{"prompt": "a", "temperature": 3}', "invalid_request", "temperature"),
         ('{"prompt": "a", "max_tokens": 0}', "invalid_request", "max_tokens"),
         ('{"prompt": "a", "tools": []}', "invalid_request", "'tools' is not supported"),
-        ('{"prompt": "a", "n": 2}', "invalid_request", "n"),
+        ('{"prompt": "a", "n": 17}', "invalid_request", "n"),
         ('{"custom_id": "r", "method": "POST", "url": "/v1/embeddings", "body": {}}', "invalid_request", "url"),
         ('{"custom_id": "r", "method": "GET", "url": "/v1/completions", "body": {"prompt": "a"}}',
          "invalid_request", "method"),

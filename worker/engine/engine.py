@@ -1,4 +1,5 @@
-"""LLMEngine: `submit(prompt_token_ids, sampling) → Future[Completion]` from any thread, one step-loop thread.
+"""LLMEngine: `submit(prompt_token_ids, sampling) → Future[Completion]` from any thread, one step-loop thread
+(`submit_choices` for several choices of one prompt, which prefill it once).
 
 The loop thread owns the scheduler, the block manager and the model runner; other threads only hand it
 sequences through `_incoming` under a condition variable. When the engine is idle and a request
@@ -163,24 +164,40 @@ class LLMEngine:
     # ---- the public interface (any thread) ----
 
     def submit(self, prompt_token_ids: list[int], sampling: SamplingParams) -> Future:
-        sequence = Sequence(list(prompt_token_ids), sampling)
-        problem = self._prompt_problem(sequence.prompt_token_ids) or self._sampling_problem(sampling)
-        if problem is None and sampling.grammar is not None:
-            try:  # compiled here, in the submitting thread, not in the step loop (cached per schema)
-                sequence.grammar_matcher = self.grammars.matcher(sampling.grammar)
-            except GrammarError as error:
-                problem = error
-        if problem is not None:
-            resolve_future(sequence.future, error=problem)
-            return sequence.future
+        return self.submit_choices(prompt_token_ids, [sampling])[0]
+
+    def submit_choices(self, prompt_token_ids: list[int], samplings: SequenceOf[SamplingParams]) -> list[Future]:
+        """Several choices of one prompt (OpenAI's `n`), each sampled with its own SamplingParams (its own
+        seed): a future per choice. The prompt is prefilled once: the first choice's sequence computes it
+        and the others, admitted after that, reuse its blocks through the prefix cache (only the tokens of
+        the prompt's last, partial block are computed again for each)."""
+        sequences = [Sequence(list(prompt_token_ids), sampling) for sampling in samplings]
+        for sequence in sequences[1:]:
+            sequence.prefill_after = sequences[0]
+        accepted = []
+        for sequence in sequences:
+            problem = self._prompt_problem(sequence.prompt_token_ids) or self._sampling_problem(sequence.sampling)
+            if problem is None and sequence.sampling.grammar is not None:
+                try:  # compiled here, in the submitting thread, not in the step loop (cached per schema)
+                    sequence.grammar_matcher = self.grammars.matcher(sequence.sampling.grammar)
+                except GrammarError as error:
+                    problem = error
+            if problem is not None:
+                resolve_future(sequence.future, error=problem)
+            else:
+                accepted.append(sequence)
+        if accepted and accepted[0] is not sequences[0]:  # nothing to wait for
+            for sequence in accepted:
+                sequence.prefill_after = None
         with self._condition:
             if self._stopping:
                 shut_down = self._fatal_error or TransientEngineError("the engine is shut down")
-                resolve_future(sequence.future, error=shut_down)
-            else:
-                self._incoming.append(sequence)
+                for sequence in accepted:
+                    resolve_future(sequence.future, error=shut_down)
+            elif accepted:
+                self._incoming.extend(accepted)
                 self._condition.notify()
-        return sequence.future
+        return [sequence.future for sequence in sequences]
 
     def generate(
         self, prompts: SequenceOf[list[int]], sampling: SamplingParams | SequenceOf[SamplingParams]
@@ -209,6 +226,7 @@ class LLMEngine:
             "kv_cache_usage": self.block_manager.usage,
             "num_preemptions": self.scheduler.num_preemptions,
             "prefix_cache_hit_blocks": self.block_manager.prefix_cache_hit_blocks,
+            "prompt_tokens_computed": self.scheduler.num_prompt_tokens_computed,
         }
 
     def shutdown(self) -> None:

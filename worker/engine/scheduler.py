@@ -6,7 +6,9 @@ run out, the most recently admitted running sequence is preempted by recompute: 
 and it goes back to the front of the waiting queue, to be prefilled again (prompt and output so far)
 later. Then waiting sequences are admitted, first come first served, while the token budget, the
 batch-size cap and the free blocks allow; a prefix-cache hit lets an admitted sequence skip the
-tokens its cached blocks already hold.
+tokens its cached blocks already hold. The further choices of a request (n > 1) wait behind the first
+until its prompt is computed: admitted then, each finds the prompt's full blocks in the prefix cache and
+computes only the tokens of its last, partial block.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the last is preempted first
         self.num_preemptions = 0
+        self.num_prompt_tokens_computed = 0  # prefill work: prompt tokens whose KV a step computed
 
     @property
     def has_work(self) -> bool:
@@ -90,6 +93,8 @@ class Scheduler:
     def _admit_waiting(self, plan: StepPlan, token_budget: int) -> None:
         while self.waiting and token_budget > 0 and len(self.running) < self.max_batch_size:
             sequence = self.waiting[0]
+            if sequence.prefill_after is not None and not sequence.prefill_after.prompt_is_computed:
+                break  # for one step or a few (a chunked prefill): then its prompt's blocks are shared
             match = self.block_manager.match_prefix(sequence)
             num_cached_tokens = len(match.block_ids) * self.block_manager.block_size
             num_new_tokens = min(len(sequence.token_ids) - num_cached_tokens, token_budget)
@@ -97,6 +102,7 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self.block_manager.admit(sequence, match, num_cached_tokens + num_new_tokens)
+            sequence.prefill_after = None  # once admitted, never held again (not after a preemption either)
             sequence.status = SequenceStatus.RUNNING
             self.running.append(sequence)
             plan.scheduled.append(ScheduledSequence(sequence, num_new_tokens))
@@ -113,7 +119,11 @@ class Scheduler:
 
     def record_step(self, scheduled: ScheduledSequence) -> None:
         """After the model ran: the scheduled tokens now have KV in the cache; publish full blocks."""
-        scheduled.sequence.num_computed_tokens += scheduled.num_new_tokens
+        sequence = scheduled.sequence
+        if sequence.num_computed_tokens < sequence.num_prompt_tokens:
+            self.num_prompt_tokens_computed += min(scheduled.num_new_tokens,
+                                                   sequence.num_prompt_tokens - sequence.num_computed_tokens)
+        sequence.num_computed_tokens += scheduled.num_new_tokens
         self.block_manager.publish_full_blocks(scheduled.sequence)
 
     def finish(self, sequence: Sequence) -> None:

@@ -41,6 +41,9 @@ class Sequence:
     logprobs: list[Any] = field(default_factory=list)  # per output token, when sampling.logprobs is set
     pending_logprob: Any = None  # the sampled token's, until the engine appends the token (EOS is not)
     grammar_matcher: Any = None  # structured output: xgrammar's matcher of this sequence (worker/engine/grammar.py)
+    # Another choice of the same request (LLMEngine.submit_choices): this one is admitted once that one's prompt
+    # is computed, so that it reuses the prompt's KV blocks from the prefix cache instead of prefilling it again.
+    prefill_after: Sequence | None = None
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -56,6 +59,10 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def prompt_is_computed(self) -> bool:
+        return self.num_computed_tokens >= self.num_prompt_tokens or self.status is SequenceStatus.FINISHED
 
     @property
     def num_uncomputed_tokens(self) -> int:
