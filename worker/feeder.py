@@ -31,12 +31,12 @@ from typing import Any, Protocol
 from schema.lines import BodyError, ChatBody, CompletionBody, parse_body
 from schema.settings import FeederSettings
 from worker import metrics
+from worker.choices import gather_choices, submit_choices
 from worker.circuit import CircuitBreaker
 from worker.engine.types import Completion, PermanentEngineError, SamplingParams
 from worker.isolation import IsolationLock
 from worker.recorder import Outcome, Recorder
 from worker.retries import failure_for, with_database_retry
-from worker.choices import gather_choices, submit_choices
 from worker.sampling import choice_sampling_params
 from worker.token_texts import TokenTexts
 from worker.transitions import Choice, ClaimedRequest, DeadRequest, Failure, Success, Transitions
