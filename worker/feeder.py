@@ -103,6 +103,7 @@ class Feeder:
         self.held_lock = threading.Lock()
         self.room = threading.Condition()
         self.in_engine = 0  # submitted to the engine and not yet finished, or reserved for a claim under way
+        self.stopping = False  # the worker is stopping: slices claim nothing more (stop_claiming)
         # Unset: twice the batch the engine chose, so a full batch decodes while the next requests wait. An
         # engine plugged in by DEEPBATCH_ENGINE=module:factory that does not say its batch counts as 32.
         self.target_depth = settings.target_queue_depth or 2 * getattr(engine, "max_batch_size", 32)
@@ -115,26 +116,31 @@ class Feeder:
         tracker = SliceTracker()
         with self.isolation.shared() if isolation_group is None else self.isolation.alone():
             if isolation_group is None:
-                self._claim_budget(len(request_ids), tracker)
+                if unclaimed := self._claim_budget(len(request_ids), tracker):
+                    self.republish(list(request_ids[:unclaimed]), {})  # for another worker, now
             else:
                 self._start(self._db(lambda: self.transitions.claim_group(request_ids, isolation_group)), tracker)
             while (due := tracker.wait()) is not None:
                 self._claim_ids(due, tracker)
         return dict(tracker.counts)
 
-    def _claim_budget(self, budget: int, tracker: SliceTracker) -> None:
-        """Claim up to `budget` requests, a batch whenever the engine has room, until none are queued."""
+    def _claim_budget(self, budget: int, tracker: SliceTracker) -> int:
+        """Claim up to `budget` requests, a batch whenever the engine has room, until none are queued.
+        Returns the budget left unclaimed because the worker began to stop (0 otherwise)."""
         while budget > 0 and not self.circuit.is_open:
             reserved = self._reserve_room(budget)
+            if not reserved:
+                return budget
             claims = []
             try:
                 claims = self._db(lambda: self.transitions.claim_next(reserved))
             finally:
                 self._release_room(reserved - len(claims))  # the claimed keep their place
             if not claims:
-                return
+                return 0
             budget -= len(claims)
             self._start(claims, tracker, room_reserved=True)
+        return 0
 
     def _claim_ids(self, request_ids: Sequence[int], tracker: SliceTracker) -> None:
         self._start(self._db(lambda: self.transitions.claim_ids(request_ids)), tracker)
@@ -142,11 +148,13 @@ class Feeder:
     def _reserve_room(self, wanted: int) -> int:
         """Waits until the engine can take a worthwhile batch — all of `wanted`, or a quarter of the target
         depth, not one request at a time as each finishes — and reserves it, so that slices claiming at the
-        same moment do not overfill the engine together."""
+        same moment do not overfill the engine together. Reserves nothing (0) once the worker is stopping."""
         target = self.target_depth
         worthwhile = min(wanted, max(1, target // 4))
         with self.room:
-            self.room.wait_for(lambda: target - self.in_engine >= worthwhile)
+            self.room.wait_for(lambda: self.stopping or target - self.in_engine >= worthwhile)
+            if self.stopping:
+                return 0
             reserved = min(wanted, target - self.in_engine)
             self.in_engine += reserved
             return reserved
@@ -348,6 +356,14 @@ class Feeder:
             self.announce_dead([asdict(letter) for letter in letters])
         except Exception:  # noqa: BLE001 - Postgres holds the dead letters; the broker copy is a convenience
             log.exception("could not copy %d dead letters to the broker", len(letters))
+
+    def stop_claiming(self) -> None:
+        """The worker begins to stop: its slices claim nothing more and send their unclaimed budget back to the
+        broker, so that a warm shutdown waits only for what the engine already holds (before, a stopping
+        worker claimed and ran every slice it had taken: hundreds of requests, up to half a minute)."""
+        with self.room:
+            self.stopping = True
+            self.room.notify_all()
 
     def held_request_ids(self) -> list[int]:
         with self.held_lock:

@@ -234,6 +234,11 @@ def exit_for_supervisor() -> None:
     os._exit(EXIT_CIRCUIT_OPEN)
 
 
+def stop_claiming() -> None:
+    if _feeder is not None:
+        _feeder.stop_claiming()
+
+
 def shutdown() -> None:
     if _maintenance is not None:
         _maintenance.stop()

@@ -4,10 +4,10 @@ and the feeder (worker/feeder.py) claims, generates and records them."""
 from __future__ import annotations
 
 from celery import shared_task
-from celery.signals import worker_init, worker_shutdown
+from celery.signals import worker_init, worker_shutdown, worker_shutting_down
 
 from worker.app import PROCESS_SLICE_TASK
-from worker.runtime import get_feeder, shutdown
+from worker.runtime import get_feeder, shutdown, stop_claiming
 
 
 # A shared task registers with whichever app imports this module (make_celery_app's `include`), so no app is
@@ -23,6 +23,12 @@ def process_slice(request_ids: list[int], isolation_group: int | None = None) ->
 def load_engine_at_start(**_: object) -> None:
     """Load the model before the first message, so a bad model setting stops the worker at once."""
     get_feeder()
+
+
+@worker_shutting_down.connect
+def claim_nothing_more(**_: object) -> None:
+    """Sent as the warm shutdown begins, before Celery waits for the running slices."""
+    stop_claiming()
 
 
 @worker_shutdown.connect

@@ -178,3 +178,20 @@ def test_only_device_errors_poison_the_device() -> None:
     assert not poisons_device(TransientEngineError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert not poisons_device(RuntimeError("CUDA error: out of memory"))
     assert not poisons_device(ValueError("boom"))
+
+
+def test_a_stopping_worker_claims_nothing_more_and_sends_its_unclaimed_budget_back() -> None:
+    settings = FeederSettings.of(Settings(target_queue_depth=8, flush_interval_ms=1, metrics_port=0))
+    transitions, engine, republished = FakeTransitions(total=1000), HeldEngine(), []
+    feeder = Feeder(settings, engine, Encoder(), transitions,
+                    republish=lambda ordinary, groups: republished.extend(ordinary))
+    slice_ = threading.Thread(target=feeder.run_slice, args=(list(range(100)),))
+    slice_.start()
+    wait_for(lambda: engine.most_held == 8)  # the engine full, the slice waiting for room
+    feeder.stop_claiming()
+    engine.finish_all()  # what it held finishes; nothing more is claimed
+    slice_.join(10)
+    feeder.shutdown()
+    assert not slice_.is_alive(), "the slice kept claiming"
+    assert sorted(transitions.recorded) == list(range(1, 9))
+    assert len(republished) == 92  # the budget left for another worker
