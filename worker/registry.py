@@ -7,10 +7,10 @@ clean stop sets `stopped_at`. A worker is live while its heartbeat is younger th
 time after which its requests' leases expire too — and stale after.
 
 The producer reads the registry to route lines (`routes`): a line's `model` goes to the queue of the live
-workers serving it; a line without one to the deployment's default model (DEEPBATCH_MODEL). Before any
-worker has announced itself, the default model's names are accepted and go to DEEPBATCH_QUEUE_NAME, as
-before workers announced anything. A deployment is the queues under one DEEPBATCH_QUEUE_NAME: itself and
-`<queue_name>.<model>` (worker/app.py, model_queue_name).
+workers serving it; a line without one to the deployment's default model (DEEPBATCH_MODEL). The default
+model's names are always accepted and go to DEEPBATCH_QUEUE_NAME, whether or not its workers are live now
+(restarting, not yet started). A deployment is the queues under one DEEPBATCH_QUEUE_NAME: itself and
+`<queue_name>.<model>` (worker/app.py, model_queue_name); the queues of `deepbatch run` are outside it.
 
 The registry's SQL is here rather than in transitions.py: it touches no request.
 """
@@ -172,14 +172,10 @@ class Routes:
     """Where each model name a line may give goes, as the registry said when the submission started."""
 
     by_name: dict[str, Route]
-    default: Route | None  # for a line that names no model
-    default_model: str  # DEEPBATCH_MODEL, for the error of a line that names none when nobody serves it
+    default: Route  # for a line that names no model: the default model's
 
     def route(self, model: str | None) -> Route:
         if model is None:
-            if self.default is None:
-                raise RoutingError("model_required", f"the line names no model, and the default model "
-                                   f"{self.default_model!r} is served by no live worker: name one of {self.served()}")
             return self.default
         found = self.by_name.get(model)
         if found is None:
@@ -201,21 +197,16 @@ class Routes:
 
 
 def routes(session: Session, settings: Settings) -> Routes:
-    """The routes of the deployment's live workers; before any has announced itself, the default model's."""
+    """The routes of the deployment's live workers, and always the default model's (DEEPBATCH_MODEL and its
+    aliases) to its queue, which its workers consume whenever they run: they may be restarting, or not yet
+    started, and their lines must neither fail nor go to another model. A line that names no model is the
+    default model's."""
     live = [worker for worker in registered_workers(session, settings) if worker.status == "live"]
-    if not live:
-        default = Route(settings.model, settings.queue_name)
-        return Routes({name: default for name in settings.served_model_names}, default, settings.model)
     by_name: dict[str, Route] = {}
     for worker in sorted(live, key=lambda worker: (worker.started_at, worker.id)):  # the first to start wins a name
         route = Route(worker.model, worker.queue)
         for name in worker.names:
             by_name.setdefault(name, route)
-    default = next((by_name[name] for name in (settings.model, *sorted(settings.served_model_names))
-                    if name in by_name), None)
-    if default is not None:
-        for name in settings.served_model_names:
-            by_name.setdefault(name, default)
-    elif len(set(by_name.values())) == 1:  # one model served: a line naming none can only mean it
-        default = next(iter(by_name.values()))
-    return Routes(by_name, default, settings.model)
+    for name in settings.served_model_names:
+        by_name.setdefault(name, Route(settings.model, settings.queue_name))
+    return Routes(by_name, by_name[settings.model])

@@ -126,3 +126,22 @@ def test_a_silent_worker_is_stale_and_no_longer_routed_to(tmp_path: Path, servic
     assert error.startswith(f"unknown model '{SMOLLM}': this deployment serves '{TINY}'"), error
     [(queue,)] = rows(db_engine, "SELECT queue FROM requests WHERE job_id = :j AND state = 'queued'", j=job_id)
     assert queue == queue_name
+
+
+def test_the_default_models_lines_wait_on_its_queue_while_only_another_model_is_live(
+        tmp_path: Path, service_env: dict, queue_name: str, db_engine: Engine) -> None:
+    """Default-model workers restarting (or not started yet) beside a live worker of another model: lines naming
+    the default model, or none, are neither refused nor sent to the other model; they wait on its queue."""
+    from sqlalchemy.orm import sessionmaker
+
+    from worker.registry import Announcement, announce
+
+    announce(sessionmaker(db_engine), Announcement(
+        id=f"other-host:{queue_name}", model=SMOLLM, aliases=[], queue=f"{queue_name}.{SMOLLM}", host="other-host",
+        pid=4244, devices=["cpu"], dtype="float32"))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join([line("t-1", TINY), line("d-1", None), line("s-1", SMOLLM)]) + "\n")
+    job_id = deepbatch("submit", str(prompts), env=service_env).stdout.strip().splitlines()[-1]
+    queued = dict(rows(db_engine, "SELECT custom_id, queue FROM requests WHERE job_id = :j AND state = 'queued'",
+                       j=job_id))
+    assert queued == {"t-1": queue_name, "d-1": queue_name, "s-1": f"{queue_name}.{SMOLLM}"}, queued
