@@ -510,11 +510,11 @@ UNFINISHED_JOBS = text("""
            j.submitted_bytes, j.submitted_sha256
     FROM job_progress AS p JOIN jobs AS j ON j.id = p.job_id
     WHERE p.status NOT IN ('completed', 'failed', 'expired', 'cancelled') AND j.cancel_requested_at IS NULL
-      AND j.input_file_id IS NULL
+      AND j.input_file_id IS NULL AND starts_with(j.queue, :queue_prefix)
     ORDER BY j.created_at DESC
 """)
 
 
-def unfinished_jobs(session: Session) -> list[UnfinishedJob]:
-    """The CLI's jobs not yet done nor cancelled, newest first."""
-    return [UnfinishedJob(**row) for row in session.execute(UNFINISHED_JOBS).mappings()]
+def unfinished_jobs(session: Session, queue_prefix: str) -> list[UnfinishedJob]:
+    """The CLI's jobs on queues named `queue_prefix`… (the runs') not yet done nor cancelled, newest first."""
+    return [UnfinishedJob(**row) for row in session.execute(UNFINISHED_JOBS, {"queue_prefix": queue_prefix}).mappings()]

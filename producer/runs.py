@@ -5,8 +5,11 @@ data directory's database. The next run of the same file goes on with that job, 
 runs and every line is answered once; `--new` cancels it and starts over. An unfinished job of another
 file is reported (how to go on with it or cancel it) and left alone.
 
-Each file's runs use a queue of their own, `<DEEPBATCH_QUEUE_NAME>.run-<digest of the file's path>`, so
-an abandoned job of another file never stands ahead of this run's requests. A higher priority for the
+Each file's runs use a queue of their own, `<DEEPBATCH_QUEUE_NAME>-run-<digest of the file's path>`, so
+an abandoned job of another file never stands ahead of this run's requests. The name is outside the
+deployment's queues (`<DEEPBATCH_QUEUE_NAME>` and `<DEEPBATCH_QUEUE_NAME>.<model>`): a `submit` into the same
+database never routes to a run's worker, whose queue nobody consumes once the run ends; and only jobs on
+such queues count as runs, so a `run` never takes over, nor cancels, a job that `submit` made. A higher priority for the
 new job would let it overtake the backlog too, but the run's worker would still claim the abandoned
 job's requests whenever it had room (while this job waits out a retry, or as it winds down, finishing
 what it holds before it can stop), and it would take the meaning of `--priority` over for housekeeping.
@@ -28,7 +31,11 @@ from schema.settings import Settings
 
 def run_queue(base_queue: str, path: Path) -> str:
     """The broker queue of the runs of the file at `path` (absolute)."""
-    return f"{base_queue}.run-{hashlib.sha256(str(path).encode()).hexdigest()[:12]}"
+    return f"{run_queue_prefix(base_queue)}{hashlib.sha256(str(path).encode()).hexdigest()[:12]}"
+
+
+def run_queue_prefix(base_queue: str) -> str:
+    return f"{base_queue}-run-"
 
 
 @dataclass(frozen=True)
@@ -39,8 +46,8 @@ class UnfinishedRuns:
     other_files: list[queries.UnfinishedJob]
 
 
-def unfinished_runs(session: Session, path: Path) -> UnfinishedRuns:
-    jobs = queries.unfinished_jobs(session)
+def unfinished_runs(session: Session, path: Path, base_queue: str) -> UnfinishedRuns:
+    jobs = queries.unfinished_jobs(session, run_queue_prefix(base_queue))
     mine = [job for job in jobs if job.input_file == str(path)]
     return UnfinishedRuns(mine[0] if mine else None, [job for job in jobs if job.input_file != str(path)])
 

@@ -226,7 +226,7 @@ def run_in_services(settings: Settings, file: Path, output: Path, errors: Path, 
     path = file.resolve()
     sessions = command_sessions(settings)
     with sessions() as session:
-        earlier = unfinished_runs(session, path)
+        earlier = unfinished_runs(session, path, settings.queue_name)
     for job in earlier.other_files:
         console.print(f"[yellow]job {job.job_id} of {escape(job.input_file)} is unfinished[/] "
                       f"({job.total - job.finished} of {job.total} requests left; it waits on a queue of its own "
