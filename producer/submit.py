@@ -16,6 +16,7 @@ same per line, Python's in this process and Postgres's in its backend, so on two
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import sys
 import threading
@@ -39,6 +40,8 @@ from schema.tables import Job
 from worker.app import publish_groups, publish_slices
 from worker.registry import Routes, RoutingError, routes
 from worker.transitions import queued_request_ids
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -276,11 +279,20 @@ def submit_lines(path: Path, job_id: str, options: queries.JobOptions, settings:
             total_lines = write_chunks(chunks, job_id, options, sessions, SlicePublisher(app, settings.slice_size),
                                        on_chunk, stored_lines, stop)
     finally:
-        with sessions.begin() as session:  # stopped or not: its label names the models of what it stored
-            queries.label_job_models(session, job_id, router.models, resumed=stored_lines > 0)
+        label_job(sessions, job_id, router.models, resumed=stored_lines > 0)
     if total_lines is not None:
         with sessions.begin() as session:
             queries.finish_submission(session, job_id, total_lines)
+
+
+def label_job(sessions: sessionmaker[Session], job_id: str, models: Iterable[str], resumed: bool) -> None:
+    """Names the job by the models of what it stored, after a submission stopped or not; a failure here (the
+    database gone) is logged, so that it never hides the error that stopped the submission."""
+    try:
+        with sessions.begin() as session:
+            queries.label_job_models(session, job_id, models, resumed=resumed)
+    except Exception:  # noqa: BLE001 - the submission's own error, if any, is the one to raise
+        log.exception("could not label job %s with its models", job_id)
 
 
 def write_chunks(chunks: Iterable[queries.StagedChunk], job_id: str, options: queries.JobOptions,

@@ -39,7 +39,7 @@ def gather_choices(futures: list[Future], on_choices: OnChoices) -> None:
             completion, error = future.result(), None
         except BaseException as failure:  # noqa: BLE001 - a cancelled one raises CancelledError
             completion, error = None, failure
-        with lock:
+        with lock:  # whoever ends it (the last choice, or the first failure) is decided here, once
             if state["over"]:
                 return
             if error is None:
@@ -48,11 +48,12 @@ def gather_choices(futures: list[Future], on_choices: OnChoices) -> None:
                 state["over"] = state["left"] == 0
             else:
                 state["over"] = True
+            ends_it = state["over"]
         if error is not None:
             for other in futures:
                 other.cancel()
             on_choices(None, error)
-        elif state["left"] == 0:
+        elif ends_it:
             on_choices([result for result in results if result is not None], None)
 
     for index, future in enumerate(futures):

@@ -196,12 +196,14 @@ def dlq_purge(job_id: Annotated[Optional[str], typer.Option("--job", help="only 
     from worker.app import dead_letter_queue, make_celery_app
 
     settings = configured_settings()
-    with command_sessions(settings).begin() as session:
+    sessions = command_sessions(settings)
+    with sessions.begin() as session:
         purged = purge_dead_letters(session, job_id)
     if job_id is None:
         app = make_celery_app(settings)
         with app.connection_for_write() as connection:
-            dead_letter_queue(settings)(connection.default_channel).purge()
+            for queue in deployment_queues(settings, sessions):  # each model's queue has its own dead letters
+                dead_letter_queue(settings, queue)(connection.default_channel).purge()
     console.print(f"{purged} dead-letter records purged")
 
 
