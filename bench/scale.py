@@ -506,6 +506,10 @@ def main() -> None:
     queues: list[dict] = []
     template, copies, seed = None, 0, 1
     connection = psycopg.connect(database_url, autocommit=True)
+    # Plans depend on statistics: with autovacuum off nothing re-analyzes a job's rows while it is submitted.
+    result["server_settings"] = dict(connection.execute(
+        "SELECT name, setting FROM pg_settings WHERE name IN ('autovacuum', 'shared_buffers', 'work_mem', "
+        "'max_wal_size', 'server_version')").fetchall())
     try:
         for fill in sorted(arguments.fill):
             point: dict = {"fill": fill}
