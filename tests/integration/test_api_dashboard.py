@@ -23,8 +23,8 @@ from tests.integration.api_server import write_batch_file
 pytestmark = pytest.mark.integration
 
 CHAT = "/v1/chat/completions"
-# Per refresh: the key's lookup and its rate-limit draw, then the page itself.
-STATEMENTS_PER_REFRESH = 3
+# Per refresh: the key's lookup and its rate-limit draw, then the page's jobs and its workers.
+STATEMENTS_PER_REFRESH = 4
 
 
 @pytest.fixture

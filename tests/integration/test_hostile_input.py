@@ -21,7 +21,7 @@ HOSTILE_LINES: dict[str, tuple[bytes, str]] = {
                       "body.messages: Field required"),
     "unknown url": (b'{"custom_id": "u", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}}',
                     "url: Input should be '/v1/chat/completions' or '/v1/completions'"),
-    "unknown field": (b'{"prompt": "x", "logit_bias": {"1": 5}}', "logit_bias: Extra inputs are not permitted"),
+    "unknown field": (b'{"prompt": "x", "colour": 5}', "colour: unknown parameter 'colour'"),
     "empty line": (b"", "empty line"),
     "10 MB line": (b'{"prompt": "' + b"y" * (10 * 1024 * 1024) + b'"}', "line is longer than 4194304 bytes"),
     "raw NUL byte": (b'{"prompt": "a\x00b"}', "invalid JSON"),
