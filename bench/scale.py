@@ -61,9 +61,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from bench import submit as submit_bench  # noqa: E402 - the same line generator as the submit benchmark
-
-RESULTS_DIRECTORY = REPO_ROOT / "bench" / "results"
-BROKERS = {"redis": "redis://127.0.0.1:6379/13", "rabbitmq": "amqp://guest:guest@127.0.0.1:5672//"}
+from bench.pipeline import BROKERS, RESULTS_DIRECTORY, purge_queue  # noqa: E402
 DATABASE_NAME = "deepbatch_scale"
 TABLES = ("requests", "results", "audit_events", "audit_seals", "jobs", "dead_letters")
 
@@ -163,18 +161,6 @@ def service_env(database_url: str, broker_url: str, queue: str, arguments: argpa
             "DEEPBATCH_DATA_DIR": str(arguments.data_dir / "data"), "DEEPBATCH_METRICS_PORT": "0",
             "DEEPBATCH_ENGINE": "null", "DEEPBATCH_MAX_BATCH_SIZE": str(arguments.max_batch_size),
             "PYTHONPATH": str(arguments.source)}
-
-
-def purge_queue(env: dict) -> None:
-    from kombu import Connection
-
-    with Connection(env["DEEPBATCH_BROKER_URL"]) as connection:
-        channel = connection.default_channel
-        for name in (env["DEEPBATCH_QUEUE_NAME"], env["DEEPBATCH_QUEUE_NAME"] + ".dead"):
-            try:
-                channel.queue_delete(name)
-            except Exception:  # noqa: BLE001 - a queue that was never declared
-                pass
 
 
 # ---- submit and run ----
