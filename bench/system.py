@@ -83,33 +83,25 @@ class RunningSampler(threading.Thread):
 
 def start_workers(settings, count: int, log_directory: Path) -> list:
     """`count` worker processes, worker i on GPU i where the machine has that many, each ready (its engine built
-    and warmed up) before this returns: the job measures a running pool, not the workers' start-up, which
-    differs from worker to worker and would otherwise count against the job whose window it opens."""
+    and warmed up: it writes its ready file, as `run`'s worker does) before this returns: the job measures a
+    running pool, not the workers' start-up, which differs from worker to worker and would otherwise count
+    against the job whose window it opens."""
     import torch
 
+    from producer.cli.progress import wait_for_worker
     from producer.embedded import start_worker_process
 
-    workers, logs = [], []
+    started = []
     for index in range(count):
         if torch.cuda.device_count() >= count > 1:
             os.environ["CUDA_VISIBLE_DEVICES"] = str(index)
-        logs.append(log_directory / f"worker-{count}-{index}.log")
-        logs[-1].unlink(missing_ok=True)
-        workers.append(start_worker_process(settings, logs[-1], loglevel="INFO"))
+        log, ready = log_directory / f"worker-{count}-{index}.log", log_directory / f"worker-{count}-{index}.ready"
+        log.unlink(missing_ok=True)
+        started.append((start_worker_process(settings, log, ready_file=ready), ready, log))
     os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-    wait_until_ready(workers, logs)
-    return workers
-
-
-def wait_until_ready(workers: list, logs: list[Path], timeout: float = 600) -> None:
-    """Until each worker's log has Celery's "<name>@<host> ready.", which it logs after `worker_init`, where
-    the worker builds and warms its engine."""
-    deadline = time.monotonic() + timeout
-    for worker, log in zip(workers, logs):
-        while not re.search(r"@\S+ ready\.", log.read_text(errors="replace") if log.exists() else ""):
-            if worker.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"worker {worker.pid} did not get ready; its log: {log}")
-            time.sleep(0.2)
+    for process, ready, log in started:
+        wait_for_worker(process, ready, log, settings.model)
+    return [process for process, _, _ in started]
 
 
 def kill_later(worker, seconds: float, sampler: RunningSampler) -> threading.Event:

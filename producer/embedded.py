@@ -158,15 +158,14 @@ def worker_pid_file(data_dir: Path) -> Path:
     return data_dir / "worker.pid"
 
 
-def start_worker_process(settings: Settings, log_path: Path, loglevel: str = "WARNING",
-                         ready_file: Path | None = None) -> subprocess.Popen:
+def start_worker_process(settings: Settings, log_path: Path, ready_file: Path | None = None) -> subprocess.Popen:
     """The worker, on `settings`' queue; it creates `ready_file` (removed first) once it takes requests."""
     env = {**os.environ, "DEEPBATCH_DATABASE_URL": settings.database_url or "",
            "DEEPBATCH_BROKER_URL": settings.broker_url or "", "DEEPBATCH_MODEL": settings.model,
            "DEEPBATCH_TENSOR_PARALLEL_SIZE": str(settings.tensor_parallel_size),
            "DEEPBATCH_QUANTIZATION": settings.quantization or "none", "DEEPBATCH_QUEUE_NAME": settings.queue_name}
     log = log_path.open("ab")
-    command = [sys.executable, "-m", "producer.cli", "worker", "--loglevel", loglevel]
+    command = [sys.executable, "-m", "producer.cli", "worker", "--loglevel", "WARNING"]
     if ready_file is not None:
         ready_file.unlink(missing_ok=True)
         command += ["--ready-file", str(ready_file)]
