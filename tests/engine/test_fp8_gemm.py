@@ -36,14 +36,19 @@ def expected_product(x_fp8, x_scale, weight, weight_scale_inv) -> torch.Tensor:
     return fp8_gemm.reference_block_scaled_matmul(x, weight, weight_scale_inv)
 
 
+# The heuristics' own choice, and tiles that load b by rows (the layouts a launch configuration can take).
+CONFIGS = [None, fp8_gemm.GemmTiles(16, 128, 4, 2, b_rows=True), fp8_gemm.GemmTiles(32, 64, 8, 3, b_rows=True)]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["heuristic", "b-rows-16x128", "b-rows-32x64"])
 @pytest.mark.parametrize(("num_rows", "num_columns", "num_inner"), [(5, 200, 320), (70, 384, 256), (1, 64, 576)])
-def test_block_scaled_matmul_equals_the_torch_arithmetic(num_rows, num_columns, num_inner):
+def test_block_scaled_matmul_equals_the_torch_arithmetic(num_rows, num_columns, num_inner, config):
     """Partial blocks in N and K (200 = 1.56 blocks, 576 = 4.5 as DeepSeek-V3's latent), M past one tile."""
     x_fp8, x_scale = activations_and_scales(num_rows, num_inner)
     weight, weight_scale_inv = quantize_weight_blocks(torch.randn(num_columns, num_inner) * 0.02)
     expected = expected_product(x_fp8, x_scale, weight, weight_scale_inv)
     on_device = [tensor.to(DEVICE) for tensor in (x_fp8, x_scale, weight, weight_scale_inv)]
-    output = fp8_gemm.block_scaled_matmul(*on_device, torch.float32).cpu()
+    output = fp8_gemm.block_scaled_matmul(*on_device, torch.float32, config).cpu()
     torch.testing.assert_close(output, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
 
 
@@ -66,7 +71,8 @@ def test_quantize_per_token_group_on_exactly_representable_values():
     assert torch.equal(quantized.cpu().float(), x_fp8.float())
 
 
-def test_grouped_matmul_runs_each_experts_rows_on_its_weights():
+@pytest.mark.parametrize("config", CONFIGS, ids=["heuristic", "b-rows-16x128", "b-rows-32x64"])
+def test_grouped_matmul_runs_each_experts_rows_on_its_weights(config):
     """Rows sorted by expert, some experts with none, one with more than a tile."""
     rows_per_expert = torch.tensor([3, 0, 40, 1, 0])
     num_rows = int(rows_per_expert.sum())
@@ -78,7 +84,7 @@ def test_grouped_matmul_runs_each_experts_rows_on_its_weights():
                             for row, expert in enumerate(expert_of_row.tolist())])
     x = (x_fp8.float() * x_scale.repeat_interleave(128, 1)[:, :192]).to(DEVICE)
     output = fp8_gemm.fp8_grouped_linear(x, weights.to(DEVICE), weight_scales_inv.to(DEVICE),
-                                         rows_per_expert.to(DEVICE)).cpu()
+                                         rows_per_expert.to(DEVICE), config).cpu()
     if DEVICE == "cpu":  # the interpreter's rounding (see above) is spared only where quantizing is exact
         torch.testing.assert_close(output, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
     else:

@@ -17,6 +17,7 @@ stacked experts add a leading expert dimension to both. The kernels accumulate i
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -61,8 +62,9 @@ def quantize_per_token_group(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 def _block_scaled_tile(a_rows, b_columns, a_scale_rows, b_scale_columns, row_inside, column_inside,
                        num_inner, stride_ak, stride_bk, stride_a_scale_k, stride_b_scale_k,
                        k_first_block, k_blocks, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
-    """Σ over K blocks [k_first_block, k_first_block + k_blocks) of (a_fp8 · b_fp8) · a_scale · b_scale."""
+                       BLOCK_K: tl.constexpr, B_ROWS: tl.constexpr):
+    """Σ over K blocks [k_first_block, k_first_block + k_blocks) of (a_fp8 · b_fp8) · a_scale · b_scale.
+    B_ROWS loads b as [BLOCK_N, BLOCK_K] (its rows, contiguous in memory) and transposes in registers."""
     accumulator = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     inner = tl.arange(0, BLOCK_K)
     for k_block in range(k_first_block, k_first_block + k_blocks):
@@ -70,8 +72,12 @@ def _block_scaled_tile(a_rows, b_columns, a_scale_rows, b_scale_columns, row_ins
         k_inside = k < num_inner
         a = tl.load(a_rows[:, None] + k[None, :] * stride_ak, mask=row_inside[:, None] & k_inside[None, :],
                     other=0.0)
-        b = tl.load(b_columns[None, :] + k[:, None] * stride_bk, mask=column_inside[None, :] & k_inside[:, None],
-                    other=0.0)
+        if B_ROWS:
+            b = tl.trans(tl.load(b_columns[:, None] + k[None, :] * stride_bk,
+                                 mask=column_inside[:, None] & k_inside[None, :], other=0.0))
+        else:
+            b = tl.load(b_columns[None, :] + k[:, None] * stride_bk,
+                        mask=column_inside[None, :] & k_inside[:, None], other=0.0)
         a_scale = tl.load(a_scale_rows + k_block * stride_a_scale_k, mask=row_inside, other=0.0)
         b_scale = tl.load(b_scale_columns + k_block * stride_b_scale_k, mask=column_inside, other=0.0)
         accumulator += tl.dot(a, b) * a_scale[:, None] * b_scale[None, :]
@@ -82,7 +88,7 @@ def _block_scaled_tile(a_rows, b_columns, a_scale_rows, b_scale_columns, row_ins
 def _gemm_kernel(a, a_scale, b, b_scale, out, num_rows, num_columns, num_inner, k_blocks_per_split,
                  stride_am, stride_ak, stride_a_scale_m, stride_a_scale_k, stride_bn, stride_bk,
                  stride_b_scale_n, stride_b_scale_k, stride_out_split, stride_out_m,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, B_ROWS: tl.constexpr):
     """out[split] [M, N] = a [M, K] · b [N, K]ᵀ over this split's K blocks (program axis 2)."""
     tile_m, tile_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -94,18 +100,39 @@ def _gemm_kernel(a, a_scale, b, b_scale, out, num_rows, num_columns, num_inner, 
         a + rows.to(tl.int64) * stride_am, b + columns.to(tl.int64) * stride_bn,
         a_scale + rows * stride_a_scale_m, b_scale + (columns // BLOCK_K) * stride_b_scale_n,
         row_inside, column_inside, num_inner, stride_ak, stride_bk, stride_a_scale_k, stride_b_scale_k,
-        k_first_block, k_blocks, BLOCK_M, BLOCK_N, BLOCK_K)
+        k_first_block, k_blocks, BLOCK_M, BLOCK_N, BLOCK_K, B_ROWS)
     targets = out + split * stride_out_split + rows.to(tl.int64)[:, None] * stride_out_m + columns[None, :]
     tl.store(targets, accumulator.to(out.dtype.element_ty), mask=row_inside[:, None] & column_inside[None, :])
 
 
-def gemm_tiles(num_rows: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps): thin tiles for decode-sized M, where the weight read is all the work."""
+@dataclass(frozen=True)
+class GemmTiles:
+    """One launch configuration of the kernels: the output tile, warps, software-pipeline stages, and
+    whether b is loaded by rows (see `_block_scaled_tile`)."""
+
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 3
+    b_rows: bool = False
+
+    def launch(self) -> dict:
+        return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": BLOCK, "B_ROWS": self.b_rows,
+                "num_warps": self.num_warps, "num_stages": self.num_stages}
+
+
+def gemm_tiles(num_rows: int) -> GemmTiles:
+    """Thin tiles for decode-sized M, where the weight read is all the work."""
     if num_rows <= 16:
-        return 16, 64, 4
+        return GemmTiles(16, 64)
     if num_rows <= 64:
-        return 32, 64, 4
-    return 64, 128, 4
+        return GemmTiles(32, 64)
+    return GemmTiles(64, 128)
+
+
+def grouped_tiles(rows_per_expert: int) -> GemmTiles:
+    """Tiles for the routed experts, by the mean rows an expert gets."""
+    return gemm_tiles(rows_per_expert)
 
 
 @lru_cache(maxsize=None)
@@ -122,12 +149,14 @@ def split_k_count(num_tiles: int, k_blocks: int, num_sms: int) -> int:
 
 
 def block_scaled_matmul(x_fp8: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
-                        weight_scale_inv: torch.Tensor, output_dtype: torch.dtype) -> torch.Tensor:
-    """x_fp8 [M, K] (scales [M, K/128]) · weight [N, K]ᵀ (scales [N/128, K/128]) → [M, N] in output_dtype."""
+                        weight_scale_inv: torch.Tensor, output_dtype: torch.dtype,
+                        config: GemmTiles | None = None) -> torch.Tensor:
+    """x_fp8 [M, K] (scales [M, K/128]) · weight [N, K]ᵀ (scales [N/128, K/128]) → [M, N] in output_dtype.
+    `config` overrides the tiles `gemm_tiles` picks (the benchmark's sweep)."""
     num_rows, num_inner = x_fp8.shape
     num_columns = weight.shape[0]
-    block_m, block_n, num_warps = gemm_tiles(num_rows)
-    tiles = (triton.cdiv(num_rows, block_m), triton.cdiv(num_columns, block_n))
+    config = config or gemm_tiles(num_rows)
+    tiles = (triton.cdiv(num_rows, config.block_m), triton.cdiv(num_columns, config.block_n))
     k_blocks = triton.cdiv(num_inner, BLOCK)
     splits = split_k_count(tiles[0] * tiles[1], k_blocks, multiprocessor_count(x_fp8.device))
     k_blocks_per_split = triton.cdiv(k_blocks, splits)
@@ -139,7 +168,7 @@ def block_scaled_matmul(x_fp8: torch.Tensor, x_scale: torch.Tensor, weight: torc
             x_fp8, x_scale, weight, weight_scale_inv, out, num_rows, num_columns, num_inner, k_blocks_per_split,
             x_fp8.stride(0), x_fp8.stride(1), x_scale.stride(0), x_scale.stride(1), weight.stride(0),
             weight.stride(1), weight_scale_inv.stride(0), weight_scale_inv.stride(1), out.stride(0), out.stride(1),
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK, num_warps=num_warps, num_stages=3)
+            **config.launch())
     return out[0] if splits == 1 else out.sum(dim=0).to(output_dtype)
 
 
@@ -159,7 +188,8 @@ def _grouped_gemm_kernel(a, a_scale, b, b_scale, out, tile_experts, tile_first_r
                          num_columns, num_inner, num_experts,
                          stride_am, stride_ak, stride_a_scale_m, stride_a_scale_k, stride_be, stride_bn,
                          stride_bk, stride_b_scale_e, stride_b_scale_n, stride_b_scale_k, stride_out_m,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         B_ROWS: tl.constexpr):
     """One tile of one expert's rows: tile_experts says whose (num_experts: an unused tile of the grid)."""
     tile, tile_n = tl.program_id(0), tl.program_id(1)
     expert = tl.load(tile_experts + tile)
@@ -174,7 +204,7 @@ def _grouped_gemm_kernel(a, a_scale, b, b_scale, out, tile_experts, tile_first_r
         a_scale + rows * stride_a_scale_m,
         b_scale + expert_offset * stride_b_scale_e + (columns // BLOCK_K) * stride_b_scale_n,
         row_inside, column_inside, num_inner, stride_ak, stride_bk, stride_a_scale_k, stride_b_scale_k,
-        0, tl.cdiv(num_inner, BLOCK_K), BLOCK_M, BLOCK_N, BLOCK_K)
+        0, tl.cdiv(num_inner, BLOCK_K), BLOCK_M, BLOCK_N, BLOCK_K, B_ROWS)
     targets = out + rows.to(tl.int64)[:, None] * stride_out_m + columns[None, :]
     tl.store(targets, accumulator.to(out.dtype.element_ty), mask=row_inside[:, None] & column_inside[None, :])
 
@@ -196,21 +226,22 @@ def expert_tiles(rows_per_expert: torch.Tensor, num_rows: int, block_m: int) -> 
 
 
 def fp8_grouped_linear(rows: torch.Tensor, weights: torch.Tensor, weight_scales_inv: torch.Tensor,
-                       rows_per_expert: torch.Tensor) -> torch.Tensor:
-    """rows [R, K] sorted by expert · weights [experts, N, K]ᵀ (scales [experts, N/128, K/128]) → [R, N]."""
+                       rows_per_expert: torch.Tensor, config: GemmTiles | None = None) -> torch.Tensor:
+    """rows [R, K] sorted by expert · weights [experts, N, K]ᵀ (scales [experts, N/128, K/128]) → [R, N].
+    `config` overrides the tiles `grouped_tiles` picks (the benchmark's sweep)."""
     num_rows, num_inner = rows.shape
     num_experts, num_columns = weights.shape[:2]
     rows_fp8, rows_scale = quantize_per_token_group(rows)
-    block_m, block_n, num_warps = gemm_tiles(num_rows // max(num_experts, 1) + 1)
-    tile_experts, tile_first_rows, group_ends = expert_tiles(rows_per_expert, num_rows, block_m)
+    config = config or grouped_tiles(num_rows // max(num_experts, 1) + 1)
+    tile_experts, tile_first_rows, group_ends = expert_tiles(rows_per_expert, num_rows, config.block_m)
     out = torch.empty(num_rows, num_columns, dtype=rows.dtype, device=rows.device)
     if num_rows:
-        _grouped_gemm_kernel[(tile_experts.shape[0], triton.cdiv(num_columns, block_n))](
+        _grouped_gemm_kernel[(tile_experts.shape[0], triton.cdiv(num_columns, config.block_n))](
             rows_fp8, rows_scale, weights, weight_scales_inv, out, tile_experts, tile_first_rows, group_ends,
             num_columns, num_inner, num_experts, rows_fp8.stride(0), rows_fp8.stride(1), rows_scale.stride(0),
             rows_scale.stride(1), weights.stride(0), weights.stride(1), weights.stride(2),
             weight_scales_inv.stride(0), weight_scales_inv.stride(1), weight_scales_inv.stride(2), out.stride(0),
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK, num_warps=num_warps, num_stages=3)
+            **config.launch())
     return out
 
 

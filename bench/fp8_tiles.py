@@ -1,0 +1,169 @@
+"""Which launch configuration of the FP8 kernels (worker/engine/kernels/fp8_gemm.py) is fastest at the shapes
+a decode step runs: a sweep over output tiles, warps, pipeline stages and the layout b is loaded in.
+
+Every call is timed inside a CUDA graph (`--calls` calls per replay, as a decode step runs them), so the
+figure is the GPU's time, not the host's launches. The baseline is what the same projection costs in
+bf16 in the same run: `torch._grouped_mm` for the routed experts, `torch.matmul` for dense projections.
+The FP8 time includes quantizing the activations and, for experts, laying out the tiles. Each
+configuration is timed `--repeats` times; the JSON keeps every configuration's median and the best one
+per shape with its worst and median speedup over bf16.
+
+    python bench/fp8_tiles.py --model deepseek-v2-lite --tokens 256 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.fp8_gemm import EXPERT_SHAPES, SHAPES, relative_error  # noqa: E402
+from worker.engine.kernels import fp8_gemm  # noqa: E402
+from worker.engine.kernels.fp8_blocks import quantize_weight_blocks  # noqa: E402
+
+RESULTS_DIRECTORY = Path(__file__).resolve().parent / "results"
+# Tile rows, tile columns, warps, stages, b by rows.
+GRID = list(itertools.product((16, 32, 64), (64, 128, 256), (4, 8), (3, 4), (False, True)))
+
+
+def parse_arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted({shape[0] for shape in SHAPES}), default="deepseek-v2-lite")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[256, 512], help="tokens of a decode step")
+    parser.add_argument("--calls", type=int, default=20, help="calls captured in one graph")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--output", type=Path)
+    return parser.parse_args()
+
+
+def graph_seconds(function, calls: int, repeats: int) -> list[float]:
+    """Seconds per call of `function`, captured `calls` times in a CUDA graph and replayed `repeats` times."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        function()  # compiles and warms up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            function()
+    graph.replay()
+    seconds = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        seconds.append(start.elapsed_time(end) / 1000 / calls)
+    return seconds
+
+
+def expert_operands(num_tokens: int, num_experts: int, top_k: int, num_columns: int, num_inner: int) -> dict:
+    expert_ids = torch.rand(num_tokens, num_experts, device="cuda").topk(top_k, dim=-1).indices.flatten()
+    rows_per_expert = torch.bincount(expert_ids, minlength=num_experts)
+    weights_bf16 = (torch.randn(num_experts, num_columns, num_inner, device="cuda") * 0.02).to(torch.bfloat16)
+    weights = torch.empty(weights_bf16.shape, dtype=torch.float8_e4m3fn, device="cuda")
+    scales = torch.empty(num_experts, -(-num_columns // 128), -(-num_inner // 128), device="cuda")
+    for expert in range(num_experts):
+        weights[expert], scales[expert] = quantize_weight_blocks(weights_bf16[expert])
+    return {"rows": torch.randn(expert_ids.shape[0], num_inner, device="cuda", dtype=torch.bfloat16),
+            "rows_per_expert": rows_per_expert, "weights_bf16": weights_bf16, "weights": weights, "scales": scales,
+            "offsets": torch.cumsum(rows_per_expert, dim=0, dtype=torch.int32)}
+
+
+def sweep(baseline, fp8_call, reference: torch.Tensor, arguments) -> dict:
+    """Every configuration of GRID against the bf16 baseline; configurations that fail or miss are noted."""
+    bf16_seconds = graph_seconds(baseline, arguments.calls, arguments.repeats)
+    configurations = []
+    for block_m, block_n, num_warps, num_stages, b_rows in GRID:
+        config = fp8_gemm.GemmTiles(block_m, block_n, num_warps, num_stages, b_rows)
+        entry = {"config": [block_m, block_n, num_warps, num_stages, b_rows]}
+        try:
+            entry["error"] = relative_error(fp8_call(config), reference)
+            seconds = graph_seconds(lambda: fp8_call(config), arguments.calls, arguments.repeats)
+        except Exception as error:  # noqa: BLE001 - a configuration the compiler refuses is a result too
+            entry["failed"] = f"{type(error).__name__}: {str(error)[:120]}"
+            configurations.append(entry)
+            continue
+        entry["us_median"] = round(1e6 * statistics.median(seconds), 1)
+        entry["seconds"] = seconds
+        configurations.append(entry)
+    timed = [entry for entry in configurations if "seconds" in entry and entry["error"] < 0.01]
+    best = min(timed, key=lambda entry: statistics.median(entry["seconds"]))
+    return {"bf16_us_median": round(1e6 * statistics.median(bf16_seconds), 1),
+            "default_us_median": round(1e6 * statistics.median(
+                graph_seconds(lambda: fp8_call(None), arguments.calls, arguments.repeats)), 1),
+            "best": {"config": best["config"], "us_median": best["us_median"],
+                     "speedup_worst": round(min(bf16_seconds) / max(best["seconds"]), 3),
+                     "speedup_median": round(statistics.median(bf16_seconds) / statistics.median(best["seconds"]), 3)},
+            "configurations": [{key: value for key, value in entry.items() if key != "seconds"}
+                               for entry in configurations]}
+
+
+def sweep_experts(model: str, num_tokens: int, arguments) -> list[dict]:
+    results = []
+    for name, num_experts, top_k, intermediate, hidden in EXPERT_SHAPES:
+        if name != model:
+            continue
+        for projection, num_columns, num_inner in (("gate_up_proj", 2 * intermediate, hidden),
+                                                   ("down_proj", hidden, intermediate)):
+            operands = expert_operands(num_tokens, num_experts, top_k, num_columns, num_inner)
+            baseline = lambda: torch._grouped_mm(operands["rows"], operands["weights_bf16"].transpose(1, 2),  # noqa: E731
+                                                 offs=operands["offsets"])
+            fp8_call = lambda config: fp8_gemm.fp8_grouped_linear(  # noqa: E731
+                operands["rows"], operands["weights"], operands["scales"], operands["rows_per_expert"], config)
+            entry = {"model": model, "projection": f"experts {projection}", "tokens": num_tokens,
+                     "rows_per_expert_mean": num_tokens * top_k / num_experts, "N": num_columns, "K": num_inner}
+            entry.update(sweep(baseline, fp8_call, baseline(), arguments))
+            print(json.dumps({key: value for key, value in entry.items() if key != "configurations"}), flush=True)
+            results.append(entry)
+            del operands
+    return results
+
+
+def sweep_dense(model: str, num_rows: int, arguments) -> list[dict]:
+    results = []
+    for name, projection, num_columns, num_inner in SHAPES:
+        if name != model:
+            continue
+        x = torch.randn(num_rows, num_inner, device="cuda", dtype=torch.bfloat16)
+        weight_bf16 = (torch.randn(num_columns, num_inner, device="cuda") * 0.02).to(torch.bfloat16)
+        weight, scale = quantize_weight_blocks(weight_bf16)
+        baseline = lambda: torch.matmul(x, weight_bf16.T)  # noqa: E731
+
+        def fp8_call(config):
+            x_fp8, x_scale = fp8_gemm.quantize_per_token_group(x)
+            return fp8_gemm.block_scaled_matmul(x_fp8, x_scale, weight, scale, torch.bfloat16, config)
+
+        entry = {"model": model, "projection": projection, "M": num_rows, "N": num_columns, "K": num_inner}
+        entry.update(sweep(baseline, fp8_call, baseline(), arguments))
+        print(json.dumps({key: value for key, value in entry.items() if key != "configurations"}), flush=True)
+        results.append(entry)
+    return results
+
+
+def main() -> None:
+    arguments = parse_arguments()
+    torch.manual_seed(0)
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "model": arguments.model,
+              "calls_per_graph": arguments.calls, "repeats": arguments.repeats,
+              "grid": "block_m, block_n, num_warps, num_stages, b_rows", "experts": [], "dense": []}
+    for num_tokens in arguments.tokens:
+        result["experts"] += sweep_experts(arguments.model, num_tokens, arguments)
+        result["dense"] += sweep_dense(arguments.model, num_tokens, arguments)
+    device = torch.cuda.get_device_name().lower().replace(" ", "-")
+    output = arguments.output or RESULTS_DIRECTORY / f"fp8-tiles-{device}-{arguments.model}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
