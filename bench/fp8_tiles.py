@@ -156,13 +156,15 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "model": arguments.model,
               "calls_per_graph": arguments.calls, "repeats": arguments.repeats,
               "grid": "block_m, block_n, num_warps, num_stages, b_rows", "experts": [], "dense": []}
-    for num_tokens in arguments.tokens:
-        result["experts"] += sweep_experts(arguments.model, num_tokens, arguments)
-        result["dense"] += sweep_dense(arguments.model, num_tokens, arguments)
     device = torch.cuda.get_device_name().lower().replace(" ", "-")
     output = arguments.output or RESULTS_DIRECTORY / f"fp8-tiles-{device}-{arguments.model}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2) + "\n")
+    # Experts first (most of a MoE decode step), and the file rewritten after each: a sweep cut short keeps
+    # what it measured.
+    for kind, sweep_shapes in (("experts", sweep_experts), ("dense", sweep_dense)):
+        for num_tokens in arguments.tokens:
+            result[kind] += sweep_shapes(arguments.model, num_tokens, arguments)
+            output.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":
