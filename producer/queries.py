@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from producer.reader import ReadLine
 from schema.cache import CacheScope
 from schema.tables import AuditEvent, DeadLetter, Job, Request, RequestState, Result
-from worker.transitions import move
+from worker.transitions import counted, move
 
 
 def new_job_id() -> str:
@@ -98,7 +98,7 @@ DROP_STAGING = "DROP TABLE submit_staging"  # so a second chunk in the same tran
 # and may scan ix_requests_job_id_state (the whole job so far, per duplicate: submit fell from 8,000 to
 # 1,500 lines/s over 500,000 lines, bench/results/scale-redis-1m.json); priced as an average job, only
 # uq_requests_job_id_custom_id, one entry, is cheap.
-INSERT_STAGED = text("""
+INSERT_STAGED = text(f"""
     WITH inserted AS (
         INSERT INTO requests (job_id, line_no, custom_id, url, body, state, attempt, max_attempts, priority,
                               queue, cache_key)
@@ -128,7 +128,7 @@ INSERT_STAGED = text("""
         SELECT :job_id, line_no, custom_id, 'failed', 0, :max_attempts, :priority, :queue,
                line_error, error_code, 'line ' || line_no || ': ' || line_error
         FROM rejections
-        RETURNING id, line_no, error_message
+        RETURNING id, line_no, error_code, error_message
     ), audited AS (
         INSERT INTO audit_events (job_id, request_id, event, to_state, attempt, detail)
         SELECT :job_id, id, event, to_state, 0, detail FROM (
@@ -137,7 +137,14 @@ INSERT_STAGED = text("""
             SELECT id, line_no, 'rejected', 'failed', error_message FROM rejected
         ) AS events
         ORDER BY line_no
-    )
+    ), moves AS (
+        SELECT :job_id AS job_id, NULL AS from_state, '' AS from_label, 'queued' AS to_state, '' AS to_label,
+               count(*) AS requests, 0 AS rejected, 0 AS cache_hit, 0 AS prompt_tokens, 0 AS completion_tokens
+        FROM inserted HAVING count(*) > 0
+        UNION ALL
+        SELECT :job_id, NULL, '', 'failed', coalesce(error_code, ''), count(*), count(*), 0, 0, 0
+        FROM rejected GROUP BY error_code
+    ), {counted("moves")}
     SELECT id, queue FROM inserted ORDER BY line_no
 """)
 
@@ -377,11 +384,16 @@ def job_progress(session: Session, job_id: str) -> JobProgress | None:
     return JobProgress(**row) if row else None
 
 
+# The newest jobs are chosen first (ix_jobs_created_at), then only theirs are counted.
+RECENT_JOBS = text(f"""
+    SELECT {PROGRESS_COLUMNS} FROM job_progress
+    WHERE job_id IN (SELECT id FROM jobs ORDER BY created_at DESC LIMIT :limit)
+    ORDER BY created_at DESC
+""")
+
+
 def recent_jobs(session: Session, limit: int = 20) -> list[JobProgress]:
-    rows = session.execute(
-        text(f"SELECT {PROGRESS_COLUMNS} FROM job_progress ORDER BY created_at DESC LIMIT :limit"),
-        {"limit": limit},
-    ).mappings()
+    rows = session.execute(RECENT_JOBS, {"limit": limit}).mappings()
     return [JobProgress(**row) for row in rows]
 
 
@@ -462,9 +474,7 @@ def purge_dead_letters(session: Session, job_id: str | None = None) -> int:
 
 # ---- what the CLI shows beside a job's counts ----
 
-REJECTED_LINES = text("""
-    SELECT count(*) FROM requests WHERE job_id = :job_id AND state = 'failed' AND line_error IS NOT NULL
-""")
+REJECTED_LINES = text("SELECT coalesce(sum(rejected), 0)::bigint FROM job_counts WHERE job_id = :job_id")
 
 
 def rejected_line_count(session: Session, job_id: str) -> int:
@@ -472,8 +482,10 @@ def rejected_line_count(session: Session, job_id: str) -> int:
     return session.execute(REJECTED_LINES, {"job_id": job_id}).scalar_one()
 
 
+# A succeeded request's count is labelled with the model of its result (schema/tables.py: JobCount).
 RESULT_MODELS = text("""
-    SELECT model, count(*) AS count FROM results WHERE job_id = :job_id GROUP BY model ORDER BY 2 DESC, 1
+    SELECT label AS model, sum(requests)::bigint AS count FROM job_counts WHERE job_id = :job_id AND state = 'succeeded'
+    GROUP BY label HAVING sum(requests) > 0 ORDER BY 2 DESC, 1
 """)
 
 

@@ -64,6 +64,8 @@ def created_at_column() -> Mapped[datetime]:
 
 class Job(Base):
     __tablename__ = "jobs"
+    # The newest jobs first (`deepbatch jobs`, the dashboard): a page of them without sorting every job.
+    __table_args__ = (Index("ix_jobs_created_at", "created_at"),)
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)  # batch_<uuid hex>
     input_file: Mapped[str] = mapped_column(Text)
@@ -103,6 +105,9 @@ class Request(Base):
         ),
         Index("ix_requests_job_id_line_no", "job_id", "line_no", unique=True),
         Index("ix_requests_job_id_state", "job_id", "state"),
+        # A job's first failure of each error code (the dashboard), without reading all its failures.
+        Index("ix_requests_job_id_error_code", "job_id", "error_code", "line_no",
+              postgresql_where=text("error_code IS NOT NULL")),
         Index("ix_requests_cache_key_succeeded", "cache_key", postgresql_where=text("state = 'succeeded'")),
         # What a worker claims next: the most urgent queued request, oldest first.
         Index("ix_requests_queued_by_priority", "queue", text("priority DESC"), "id",
@@ -141,11 +146,13 @@ class Request(Base):
 
 class Result(Base):
     __tablename__ = "results"
+    # A job's results of the last minutes (the dashboard's rate) without reading the others (migration 0018).
+    __table_args__ = (Index("ix_results_job_id_created_at", "job_id", "created_at"),)
 
     request_id: Mapped[int] = mapped_column(ForeignKey("requests.id", ondelete="CASCADE"), primary_key=True)
     # No foreign key of its own: the request's already ties the row to its job (and cascades), and a
     # second check per row cost the recorder a tenth of its database time (migration 0008).
-    job_id: Mapped[str] = mapped_column(String(64), index=True)
+    job_id: Mapped[str] = mapped_column(String(64))
     text: Mapped[str] = mapped_column(Text)
     finish_reason: Mapped[str] = mapped_column(String(16))
     prompt_tokens: Mapped[int] = mapped_column(Integer)
@@ -160,6 +167,31 @@ class Result(Base):
     # A request with n > 1: its choices 1..n-1 (the first is this row's own columns, and completion_tokens
     # counts every choice's tokens); schema/logprobs.py: stored_choice; migration 0017.
     choices: Mapped[list[Any] | None] = mapped_column(JSONB)
+
+
+class JobCount(Base):
+    """How many of a job's requests are in a state, kept by every transition in its own statement, so that
+    progress is read from a few rows whatever the job's size (counting its requests took seconds at a
+    million). Summed on read over `label` and `shard` (job_progress does).
+
+    `shard` is the writing backend's pid: no two transactions open at once write the same row, so workers
+    never wait on one another's counts (nor deadlock over them). A shard's count may be negative — a request
+    claimed by one backend and recorded by another — the sum is what counts. `label`: for succeeded, the
+    model that answered; for failed and dead, the error code; else ''. Migration 0018 backfilled it.
+    """
+
+    __tablename__ = "job_counts"
+
+    job_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    state: Mapped[RequestState] = mapped_column(request_state_type, primary_key=True)
+    label: Mapped[str] = mapped_column(Text, primary_key=True)
+    shard: Mapped[int] = mapped_column(Integer, primary_key=True)
+    requests: Mapped[int] = mapped_column(BigInteger)
+    rejected: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))  # failed lines refused at submission
+    cache_hits: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))  # succeeded with a reused result
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))  # of the succeeded
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    last_finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # a request entered this final state
 
 
 class AuditEvent(Base):

@@ -20,6 +20,7 @@ would let the worker that lost the request (hung, not dead) record over the atte
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -100,6 +101,50 @@ def _arrays(**types: Any) -> list:
     return [bindparam(name, type_=ARRAY(type_)) for name, type_ in types.items()]
 
 
+# ---- progress counts: each statement that moves requests adds what it did to job_counts ----
+
+def counted(moves: str) -> str:
+    """The CTE `counted`: adds to job_counts (schema/tables.py: JobCount) what the rows of `moves` did, one
+    row per (job, state, label) per statement. `moves` names a CTE of job_id, from_state (NULL for a new
+    row), from_label, to_state, to_label, requests (how many moved so: 1 for a row moved), rejected,
+    cache_hit, prompt_tokens, completion_tokens (a label is the model for succeeded, the error code for failed and dead, else ''). The rows are written in key
+    order under this backend's shard, so the statement waits on no other writer's counts."""
+    return f"""
+    counted AS (
+        INSERT INTO job_counts AS c (job_id, state, label, shard, requests, rejected, cache_hits, prompt_tokens,
+                                     completion_tokens, last_finished_at)
+        SELECT job_id, state, label, pg_backend_pid(), sum(requests), sum(rejected), sum(cache_hits),
+               sum(prompt_tokens), sum(completion_tokens),
+               CASE WHEN state NOT IN ('queued', 'running') AND max(requests) > 0 THEN now() END
+        FROM (
+            SELECT job_id, CAST(to_state AS request_state) AS state, to_label AS label, requests, rejected,
+                   cache_hit AS cache_hits, prompt_tokens, completion_tokens
+            FROM {moves}
+            UNION ALL
+            SELECT job_id, CAST(from_state AS request_state), from_label, -requests, 0, 0, 0, 0
+            FROM {moves} WHERE from_state IS NOT NULL
+        ) AS deltas
+        GROUP BY job_id, state, label
+        ORDER BY job_id, state, label
+        ON CONFLICT (job_id, state, label, shard) DO UPDATE
+        SET requests = c.requests + excluded.requests, rejected = c.rejected + excluded.rejected,
+            cache_hits = c.cache_hits + excluded.cache_hits, prompt_tokens = c.prompt_tokens + excluded.prompt_tokens,
+            completion_tokens = c.completion_tokens + excluded.completion_tokens,
+            last_finished_at = coalesce(excluded.last_finished_at, c.last_finished_at)
+    )"""
+
+
+def plain_moves(source: str, from_state: str, to_state: str) -> str:
+    """A `moves` CTE (see counted) for rows of `source` that went from `from_state` to `to_state`, both
+    SQL expressions over its columns, neither of them failed, dead nor succeeded (no label)."""
+    return f"""
+    moves AS (
+        SELECT job_id, {from_state} AS from_state, '' AS from_label, {to_state} AS to_state, '' AS to_label,
+               1 AS requests, 0 AS rejected, 0 AS cache_hit, 0 AS prompt_tokens, 0 AS completion_tokens
+        FROM {source}
+    )"""
+
+
 # The claimed rows come back as one JSON document (ClaimedRequest's fields, in order): json.loads runs in
 # C, where the driver's and SQLAlchemy's per-row work would hold the GIL against the engine's step loop.
 CLAIMED_COLUMNS = """
@@ -124,7 +169,9 @@ def _claim_statement(picked: str) -> TextClause:
         audited AS (
             INSERT INTO audit_events (job_id, request_id, event, from_state, to_state, attempt, worker)
             SELECT job_id, id, 'started', from_state, 'running', attempt, :worker FROM claimed
-        )
+        ),
+        {plain_moves("claimed", "from_state", "'running'")},
+        {counted("moves")}
         {CLAIMED_COLUMNS}
     """)
 
@@ -156,7 +203,7 @@ CLAIM_GROUP = _claim_statement("""
 # A batch (successes here, failures below) arrives as one JSON array of rows: json.dumps runs in C, where binding one array per column
 # costs the worker's Python (and so the engine's step loop) several times more GIL time (measured).
 # A success clears the error of an earlier attempt (audit_events keeps it): a succeeded request carries no error code.
-RECORD_SUCCESSES = text("""
+RECORD_SUCCESSES = text(f"""
     WITH finished AS (
         SELECT * FROM jsonb_to_recordset(CAST(:rows AS jsonb))
             AS f(id bigint, attempt int, text text, finish_reason text, prompt_tokens int, completion_tokens int,
@@ -183,11 +230,18 @@ RECORD_SUCCESSES = text("""
         SELECT job_id, id, 'succeeded', 'running', 'succeeded', attempt, :worker,
                'result reused from request ' || cached_from
         FROM moved ORDER BY id
-    )
+    ),
+    moves AS (
+        SELECT job_id, 'running' AS from_state, '' AS from_label, 'succeeded' AS to_state, :model AS to_label,
+               1 AS requests, 0 AS rejected, (cached_from IS NOT NULL)::int AS cache_hit, prompt_tokens,
+               completion_tokens
+        FROM moved
+    ),
+    {counted("moves")}
     SELECT id FROM moved
 """)
 
-RECORD_FAILURES = text("""
+RECORD_FAILURES = text(f"""
     WITH ended AS (
         SELECT * FROM jsonb_to_recordset(CAST(:rows AS jsonb))
             AS e(id bigint, attempt int, to_state text, error_code text, error_message text, retry_after_s float8)
@@ -199,7 +253,7 @@ RECORD_FAILURES = text("""
             retry_after = CASE WHEN e.to_state = 'queued' THEN now() + make_interval(secs => e.retry_after_s) END
         FROM ended e
         WHERE r.id = e.id AND r.state = 'running' AND r.attempt = e.attempt
-        RETURNING r.id, r.job_id, r.attempt, e.to_state, e.error_code || ': ' || e.error_message AS detail
+        RETURNING r.id, r.job_id, r.attempt, e.to_state, e.error_code, e.error_code || ': ' || e.error_message AS detail
     ),
     buried AS (
         INSERT INTO dead_letters (request_id, job_id, attempts, last_error)
@@ -212,7 +266,14 @@ RECORD_FAILURES = text("""
                CASE to_state WHEN 'queued' THEN 'retried' WHEN 'dead' THEN 'dead_lettered' ELSE 'failed' END,
                'running', to_state, attempt, :worker, detail
         FROM moved ORDER BY id
-    )
+    ),
+    moves AS (
+        SELECT job_id, 'running' AS from_state, '' AS from_label, to_state,
+               CASE WHEN to_state IN ('failed', 'dead') THEN coalesce(error_code, '') ELSE '' END AS to_label,
+               1 AS requests, 0 AS rejected, 0 AS cache_hit, 0 AS prompt_tokens, 0 AS completion_tokens
+        FROM moved
+    ),
+    {counted("moves")}
     SELECT id, job_id, attempt, to_state, detail FROM moved
 """)
 
@@ -284,7 +345,14 @@ RECLAIM_EXPIRED = text(f"""
         SELECT job_id, id, CASE to_state WHEN 'dead' THEN 'dead_lettered' ELSE 'requeued' END, 'running', to_state,
                attempt, :worker, error_message
         FROM moved ORDER BY id
-    )
+    ),
+    moves AS (
+        SELECT job_id, 'running' AS from_state, '' AS from_label, to_state,
+               CASE to_state WHEN 'dead' THEN '{WORKER_LOST}' ELSE '' END AS to_label,
+               1 AS requests, 0 AS rejected, 0 AS cache_hit, 0 AS prompt_tokens, 0 AS completion_tokens
+        FROM moved
+    ),
+    {counted("moves")}
     SELECT id, job_id, attempt, to_state, isolation_group, '{WORKER_LOST}: ' || error_message AS error
     FROM moved ORDER BY id
 """)
@@ -292,7 +360,7 @@ RECLAIM_EXPIRED = text(f"""
 # What a worker whose circuit opened (worker/circuit.py) held: running → queued, the attempt not counted,
 # into the isolation group each had (none, for most). Guarded by the worker and the attempt, so a request
 # that another worker has taken back meanwhile is left alone.
-GIVE_BACK = text("""
+GIVE_BACK = text(f"""
     WITH given AS (
         SELECT * FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS g(id bigint, attempt int, detail text)
     ),
@@ -309,7 +377,9 @@ GIVE_BACK = text("""
         SELECT job_id, id, 'given_back', 'running', 'queued', attempt, :worker,
                detail || '; attempt ' || attempt || ' not counted (attempts allowed: ' || max_attempts || ')'
         FROM moved ORDER BY id
-    )
+    ),
+    {plain_moves("moved", "'running'", "'queued'")},
+    {counted("moves")}
     SELECT id, isolation_group FROM moved ORDER BY id
 """)
 
@@ -478,20 +548,43 @@ class Transitions:
                                                           "failed_here": FAILED_HERE + "%"}))
 
 
+# What move() did, counted per job and label in Python (a cancel moves a whole job), added in one statement.
+ADD_COUNTS = text(f"""
+    WITH moves AS (
+        SELECT * FROM jsonb_to_recordset(CAST(:moves AS jsonb))
+            AS m(job_id text, from_state text, from_label text, to_state text, to_label text, rejected int,
+                 cache_hit int, prompt_tokens int, completion_tokens int, requests int)
+    ),
+    {counted("moves")}
+    SELECT 1
+""")
+LABELLED_STATES = (RequestState.failed, RequestState.dead)  # by error code; succeeded (by model) is the recorder's
+
+
 def move(session: Session, which: ColumnElement[bool], from_state: RequestState, to_state: RequestState,
          event: str, actor: str, detail: str | None = None, **values: Any) -> list[Any]:
-    """Every request matching `which` and in `from_state` → `to_state` with one audit event each (no commit).
+    """Every request matching `which` and in `from_state` → `to_state` with one audit event each, and the
+    job_counts they change (no commit).
 
     For the job-level operations (cancel, expiry, requeue from the dead-letter queue); returns
     (id, job_id, attempt) of the rows moved.
     """
+    assert RequestState.succeeded not in (from_state, to_state) and "error_code" not in values
     rows = session.execute(
         update(Request).where(which, Request.state == from_state)
-        .values(state=to_state, **values).returning(Request.id, Request.job_id, Request.attempt)
+        .values(state=to_state, **values).returning(Request.id, Request.job_id, Request.attempt, Request.error_code)
     ).all()
     append_events(session, [AuditRow(job_id=row.job_id, request_id=row.id, event=event, from_state=from_state.value,
                                      to_state=to_state.value, attempt=row.attempt, worker=actor, detail=detail)
                             for row in rows])
+    moved = Counter((row.job_id, row.error_code or "") for row in rows)
+    if moved:
+        label = lambda state, error_code: error_code if state in LABELLED_STATES else ""  # noqa: E731
+        session.execute(ADD_COUNTS, {"moves": json.dumps([
+            {"job_id": job_id, "from_state": from_state.value, "from_label": label(from_state, error_code),
+             "to_state": to_state.value, "to_label": label(to_state, error_code), "rejected": 0, "cache_hit": 0,
+             "prompt_tokens": 0, "completion_tokens": 0, "requests": count}
+            for (job_id, error_code), count in sorted(moved.items())])})
     return rows
 
 

@@ -65,8 +65,8 @@ def draw_token(session: Session, key_id: str, rate: float, burst: int) -> float:
 
 
 QUEUED_LINES = text("""
-    SELECT count(*) FROM requests AS r JOIN jobs AS j ON j.id = r.job_id
-    WHERE j.owner_key_id = :key_id AND r.state IN ('queued', 'running')
+    SELECT coalesce(sum(n.requests), 0)::bigint FROM job_counts AS n JOIN jobs AS j ON j.id = n.job_id
+    WHERE j.owner_key_id = :key_id AND n.state IN ('queued', 'running')
 """)
 # Checking a key's queued lines and storing a batch's are one step per key, across server processes: a
 # transaction holds this advisory lock (namespace, hashtext(key id)) from the count until the batch is stored.
@@ -173,7 +173,7 @@ def list_jobs(session: Session, owner_key_id: str | None, limit: int, after: str
 
 BATCH_USAGE = text("""
     SELECT coalesce(sum(prompt_tokens), 0) AS input_tokens, coalesce(sum(completion_tokens), 0) AS output_tokens
-    FROM results WHERE job_id = :job_id
+    FROM job_counts WHERE job_id = :job_id AND state = 'succeeded'
 """)
 
 
@@ -228,12 +228,16 @@ DASHBOARD_PAGE = text("""
         FROM results WHERE job_id = page.id AND created_at > now() - make_interval(secs => :window_s)
     ) AS recent
     CROSS JOIN LATERAL (
-        SELECT coalesce(json_agg(top ORDER BY top.count DESC, top.code), '[]') AS failures
-        FROM (SELECT error_code AS code, count(*) AS count, min(line_no) AS first_line,
-                     (array_agg(coalesce(line_error, error_message) ORDER BY line_no))[1] AS first_message
-              FROM requests
-              WHERE job_id = page.id AND state IN ('failed', 'dead') AND error_code IS NOT NULL
-              GROUP BY error_code ORDER BY count(*) DESC, error_code LIMIT :failures) AS top
+        SELECT coalesce(json_agg(json_build_object('code', top.code, 'count', top.count, 'first_line', first.line_no,
+                                                   'first_message', first.message)
+                                 ORDER BY top.count DESC, top.code), '[]') AS failures
+        FROM (SELECT label AS code, sum(requests)::bigint AS count FROM job_counts  -- failed and dead are counted by code
+              WHERE job_id = page.id AND state IN ('failed', 'dead') AND label <> ''
+              GROUP BY label HAVING sum(requests) > 0 ORDER BY 2 DESC, 1 LIMIT :failures) AS top
+        CROSS JOIN LATERAL (  -- each code's first line: ix_requests_job_id_error_code, in line order
+              SELECT line_no, coalesce(line_error, error_message) AS message FROM requests
+              WHERE job_id = page.id AND error_code = top.code AND state IN ('failed', 'dead')
+              ORDER BY line_no LIMIT 1) AS first
     ) AS failures
     ORDER BY page.created_at DESC, page.id DESC
 """)
