@@ -8,46 +8,52 @@ characters, so every line stays valid JSON.
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from sqlalchemy.orm import Session
 
-from producer.queries import export_rows
-from schema.lines import error_line, output_line
+from producer.queries import EXPORT_ERRORS, EXPORT_RESULTS, export_lines
+from schema.lines import output_line
 from schema.logprobs import choices_hold_escapes, from_stored_logprobs, holds_escapes, restored_choices
 from schema.stored_text import ESCAPE, from_stored
 from schema.tables import RequestState
 
+# What the error file holds (queries.EXPORT_ERRORS, which also gives OpenAI Batch's codes for requests a job
+# never ran: batch_cancelled, batch_expired).
 ERROR_STATES = (RequestState.failed, RequestState.dead, RequestState.cancelled, RequestState.expired)
-# OpenAI Batch's codes for requests a job never ran.
-UNRUN_CODES = {RequestState.cancelled: "batch_cancelled", RequestState.expired: "batch_expired"}
 
 
 def write_results(session: Session, job_id: str, stream: IO[str]) -> int:
+    """The output file: Postgres writes almost every line (queries.EXPORT_RESULTS); those that need
+    Python (log-probabilities, further choices, escaped text) are written here from their columns."""
     count = 0
-    for row in export_rows(session, job_id, [RequestState.succeeded]):
-        stored = row["text"]
-        line = output_line(
-            request_id=row["id"], custom_id=row["custom_id"], url=row["url"], model=row["model"],
-            created=int(row["created_at"].timestamp()), text=from_stored(stored), finish_reason=row["finish_reason"],
-            prompt_tokens=row["prompt_tokens"], completion_tokens=row["completion_tokens"],
-            logprobs=from_stored_logprobs(row["logprobs"]), more_choices=restored_choices(row["choices"]),
-        )
-        # A restored lone surrogate cannot be written as UTF-8: such a line spells it as a JSON escape.
-        escaped = ESCAPE in stored or holds_escapes(row["logprobs"]) or choices_hold_escapes(row["choices"])
-        stream.write(json.dumps(line, ensure_ascii=escaped) + "\n")
+    for line, *columns in export_lines(session, EXPORT_RESULTS, job_id):
+        stream.write(line + "\n" if line is not None else python_result_line(*columns))
         count += 1
     return count
 
 
+def python_result_line(request_id: int, custom_id: str, url: str, model: str, created_at: datetime, stored: str,
+                       finish_reason: str, prompt_tokens: int, completion_tokens: int, logprobs: list[Any] | None,
+                       choices: list[Any] | None) -> str:
+    line = output_line(
+        request_id=request_id, custom_id=custom_id, url=url, model=model, created=int(created_at.timestamp()),
+        text=from_stored(stored), finish_reason=finish_reason, prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens, logprobs=from_stored_logprobs(logprobs),
+        more_choices=restored_choices(choices),
+    )
+    # A restored lone surrogate cannot be written as UTF-8: such a line spells it as a JSON escape.
+    escaped = ESCAPE in stored or holds_escapes(logprobs) or choices_hold_escapes(choices)
+    return json.dumps(line, ensure_ascii=escaped) + "\n"
+
+
 def write_errors(session: Session, job_id: str, stream: IO[str]) -> int:
+    """The error file, every line as Postgres writes it (queries.EXPORT_ERRORS)."""
     count = 0
-    for row in export_rows(session, job_id, ERROR_STATES):
-        code = UNRUN_CODES.get(row["state"]) or row["error_code"] or row["state"].value
-        message = row["error_message"] or f"the job was {row['state'].value} before this request ran"
-        line = error_line(row["id"], row["custom_id"], row["line_no"], code, message)
-        stream.write(json.dumps(line, ensure_ascii=False) + "\n")
+    for (line,) in export_lines(session, EXPORT_ERRORS, job_id):
+        stream.write(line + "\n")
         count += 1
     return count
 
