@@ -232,10 +232,11 @@ def purge_audit(sessions: sessionmaker[Session], cutoff: datetime, key: bytes | 
         seals = AUDIT_SEALS_PER_STEP if step else seals * 2
 
 
-def vacuum(sessions: sessionmaker[Session], tables: Iterable[str] = ("requests", "results", "audit_events",
-                                                                     "audit_seals", "dead_letters", "jobs")) -> None:
+def vacuum(sessions: sessionmaker[Session]) -> None:
     """VACUUM (ANALYZE) the tables a purge shrinks: their free space is reused by new rows, and the planner
     sees their new sizes. It returns to the OS only empty pages at a table's end (README: Retention)."""
+    with sessions() as session:
+        tables = ["jobs", "requests", "files", "audit_events", "audit_seals", *session.scalars(JOB_KEYED_TABLES)]
     engine = sessions.kw["bind"]
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
         for table in tables:
