@@ -236,3 +236,9 @@ def test_a_bad_age_is_refused_naming_the_option(deployment: Deployment, age: str
                                                ("2w", timedelta(weeks=2))])
 def test_good_ages(age: str, expected: timedelta) -> None:
     assert retention.parse_age(age) == expected
+
+
+def test_a_purge_never_takes_the_audit_log_back_further_than_its_own_retention() -> None:
+    audit_retention = timedelta(days=180)
+    assert retention.audit_cutoff(NOW - timedelta(days=30), NOW, audit_retention) == NOW - audit_retention
+    assert retention.audit_cutoff(NOW - timedelta(days=400), NOW, audit_retention) == NOW - timedelta(days=400)

@@ -5,6 +5,7 @@ The work is producer/retention.py's; this module parses the age, shows what goes
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -80,7 +81,7 @@ def show_dry_run(session: Session, jobs: list[PurgeableJob], cutoff: datetime, a
     console.print("dry run: nothing was changed")
 
 
-def purge_with_progress(sessions: sessionmaker[Session], jobs: list[PurgeableJob], files_dir, chunk: int,
+def purge_with_progress(sessions: sessionmaker[Session], jobs: list[PurgeableJob], files_dir: Path, chunk: int,
                         audit_cutoff: datetime, key: bytes | None) -> None:
     from producer.retention import purge_audit, purge_job
 
