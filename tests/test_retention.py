@@ -57,7 +57,8 @@ def add_job(deployment: Deployment, job_id: str, age: timedelta, states: list[st
     them), its output and error files; every request last changed `changed_age` ago (default `age`)."""
     created, changed = NOW - age, NOW - (changed_age or age)
     with Session(deployment.engine) as session, session.begin():
-        if input_file_id and session.scalar(text("SELECT count(*) FROM files WHERE id = :id"), {"id": input_file_id}) == 0:
+        stored = session.scalar(text("SELECT count(*) FROM files WHERE id = :id"), {"id": input_file_id})
+        if input_file_id and stored == 0:
             add_file(deployment, session, input_file_id, created)
         session.execute(text("""
             INSERT INTO jobs (id, input_file, model, total_lines, submitted_at, created_at, input_file_id, endpoint)
@@ -138,7 +139,8 @@ def test_an_old_finished_job_is_purged_whole_and_nothing_else(jobs: Deployment) 
     assert rows_of(jobs.engine, "batch_old") == {"jobs": 1, "requests": 12, "results": 10, "dead_letters": 1,
                                                  "job_counts": 3, "files": 2}
     with jobs.engine.connect() as connection:
-        audited_before = connection.execute(text("SELECT count(*) FROM audit_events WHERE job_id = 'batch_old'")).scalar_one()
+        audited_before = connection.execute(text("SELECT count(*) FROM audit_events WHERE job_id = 'batch_old'")
+                                            ).scalar_one()
 
     purged = purge(jobs, "--older-than", "30d", "--chunk", "5")  # 12 requests: three transactions
     assert purged.returncode == 0, purged.stderr
