@@ -71,10 +71,6 @@ class Settings(BaseSettings):
     flush_interval_ms: float = Field(default=50.0, gt=0)  # the recorder writes finished requests at least this often
     flush_max_results: PositiveInt = 1024  # ... or as soon as this many are waiting
     worker_threads: PositiveInt | None = None  # slices in flight; None: enough to keep target_queue_depth
-    # How long another thread of the worker may hold the GIL while the engine's step loop waits for it.
-    # Python's 5 ms is a third of a GPU decode step: the slice, recorder and broker threads then stretch
-    # every step. 0.5 ms bounds that wait; the cost is more frequent switches among those threads.
-    gil_switch_interval_ms: PositiveFloat = 0.5
 
     # Flower (`deepbatch flower`): basic auth is required unless --no-auth is given.
     flower_user: str | None = None

@@ -17,7 +17,6 @@ import importlib
 import logging
 import os
 import socket
-import sys
 import threading
 import time
 from datetime import timedelta
@@ -198,7 +197,6 @@ def get_feeder() -> Feeder:
 
             show_startup_logs()
             settings = get_settings()
-            sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
             celery_app = worker_app()
             # No pre-ping: a round trip per transaction; a lost connection is retried (worker/retries.py).
             sessions = session_factory(settings.sqlalchemy_url, pool_size=(settings.worker_threads or 2) + 2,
