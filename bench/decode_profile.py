@@ -143,8 +143,9 @@ def step_figures(engine: LLMEngine, arguments: argparse.Namespace, step_bytes: i
             "decode_tokens_per_s": round(arguments.batch / median, 1)}
 
 
-def run(arguments: argparse.Namespace, bandwidth: float) -> dict:
-    """One engine: decode steps from its CUDA graphs, then eagerly (graphs set aside) under the profiler."""
+def run(arguments: argparse.Namespace, bandwidth: float, report) -> None:
+    """One engine: decode steps from its CUDA graphs, then eagerly (graphs set aside) under the profiler.
+    The figures are reported before the engine shuts down, so a teardown that fails cannot lose them."""
     fields = dict(model=arguments.model, device="cuda", dtype="bfloat16", max_batch_size=arguments.batch,
                   max_num_batched_tokens=max(8192, arguments.batch), max_wait_ms=0.0,
                   max_model_len=arguments.prompt_len + 8 * arguments.steps + 64,
@@ -170,7 +171,7 @@ def run(arguments: argparse.Namespace, bandwidth: float) -> dict:
         result["eager"]["host_ms_per_step"] = round(result["eager"]["step_ms_median"] - kernels, 3)
         for future in work.futures:
             future.cancel()
-        return result
+        report(result)
     finally:
         engine.shutdown()
 
@@ -178,12 +179,15 @@ def run(arguments: argparse.Namespace, bandwidth: float) -> dict:
 def main() -> None:
     arguments = parse_arguments()
     bandwidth = copy_bandwidth(torch.device("cuda"))
-    result = {"model": arguments.model, "device": torch.cuda.get_device_name(), "batch": arguments.batch,
+    header = {"model": arguments.model, "device": torch.cuda.get_device_name(), "batch": arguments.batch,
               "tensor_parallel_size": arguments.tensor_parallel_size,
               "prompt_len": arguments.prompt_len, "steps": arguments.steps, "quantization": arguments.quantization,
-              "measured_copy_bandwidth_tb_s": round(bandwidth / 1e12, 3),
-              **run(arguments, bandwidth)}
-    print(json.dumps(result, indent=2))
+              "measured_copy_bandwidth_tb_s": round(bandwidth / 1e12, 3)}
+    run(arguments, bandwidth, lambda figures: save(arguments, {**header, **figures}))
+
+
+def save(arguments: argparse.Namespace, result: dict) -> None:
+    print(json.dumps(result, indent=2), flush=True)
     label = re.sub(r"[^A-Za-z0-9_.-]+", "_", arguments.model)
     suffix = (f"-{arguments.quantization}" if arguments.quantization else "") + (
         f"-tp{arguments.tensor_parallel_size}" if arguments.tensor_parallel_size > 1 else "")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import threading
 import time
 
 import pytest
@@ -132,3 +133,20 @@ def test_a_killed_rank_ends_the_engine_naming_it_and_the_worker_exits(monkeypatc
             engine.submit([5, 6], GREEDY).result(timeout=5)
     finally:
         engine.shutdown()
+
+
+def test_leaving_nccl_groups_never_waits_longer_than_asked(monkeypatch, caplog):
+    """An NCCL abort that never returns (as on two H200s once the peers had gone) costs its wait, not a hang."""
+    import torch.distributed as dist
+
+    from worker.engine import parallel
+
+    never = threading.Event()
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda *arguments: "nccl")
+    monkeypatch.setattr(dist.distributed_c10d, "_abort_process_group", never.wait)
+    started = time.monotonic()
+    parallel.leave_process_groups(wait_seconds=0.2)
+    assert time.monotonic() - started < 5
+    assert "did not return" in caplog.text
+    never.set()

@@ -238,6 +238,9 @@ class LLMEngine:
             self._condition.notify_all()
         self._thread.join(timeout=60)
         if self.ranks is not None:
+            runner = getattr(self, "runner", None)  # none when the engine failed to start
+            if runner is not None and not self._thread.is_alive():  # no step can be replaying its graphs
+                runner.release_graphs()
             self.ranks.stop()
 
     def _prompt_problem(self, prompt_token_ids: list[int]) -> Exception | None:

@@ -257,3 +257,9 @@ class GpuModelRunner(ModelRunner):
         self.graphs = dict(sorted(self.graphs.items()))  # smallest first, for _graph_size_for
         torch.cuda.synchronize(self.device)
         log.info("captured decode CUDA graphs for batch sizes %s", sizes)
+
+    def release_graphs(self) -> None:
+        """Drops the decode graphs (and the collectives they captured) once no step runs: under tensor
+        parallelism NCCL's teardown waits on communicators that live graphs still use."""
+        self.graphs = {}
+        torch.cuda.synchronize(self.device)

@@ -52,6 +52,9 @@ class ModelRunner:
         self.sampler = Sampler()
         model.allocate_kv_cache(num_blocks, block_size, dtype, device)
 
+    def release_graphs(self) -> None:
+        """Nothing captured here (the GPU runner's decode graphs: worker/engine/gpu_runner.py)."""
+
     def execute(self, scheduled: list[ScheduledSequence]) -> tuple[list[Sequence], list[int]]:
         """Runs the step; returns the sequences that got a next token, and those tokens."""
         sequences, logits = self.step_logits(scheduled)

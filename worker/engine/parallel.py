@@ -13,6 +13,8 @@ messages always travel through a gloo group, on the host. On the CPU (tests) glo
 
 from __future__ import annotations
 
+import logging
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -21,6 +23,8 @@ import torch.distributed as dist
 
 from worker.engine.kernels.fp8_blocks import BLOCK as FP8_BLOCK
 from worker.engine.types import TransientEngineError
+
+log = logging.getLogger(__name__)
 
 COLLECTIVE_TIMEOUT = timedelta(minutes=5)  # a rank alive but stuck this long fails the collective
 
@@ -184,14 +188,20 @@ def join_process_groups(rank: int, size: int, address: str, device: torch.device
     return ProcessGroups(Shard(rank, size), control)
 
 
-def leave_process_groups() -> None:
+def leave_process_groups(wait_seconds: float = 10.0) -> None:
     """Ends this rank's groups without waiting for its peers. NCCL's orderly teardown blocked for ever on two
-    H200s, on every rank at once, after decode CUDA graphs had captured its all-reduces; an abort does not
-    wait, and a rank that leaves has no collective left to finish (gloo's teardown never waits)."""
+    H200s, on every rank at once, after decode CUDA graphs had captured its all-reduces, and so did an
+    abort on rank 0 once its peers had gone (the runners now drop their graphs first: `release_graphs`).
+    The abort runs on a daemon thread and is waited for `wait_seconds` at most: a process that is stopping
+    its engine must not hang on a communicator nobody will use again (gloo's teardown never waits)."""
     if not dist.is_initialized():
         return
-    if dist.get_backend() == "nccl":
-        dist.distributed_c10d._abort_process_group()
-    else:
+    if dist.get_backend() != "nccl":
         dist.destroy_process_group()
+        return
+    aborting = threading.Thread(target=dist.distributed_c10d._abort_process_group, name="nccl-abort", daemon=True)
+    aborting.start()
+    aborting.join(wait_seconds)
+    if aborting.is_alive():
+        log.warning("NCCL's abort did not return within %.0f s; leaving its communicator behind", wait_seconds)
 

@@ -261,4 +261,5 @@ def serve_rank(rank: int, size: int, address: str, config: EngineConfig,
         if kind == "stop":
             break
         runner.step_logits([item.scheduled() for item in items])
+    runner.release_graphs()
     leave_process_groups()
