@@ -20,8 +20,7 @@ from schema.logprobs import choices_hold_escapes, from_stored_logprobs, holds_es
 from schema.stored_text import ESCAPE, from_stored
 from schema.tables import RequestState
 
-# What the error file holds (queries.EXPORT_ERRORS, which also gives OpenAI Batch's codes for requests a job
-# never ran: batch_cancelled, batch_expired).
+# What the error file holds (queries.EXPORT_ERRORS; requests a job never ran carry queries.UNRUN_CODES).
 ERROR_STATES = (RequestState.failed, RequestState.dead, RequestState.cancelled, RequestState.expired)
 
 

@@ -430,11 +430,12 @@ EXPORT_RESULTS = f"""
     ORDER BY r.line_no
 """
 # OpenAI Batch's codes for requests a job never ran; else the request's error code, else its state.
+UNRUN_CODES = {RequestState.cancelled: "batch_cancelled", RequestState.expired: "batch_expired"}
+UNRUN_CODE_SQL = "CASE r.state " + " ".join(f"WHEN '{state.value}' THEN '{code}'" for state, code in UNRUN_CODES.items())
 ERROR_LINE = f"""
     '{{"id": "batch_req_' || r.id || '", "custom_id": ' || {JSON_TEXT.format("r.custom_id")}
     || ', "response": null, "error": {{"code": ' || {JSON_TEXT.format(
-        "CASE r.state WHEN 'cancelled' THEN 'batch_cancelled' WHEN 'expired' THEN 'batch_expired' "
-        "ELSE coalesce(nullif(r.error_code, ''), r.state::text) END")}
+        UNRUN_CODE_SQL + " ELSE coalesce(nullif(r.error_code, ''), r.state::text) END")}
     || ', "message": ' || {JSON_TEXT.format(
         "coalesce(nullif(r.error_message, ''), 'the job was ' || r.state || ' before this request ran')")}
     || ', "line": ' || r.line_no || '}}}}'
