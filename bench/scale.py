@@ -322,7 +322,25 @@ def copy_job(connection: psycopg.Connection, template: str, copy_no: int, limit_
             "audit_events t LEFT JOIN requests r ON r.id = t.request_id WHERE t.job_id = %(template)s "
             "AND (t.request_id IS NULL OR r.line_no <= %(limit)s) ORDER BY t.id", skip=("id", "seal_id")),
             parameters)
+        connection.execute(COUNT_COPIED_JOB, parameters)
     return copied
+
+
+# The copy's progress counts, from its rows, as migration 0018's backfill counts every job's (the real
+# path keeps them per transition: schema/tables.py JobCount).
+COUNT_COPIED_JOB = """
+INSERT INTO job_counts (job_id, state, label, shard, requests, rejected, cache_hits, prompt_tokens,
+                        completion_tokens, last_finished_at)
+SELECT r.job_id, r.state,
+       CASE WHEN r.state = 'succeeded' THEN coalesce(s.model, '')
+            WHEN r.state IN ('failed', 'dead') THEN coalesce(r.error_code, '') ELSE '' END,
+       0, count(*), count(*) FILTER (WHERE r.line_error IS NOT NULL), count(s.cached_from),
+       coalesce(sum(s.prompt_tokens), 0), coalesce(sum(s.completion_tokens), 0),
+       max(r.updated_at) FILTER (WHERE r.state NOT IN ('queued', 'running'))
+FROM requests r LEFT JOIN results s ON s.request_id = r.id
+WHERE r.job_id = %(job)s
+GROUP BY 1, 2, 3
+"""
 
 
 def fill_to(connection: psycopg.Connection, template: str, rows: int, copies_so_far: int) -> tuple[int, float, int]:
