@@ -86,6 +86,9 @@ def parse_arguments() -> argparse.Namespace:
                         help="the checkout the product runs from (e.g. `git archive HEAD` unpacked: what is "
                              "committed, whatever is being edited in this tree); default this tree")
     parser.add_argument("--keep", action="store_true", help="leave the database for inspection")
+    parser.add_argument("--existing-database", action="store_true",
+                        help="measure the big job in the database a --keep (or killed) run left, its history "
+                             "already there: no fill points")
     parser.add_argument("--output", type=Path)
     return parser.parse_args()
 
@@ -487,6 +490,10 @@ def create_database(server_url: str) -> str:
     with psycopg.connect(server_url, autocommit=True) as admin:
         admin.execute(f'DROP DATABASE IF EXISTS "{DATABASE_NAME}" WITH (FORCE)')
         admin.execute(f'CREATE DATABASE "{DATABASE_NAME}"')
+    return database_of(server_url)
+
+
+def database_of(server_url: str) -> str:
     return server_url.rsplit("/", 1)[0] + "/" + DATABASE_NAME
 
 
@@ -497,7 +504,8 @@ def main() -> None:
     arguments.data_dir.mkdir(parents=True, exist_ok=True)
     brokers = ["redis", "rabbitmq"] if arguments.broker == "both" else [arguments.broker]
     work = Path(tempfile.mkdtemp(prefix="deepbatch-bench-scale-"))
-    database_url = create_database(arguments.database_url)
+    database_url = (database_of(arguments.database_url) if arguments.existing_database
+                    else create_database(arguments.database_url))
     os.environ["DEEPBATCH_DATABASE_URL"] = database_url  # the in-process CLI commands of `latencies`
     os.environ["DEEPBATCH_BROKER_URL"] = BROKERS[brokers[0]]
     from schema.migrate import upgrade
@@ -506,6 +514,7 @@ def main() -> None:
     result: dict = {"source": str(arguments.source), "lines": arguments.lines, "fill": arguments.fill, "window": arguments.window,
                     "brokers": brokers, "cpus": os.cpu_count(), "max_batch_size": arguments.max_batch_size,
                     "load_average_at_start": round(os.getloadavg()[0], 2), "points": [],
+                    "existing_database": arguments.existing_database,
                     "history": "copies of the first window job, written by INSERT ... SELECT (see the docstring)"}
     queues: list[dict] = []
     template, copies, seed = None, 0, 1
@@ -515,7 +524,7 @@ def main() -> None:
         "SELECT name, setting FROM pg_settings WHERE name IN ('autovacuum', 'shared_buffers', 'work_mem', "
         "'max_wal_size', 'server_version')").fetchall())
     try:
-        for fill in sorted(arguments.fill):
+        for fill in [] if arguments.existing_database else sorted(arguments.fill):
             point: dict = {"fill": fill}
             if template is not None:
                 made, seconds, present = fill_to(connection, template, fill, copies)
@@ -590,7 +599,7 @@ def ratios(result: dict) -> dict:
         "export_lines_per_s_over_100000": round(big["export"]["lines_per_s"] / 100_000, 3),
         "export_rss_90pct_over_50pct": round(big["export"]["rss_mb_at_90pct"] / big["export"]["rss_mb_at_50pct"], 3),
     }
-    for broker in result["brokers"]:
+    for broker in result["brokers"] if points else ():
         first = points[0]["brokers"][broker]["requests_per_s"]
         for point in points[1:]:
             found[f"pipeline_{broker}_at_{point['fill']}_over_at_{points[0]['fill']}_goal_0.8"] = round(
