@@ -107,8 +107,9 @@ def counted(moves: str) -> str:
     """The CTE `counted`: adds to job_counts (schema/tables.py: JobCount) what the rows of `moves` did, one
     row per (job, state, label) per statement. `moves` names a CTE of job_id, from_state (NULL for a new
     row), from_label, to_state, to_label, requests (how many moved so: 1 for a row moved), rejected,
-    cache_hit, prompt_tokens, completion_tokens (a label is the model for succeeded, the error code for failed and dead, else ''). The rows are written in key
-    order under this backend's shard, so the statement waits on no other writer's counts."""
+    cache_hit, prompt_tokens, completion_tokens (a label is the model for succeeded, the error code for failed
+    and dead, else ''). The rows are written in key order under this backend's shard, so the statement waits
+    on no other writer's counts."""
     return f"""
     counted AS (
         INSERT INTO job_counts AS c (job_id, state, label, shard, requests, rejected, cache_hits, prompt_tokens,
@@ -134,13 +135,16 @@ def counted(moves: str) -> str:
     )"""
 
 
-def plain_moves(source: str, from_state: str, to_state: str) -> str:
-    """A `moves` CTE (see counted) for rows of `source` that went from `from_state` to `to_state`, both
-    SQL expressions over its columns, neither of them failed, dead nor succeeded (no label)."""
+def moves_of(source: str, from_state: str, to_state: str, to_label: str = "''", cache_hit: str = "0",
+             prompt_tokens: str = "0", completion_tokens: str = "0") -> str:
+    """A `moves` CTE (see counted): each row of `source` moved once from `from_state` to `to_state`, with
+    `to_label` and the amounts, all SQL expressions over its columns. It leaves no state a label names
+    (none of the moves that use it starts from failed, dead or succeeded)."""
     return f"""
     moves AS (
-        SELECT job_id, {from_state} AS from_state, '' AS from_label, {to_state} AS to_state, '' AS to_label,
-               1 AS requests, 0 AS rejected, 0 AS cache_hit, 0 AS prompt_tokens, 0 AS completion_tokens
+        SELECT job_id, {from_state} AS from_state, '' AS from_label, {to_state} AS to_state, {to_label} AS to_label,
+               1 AS requests, 0 AS rejected, {cache_hit} AS cache_hit, {prompt_tokens} AS prompt_tokens,
+               {completion_tokens} AS completion_tokens
         FROM {source}
     )"""
 
@@ -170,7 +174,7 @@ def _claim_statement(picked: str) -> TextClause:
             INSERT INTO audit_events (job_id, request_id, event, from_state, to_state, attempt, worker)
             SELECT job_id, id, 'started', from_state, 'running', attempt, :worker FROM claimed
         ),
-        {plain_moves("claimed", "from_state", "'running'")},
+        {moves_of("claimed", "from_state", "'running'")},
         {counted("moves")}
         {CLAIMED_COLUMNS}
     """)
@@ -231,12 +235,8 @@ RECORD_SUCCESSES = text(f"""
                'result reused from request ' || cached_from
         FROM moved ORDER BY id
     ),
-    moves AS (
-        SELECT job_id, 'running' AS from_state, '' AS from_label, 'succeeded' AS to_state, :model AS to_label,
-               1 AS requests, 0 AS rejected, (cached_from IS NOT NULL)::int AS cache_hit, prompt_tokens,
-               completion_tokens
-        FROM moved
-    ),
+    {moves_of("moved", "'running'", "'succeeded'", to_label=":model", cache_hit="(cached_from IS NOT NULL)::int",
+              prompt_tokens="prompt_tokens", completion_tokens="completion_tokens")},
     {counted("moves")}
     SELECT id FROM moved
 """)
@@ -267,12 +267,8 @@ RECORD_FAILURES = text(f"""
                'running', to_state, attempt, :worker, detail
         FROM moved ORDER BY id
     ),
-    moves AS (
-        SELECT job_id, 'running' AS from_state, '' AS from_label, to_state,
-               CASE WHEN to_state IN ('failed', 'dead') THEN coalesce(error_code, '') ELSE '' END AS to_label,
-               1 AS requests, 0 AS rejected, 0 AS cache_hit, 0 AS prompt_tokens, 0 AS completion_tokens
-        FROM moved
-    ),
+    {moves_of("moved", "'running'", "to_state",
+              to_label="CASE WHEN to_state IN ('failed', 'dead') THEN coalesce(error_code, '') ELSE '' END")},
     {counted("moves")}
     SELECT id, job_id, attempt, to_state, detail FROM moved
 """)
@@ -346,12 +342,8 @@ RECLAIM_EXPIRED = text(f"""
                attempt, :worker, error_message
         FROM moved ORDER BY id
     ),
-    moves AS (
-        SELECT job_id, 'running' AS from_state, '' AS from_label, to_state,
-               CASE to_state WHEN 'dead' THEN '{WORKER_LOST}' ELSE '' END AS to_label,
-               1 AS requests, 0 AS rejected, 0 AS cache_hit, 0 AS prompt_tokens, 0 AS completion_tokens
-        FROM moved
-    ),
+    {moves_of("moved", "'running'", "to_state",
+              to_label=f"CASE to_state WHEN 'dead' THEN '{WORKER_LOST}' ELSE '' END")},
     {counted("moves")}
     SELECT id, job_id, attempt, to_state, isolation_group, '{WORKER_LOST}: ' || error_message AS error
     FROM moved ORDER BY id
@@ -378,7 +370,7 @@ GIVE_BACK = text(f"""
                detail || '; attempt ' || attempt || ' not counted (attempts allowed: ' || max_attempts || ')'
         FROM moved ORDER BY id
     ),
-    {plain_moves("moved", "'running'", "'queued'")},
+    {moves_of("moved", "'running'", "'queued'")},
     {counted("moves")}
     SELECT id, isolation_group FROM moved ORDER BY id
 """)
