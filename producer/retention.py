@@ -86,19 +86,15 @@ JOB_KEYED_TABLES = text("""
       AND c.table_name NOT IN ('jobs', 'requests', 'audit_events')
     ORDER BY c.table_name
 """)
-# A batch's input file goes with its last job: another batch may have been made of the same file.
-DELETE_FILES = text("""
-    DELETE FROM files WHERE id = ANY(:file_ids)
-       OR (id = :input_file_id AND NOT EXISTS (SELECT FROM jobs WHERE input_file_id = :input_file_id
-                                                                   AND id <> :job_id))
-    RETURNING id
-""")
+# The job's file rows: its output and error files, and its input file with its last job (another batch may
+# have been made of the same file).
+JOB_FILES = """
+    id = ANY(:file_ids)
+    OR (id = :input_file_id AND NOT EXISTS (SELECT FROM jobs WHERE input_file_id = :input_file_id AND id <> :job_id))
+"""
+FILE_ROWS = text(f"SELECT id FROM files WHERE {JOB_FILES}")
+DELETE_FILES = text(f"DELETE FROM files WHERE {JOB_FILES} RETURNING id")
 DELETE_JOB = text("DELETE FROM jobs WHERE id = :job_id")
-FILE_ROWS = text("""
-    SELECT id FROM files WHERE id = ANY(:file_ids)
-       OR (id = :input_file_id AND NOT EXISTS (SELECT FROM jobs WHERE input_file_id = :input_file_id
-                                                                   AND id <> :job_id))
-""")
 # The audit events a purge up to `end` (PURGE_END's seal) takes, and the seal a step of `seals` seals stops at.
 AUDIT_EVENTS_UP_TO = text("SELECT coalesce(sum(row_count), 0) FROM audit_seals WHERE chain_seq <= :chain_seq")
 AUDIT_STEP_CUTOFF = text("""
