@@ -18,10 +18,6 @@ from producer.queries import EXPORT_ERRORS, EXPORT_RESULTS, export_lines
 from schema.lines import output_line
 from schema.logprobs import choices_hold_escapes, from_stored_logprobs, holds_escapes, restored_choices
 from schema.stored_text import ESCAPE, from_stored
-from schema.tables import RequestState
-
-# What the error file holds (queries.EXPORT_ERRORS; requests a job never ran carry queries.UNRUN_CODES).
-ERROR_STATES = (RequestState.failed, RequestState.dead, RequestState.cancelled, RequestState.expired)
 
 
 def write_results(session: Session, job_id: str, stream: IO[str]) -> int:

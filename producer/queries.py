@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from producer.reader import ReadLine
 from schema.cache import CacheScope
 from schema.lines import CHAT_URL
-from schema.tables import AuditEvent, DeadLetter, Job, Request, RequestState, Result
+from schema.tables import AuditEvent, DeadLetter, Job, Request, RequestState
 from worker.transitions import counted, move
 
 
@@ -440,9 +440,11 @@ ERROR_LINE = f"""
         "coalesce(nullif(r.error_message, ''), 'the job was ' || r.state || ' before this request ran')")}
     || ', "line": ' || r.line_no || '}}}}'
 """
+# What the error file holds: every request that ended without a result.
+ERROR_STATES = (RequestState.failed, RequestState.dead, RequestState.cancelled, RequestState.expired)
 EXPORT_ERRORS = f"""
     SELECT {ERROR_LINE} AS line FROM requests AS r
-    WHERE r.job_id = :job_id AND r.state IN ('failed', 'dead', 'cancelled', 'expired')
+    WHERE r.job_id = :job_id AND r.state IN ({", ".join(f"'{state.value}'" for state in ERROR_STATES)})
     ORDER BY r.line_no
 """
 EXPORT_BATCH_ROWS = 5000  # fetched per round trip: memory stays flat whatever the job's size

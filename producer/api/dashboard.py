@@ -17,7 +17,7 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 from producer.api import batches, files, outputs, store
 from producer.api.auth import Caller
 from producer.api.dependencies import Db, FilesDirectory, ServerSettings
-from producer.export import ERROR_STATES
+from producer.queries import ERROR_STATES
 from schema.tables import RequestState
 from worker.registry import RegisteredWorker, registered_workers
 
