@@ -127,19 +127,33 @@ def timings(bf16_seconds: list[float], fp8_seconds: list[float], weight_elements
             "fp8_weight_tb_per_s": round(weight_elements / best_fp8 / 1e12, 3)}
 
 
+def expert_operands(num_tokens: int, num_experts: int, top_k: int, num_columns: int, num_inner: int) -> dict:
+    """One projection of every routed pair, random routing: rows [tokens·top_k, num_inner] sorted by expert,
+    the experts' weights [experts, num_columns, num_inner] in bf16 and in FP8 with their block scales."""
+    expert_ids = torch.rand(num_tokens, num_experts, device="cuda").topk(top_k, dim=-1).indices.flatten()
+    rows_per_expert = torch.bincount(expert_ids, minlength=num_experts)
+    weights_bf16 = (torch.randn(num_experts, num_columns, num_inner, device="cuda") * 0.02).to(torch.bfloat16)
+    weights = torch.empty(weights_bf16.shape, dtype=torch.float8_e4m3fn, device="cuda")
+    scales = torch.empty(num_experts, -(-num_columns // 128), -(-num_inner // 128), device="cuda")
+    for expert in range(num_experts):  # one at a time: V3's 256 at once would need 90 GB of float32 copies
+        weights[expert], scales[expert] = quantize_weight_blocks(weights_bf16[expert])
+    return {"rows": torch.randn(expert_ids.shape[0], num_inner, device="cuda", dtype=torch.bfloat16),
+            "rows_per_expert": rows_per_expert, "weights_bf16": weights_bf16, "weights": weights, "scales": scales,
+            "offsets": torch.cumsum(rows_per_expert, dim=0, dtype=torch.int32)}
+
+
+def bf16_grouped(operands: dict) -> torch.Tensor:
+    """The same projection of expert_operands in bf16: torch's grouped GEMM, the engine's bf16 path."""
+    return torch._grouped_mm(operands["rows"], operands["weights_bf16"].transpose(1, 2), offs=operands["offsets"])
+
+
 def measure_experts(num_tokens: int, num_experts: int, top_k: int, intermediate: int, hidden: int,
                     arguments) -> dict:
     """gate_up of every routed pair: rows [tokens·top_k, hidden] sorted by expert, random routing."""
-    expert_ids = torch.rand(num_tokens, num_experts, device="cuda").topk(top_k, dim=-1).indices.flatten()
-    rows_per_expert = torch.bincount(expert_ids, minlength=num_experts)
-    rows = torch.randn(expert_ids.shape[0], hidden, device="cuda", dtype=torch.bfloat16)
-    weights_bf16 = (torch.randn(num_experts, 2 * intermediate, hidden, device="cuda") * 0.02).to(torch.bfloat16)
-    weights = torch.empty(weights_bf16.shape, dtype=torch.float8_e4m3fn, device="cuda")
-    scales = torch.empty(num_experts, -(-2 * intermediate // 128), -(-hidden // 128), device="cuda")
-    for expert in range(num_experts):  # one at a time: V3's 256 at once would need 90 GB of float32 copies
-        weights[expert], scales[expert] = quantize_weight_blocks(weights_bf16[expert])
-    offsets = torch.cumsum(rows_per_expert, dim=0, dtype=torch.int32)
-    bf16 = lambda: torch._grouped_mm(rows, weights_bf16.transpose(1, 2), offs=offsets)  # noqa: E731
+    operands = expert_operands(num_tokens, num_experts, top_k, 2 * intermediate, hidden)
+    rows, rows_per_expert = operands["rows"], operands["rows_per_expert"]
+    weights, scales = operands["weights"], operands["scales"]
+    bf16 = lambda: bf16_grouped(operands)  # noqa: E731
     fp8 = lambda: fp8_gemm.fp8_grouped_linear(rows, weights, scales, rows_per_expert)  # noqa: E731
     output = fp8()
     expected_exact = torch.empty_like(output, dtype=torch.float32)

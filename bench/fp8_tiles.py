@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.fp8_gemm import EXPERT_SHAPES, SHAPES, relative_error  # noqa: E402
+from bench.fp8_gemm import EXPERT_SHAPES, SHAPES, bf16_grouped, expert_operands, relative_error  # noqa: E402
 from worker.engine.kernels import fp8_gemm  # noqa: E402
 from worker.engine.kernels.fp8_blocks import quantize_weight_blocks  # noqa: E402
 
@@ -66,19 +66,6 @@ def graph_seconds(function, calls: int, repeats: int) -> list[float]:
     return seconds
 
 
-def expert_operands(num_tokens: int, num_experts: int, top_k: int, num_columns: int, num_inner: int) -> dict:
-    expert_ids = torch.rand(num_tokens, num_experts, device="cuda").topk(top_k, dim=-1).indices.flatten()
-    rows_per_expert = torch.bincount(expert_ids, minlength=num_experts)
-    weights_bf16 = (torch.randn(num_experts, num_columns, num_inner, device="cuda") * 0.02).to(torch.bfloat16)
-    weights = torch.empty(weights_bf16.shape, dtype=torch.float8_e4m3fn, device="cuda")
-    scales = torch.empty(num_experts, -(-num_columns // 128), -(-num_inner // 128), device="cuda")
-    for expert in range(num_experts):
-        weights[expert], scales[expert] = quantize_weight_blocks(weights_bf16[expert])
-    return {"rows": torch.randn(expert_ids.shape[0], num_inner, device="cuda", dtype=torch.bfloat16),
-            "rows_per_expert": rows_per_expert, "weights_bf16": weights_bf16, "weights": weights, "scales": scales,
-            "offsets": torch.cumsum(rows_per_expert, dim=0, dtype=torch.int32)}
-
-
 def sweep(baseline, fp8_call, arguments) -> dict:
     """Every configuration of GRID against the bf16 baseline. A configuration's output must match the
     heuristic's (same FP8 arithmetic, another summation order) within 1%; those that fail are noted."""
@@ -118,8 +105,7 @@ def sweep_experts(model: str, num_tokens: int, arguments) -> list[dict]:
         for projection, num_columns, num_inner in (("gate_up_proj", 2 * intermediate, hidden),
                                                    ("down_proj", hidden, intermediate)):
             operands = expert_operands(num_tokens, num_experts, top_k, num_columns, num_inner)
-            baseline = lambda: torch._grouped_mm(operands["rows"], operands["weights_bf16"].transpose(1, 2),  # noqa: E731
-                                                 offs=operands["offsets"])
+            baseline = lambda: bf16_grouped(operands)  # noqa: E731
             fp8_call = lambda config: fp8_gemm.fp8_grouped_linear(  # noqa: E731
                 operands["rows"], operands["weights"], operands["scales"], operands["rows_per_expert"], config)
             entry = {"model": model, "projection": f"experts {projection}", "tokens": num_tokens,
