@@ -5,7 +5,9 @@ xgrammar does the work (the library vLLM and SGLang use; chosen over llguidance 
 matcher then fills a bitmask of the tokens allowed next in microseconds. The compiler caches what it
 compiled, keyed by the schema, so each distinct schema of an engine (one tokenizer) is compiled once.
 Compiling happens in `LLMEngine.submit`, in the submitting thread, never in the step loop; the loop
-only fills masks and advances matchers (worker/engine/sampler.py).
+only fills masks and advances matchers (worker/engine/sampler.py). Both run on the CPU while the GPU
+computes the step's logits: the token a sequence sampled is taken by its matcher just before its next mask
+is filled, after that step's forward pass was launched, not between the steps, where the GPU would wait.
 
 Whitespace between JSON tokens is not free (`any_whitespace=False`): a small model let loose on
 whitespace can spend its whole max_tokens on it. `json_object` is the schema `{"type": "object"}`.
@@ -13,6 +15,7 @@ whitespace can spend its whole max_tokens on it. `json_object` is the schema `{"
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Any
 
@@ -57,15 +60,39 @@ class Grammars:
         return xgrammar.GrammarMatcher(compiled)
 
 
-def apply_grammar_masks(logits: Any, matchers: list[Any]) -> None:
+def apply_grammar_masks(logits: Any, sequences: list[Any]) -> None:
     """Sets to -inf, in place, the logits [rows, vocab] of the tokens each row's matcher (None: unconstrained)
-    forbids next. One bitmask for the batch, filled on the CPU, applied on the logits' device in one kernel."""
+    forbids next. Each matcher first takes the token its sequence sampled last step, if it has not yet. One
+    bitmask for the batch, filled on the CPU by xgrammar's threads, applied on the logits' device in one kernel."""
     import xgrammar
 
-    rows = [row for row, matcher in enumerate(matchers) if matcher is not None]
+    rows = [row for row, sequence in enumerate(sequences) if sequence.grammar_matcher is not None]
     if not rows:
         return
-    bitmask = xgrammar.allocate_token_bitmask(len(matchers), logits.shape[-1])  # all allowed
-    for row in rows:
-        matchers[row].fill_next_token_bitmask(bitmask, row)
+    take_sampled_tokens([sequences[row] for row in rows])
+    bitmask = xgrammar.allocate_token_bitmask(len(sequences), logits.shape[-1])  # all allowed
+    batch_matcher().batch_fill_next_token_bitmask([sequences[row].grammar_matcher for row in rows], bitmask,
+                                                  indices=rows)
     xgrammar.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=rows)
+
+
+def take_sampled_tokens(sequences: list[Any]) -> None:
+    """Each matcher takes the token its sequence sampled last (a terminated matcher, whose grammar is complete,
+    only ever saw the stop token it allows, which ends the sequence)."""
+    import xgrammar
+
+    taking = [sequence for sequence in sequences
+              if sequence.grammar_token_to_accept is not None and not sequence.grammar_matcher.is_terminated()]
+    if taking:
+        xgrammar.BatchGrammarMatcher.batch_accept_token([sequence.grammar_matcher for sequence in taking],
+                                                        [sequence.grammar_token_to_accept for sequence in taking])
+    for sequence in sequences:
+        sequence.grammar_token_to_accept = None
+
+
+@functools.cache
+def batch_matcher() -> Any:
+    """xgrammar's batch filler, whose thread pool ('auto': the host's cores) is made once per process."""
+    import xgrammar
+
+    return xgrammar.BatchGrammarMatcher(max_threads="auto")

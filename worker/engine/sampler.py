@@ -98,7 +98,7 @@ def adjusted_logits(logits: torch.Tensor, sequences: list[Sequence]) -> torch.Te
     logits = logits.to(torch.float32, copy=True)
     apply_penalties(logits, sequences)
     apply_logit_bias(logits, sequences)
-    apply_grammar_masks(logits, [sequence.grammar_matcher for sequence in sequences])
+    apply_grammar_masks(logits, sequences)
     return logits
 
 
@@ -128,13 +128,14 @@ def record_logprobs(logits: torch.Tensor, sequences: list[Sequence], token_ids: 
 
 class Sampler:
     def sample(self, logits: torch.Tensor, sequences: list[Sequence]) -> list[int]:
-        """One next token per row of logits [sequences, vocab]; a constrained sequence's matcher takes it."""
+        """One next token per row of logits [sequences, vocab]; a constrained sequence's matcher takes it before
+        its next mask is filled (worker/engine/grammar.py: then the GPU is busy with the next step)."""
         logits = adjusted_logits(logits, sequences)
         token_ids = self.choose(logits, sequences)
         record_logprobs(logits, sequences, token_ids)
         for sequence, token_id in zip(sequences, token_ids):
-            if sequence.grammar_matcher is not None and not sequence.grammar_matcher.is_terminated():
-                sequence.grammar_matcher.accept_token(token_id)
+            if sequence.grammar_matcher is not None:
+                sequence.grammar_token_to_accept = token_id
         return token_ids
 
     def choose(self, logits: torch.Tensor, sequences: list[Sequence]) -> list[int]:

@@ -41,6 +41,7 @@ class Sequence:
     logprobs: list[Any] = field(default_factory=list)  # per output token, when sampling.logprobs is set
     pending_logprob: Any = None  # the sampled token's, until the engine appends the token (EOS is not)
     grammar_matcher: Any = None  # structured output: xgrammar's matcher of this sequence (worker/engine/grammar.py)
+    grammar_token_to_accept: int | None = None  # sampled, not yet taken by the matcher (it is, before the next mask)
     # Another choice of the same request (LLMEngine.submit_choices): this one is admitted once that one's prompt
     # is computed, so that it reuses the prompt's KV blocks from the prefix cache instead of prefilling it again.
     prefill_after: Sequence | None = None
