@@ -126,6 +126,11 @@ JOB_FIGURES = """
            (SELECT count(*) FROM (SELECT request_id FROM audit_events WHERE job_id = :job AND event = 'succeeded'
                                   GROUP BY request_id HAVING count(*) > 1) twice),
            (SELECT count(*) FROM audit_events WHERE job_id = :job AND event = 'started')"""
+# Each worker's share of the job: whether a pool's workers kept pace with each other, or one lagged.
+PER_WORKER = """
+    SELECT e.worker, count(*), min(e.created_at), max(e.created_at), sum(s.completion_tokens)
+    FROM audit_events AS e JOIN results AS s ON s.request_id = e.request_id
+    WHERE e.job_id = :job AND e.event = 'succeeded' GROUP BY e.worker ORDER BY e.worker"""
 
 
 def run_system(arguments: argparse.Namespace, prompts_path: Path, max_tokens: int, workers: int = 1,
@@ -162,6 +167,10 @@ def run_system(arguments: argparse.Namespace, prompts_path: Path, max_tokens: in
         with sessions() as session:
             first_start, last_success, completion_tokens, results, succeeded_twice, attempts = session.execute(
                 text(JOB_FIGURES), {"job": job_id}).one()
+            per_worker = [{"worker": worker, "succeeded": count, "tokens_per_s": round(
+                int(tokens) / max((last - first_start).total_seconds(), 1e-3), 1), "last_result_s": round(
+                (last - first_start).total_seconds(), 2)} for worker, count, _, last, tokens in session.execute(
+                text(PER_WORKER), {"job": job_id})]
     window = (last_success - first_start).total_seconds()
     samples = sampler.samples or [0]
     return {
@@ -172,6 +181,7 @@ def run_system(arguments: argparse.Namespace, prompts_path: Path, max_tokens: in
         "requests_per_s": round(progress.succeeded / window, 1),
         "results_rows": results, "requests_succeeded_more_than_once": succeeded_twice, "attempts_started": attempts,
         "running_requests_mean": round(sum(samples) / len(samples), 1), "running_requests_max": max(samples),
+        "per_worker": per_worker,
     }
 
 
