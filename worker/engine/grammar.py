@@ -15,7 +15,6 @@ whitespace can spend its whole max_tokens on it. `json_object` is the schema `{"
 
 from __future__ import annotations
 
-import functools
 import threading
 from typing import Any
 
@@ -63,36 +62,24 @@ class Grammars:
 def apply_grammar_masks(logits: Any, sequences: list[Any]) -> None:
     """Sets to -inf, in place, the logits [rows, vocab] of the tokens each row's matcher (None: unconstrained)
     forbids next. Each matcher first takes the token its sequence sampled last step, if it has not yet. One
-    bitmask for the batch, filled on the CPU by xgrammar's threads, applied on the logits' device in one kernel."""
+    bitmask for the batch, filled on the CPU, applied on the logits' device in one kernel. (xgrammar's threaded
+    batch filler was slower than this loop on a 32-core H200 host: 4.4 ms against ~2 ms for 128 rows.)"""
     import xgrammar
 
     rows = [row for row, sequence in enumerate(sequences) if sequence.grammar_matcher is not None]
     if not rows:
         return
-    take_sampled_tokens([sequences[row] for row in rows])
     bitmask = xgrammar.allocate_token_bitmask(len(sequences), logits.shape[-1])  # all allowed
-    batch_matcher().batch_fill_next_token_bitmask([sequences[row].grammar_matcher for row in rows], bitmask,
-                                                  indices=rows)
+    for row in rows:
+        take_sampled_token(sequences[row])
+        sequences[row].grammar_matcher.fill_next_token_bitmask(bitmask, row)
     xgrammar.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=rows)
 
 
-def take_sampled_tokens(sequences: list[Any]) -> None:
-    """Each matcher takes the token its sequence sampled last (a terminated matcher, whose grammar is complete,
+def take_sampled_token(sequence: Any) -> None:
+    """The matcher takes the token its sequence sampled last (a terminated matcher, whose grammar is complete,
     only ever saw the stop token it allows, which ends the sequence)."""
-    import xgrammar
-
-    taking = [sequence for sequence in sequences
-              if sequence.grammar_token_to_accept is not None and not sequence.grammar_matcher.is_terminated()]
-    if taking:
-        xgrammar.BatchGrammarMatcher.batch_accept_token([sequence.grammar_matcher for sequence in taking],
-                                                        [sequence.grammar_token_to_accept for sequence in taking])
-    for sequence in sequences:
-        sequence.grammar_token_to_accept = None
-
-
-@functools.cache
-def batch_matcher() -> Any:
-    """xgrammar's batch filler, whose thread pool ('auto': the host's cores) is made once per process."""
-    import xgrammar
-
-    return xgrammar.BatchGrammarMatcher(max_threads="auto")
+    matcher, token_id = sequence.grammar_matcher, sequence.grammar_token_to_accept
+    if token_id is not None and not matcher.is_terminated():
+        matcher.accept_token(token_id)
+    sequence.grammar_token_to_accept = None
