@@ -92,8 +92,11 @@ def start_workers(settings, count: int, log_directory: Path) -> list:
     from producer.embedded import start_worker_process
 
     started = []
+    # Counted once: with CUDA_VISIBLE_DEVICES set for worker 0, torch counts that one GPU alone, and every
+    # further worker would inherit worker 0's GPU.
+    one_gpu_each = torch.cuda.device_count() >= count > 1
     for index in range(count):
-        if torch.cuda.device_count() >= count > 1:
+        if one_gpu_each:
             os.environ["CUDA_VISIBLE_DEVICES"] = str(index)
         log, ready = log_directory / f"worker-{count}-{index}.log", log_directory / f"worker-{count}-{index}.ready"
         log.unlink(missing_ok=True)
