@@ -66,13 +66,13 @@ def batch_files(session: Session, job: Job, progress: JobProgress, directory: Pa
     return output_id, errors_id if errors_id in present else None
 
 
-def write_batch_file(session: Session, job: Job, file_id: str, writer: Callable[[Session, str, IO[str]], int],
+def write_batch_file(session: Session, job: Job, file_id: str, writer: Callable[[Session, str, IO[bytes]], int],
                      directory: Path, fingerprint: str) -> bool:
     """Write one of a batch's files in place of the one stored; an error file without lines is removed
     (returns False)."""
     partial = directory / f"{file_id}.{uuid.uuid4().hex}.partial"
     try:
-        with partial.open("w", encoding="utf-8") as stream:
+        with partial.open("wb") as stream:
             lines = writer(session, job.id, stream)
         if lines == 0 and writer is write_errors:
             store.forget_file(session, file_id)

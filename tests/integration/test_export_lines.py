@@ -1,7 +1,9 @@
-"""The export's lines, written by Postgres (producer/queries.py: EXPORT_RESULTS, EXPORT_ERRORS), are byte for
-byte what schema/lines.py's output_line and error_line give through json.dumps, for texts that test JSON's
-escaping: quotes, backslashes, every control character, DEL, U+2028, non-BMP characters, NUL and a lone
-surrogate (stored escaped: written by Python), log-probabilities and further choices (Python too)."""
+"""The export's lines, written by Postgres (producer/queries.py: EXPORT_RESULTS, EXPORT_ERRORS) and sent by COPY,
+are byte for byte what schema/lines.py's output_line and error_line give through json.dumps, for texts that
+test JSON's escaping and COPY's CSV quoting: quotes, backslashes, every control character (COPY's delimiter
+and quote among them), DEL, U+2028, non-BMP characters, NUL and a lone surrogate (stored escaped: written by
+Python), log-probabilities and further choices (Python too), each in its place among the lines Postgres
+writes."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from sqlalchemy.orm import sessionmaker
 from producer.export import write_errors, write_results
 from producer.queries import create_job
 from schema.lines import CHAT_URL, COMPLETIONS_URL, error_line, output_line
-from schema.logprobs import to_stored_logprobs
+from schema.logprobs import stored_choice, to_stored_logprobs
 from schema.stored_text import to_stored
 from schema.tables import Request, RequestState, Result
 
@@ -24,8 +26,10 @@ pytestmark = pytest.mark.integration
 TEXTS = [
     "plain", "", 'quote " and backslash \\ and slash /', "".join(chr(code) for code in range(32)) + "\x7f",
     "é 中文 \u2028 \u2029 😀 \U0010fffd", "NUL \x00 inside", "lone \ud800 surrogate", "\uffff escape itself",
-    "tab\tnew\nline\rcr",
+    "tab\tnew\nline\rcr", "\x01delimiter\x02quote\x01", "\n", '"', "\\.",
 ]
+LOGPROBS_AT = len(TEXTS)  # of the results: the one with log-probabilities
+CHOICES_AT = len(TEXTS) + 1  # and the one with a further choice (n = 2), holding a NUL
 ERRORS = [  # state, error_code, error_message
     (RequestState.failed, "invalid_json", 'line 3: bad "json" \\ \x01'),
     (RequestState.dead, "engine_error", "é 😀 \u2028"),
@@ -49,19 +53,24 @@ def test_postgres_writes_the_lines_python_would(db_engine: Engine) -> None:
                          "error_code": code, "error_message": message})
         ids = list(session.scalars(insert(Request).returning(Request.id), rows))
         for n, (request_id, output) in enumerate(zip(ids, TEXTS * 2)):
-            logprobs = [["a", -0.5, [97], []]] if n == len(TEXTS) else None
+            logprobs = [["a", -0.5, [97], []]] if n == LOGPROBS_AT else None
+            choices = [stored_choice(to_stored("second \x00 é"), "stop", 3, None)] if n == CHOICES_AT else None
             session.add(Result(request_id=request_id, job_id=job_id, text=to_stored(output),
                                finish_reason="stop" if n % 3 else "length", prompt_tokens=n, completion_tokens=2 * n,
-                               model="model \"x\" é", worker="w", logprobs=to_stored_logprobs(logprobs)))
+                               model="model \"x\" é", worker="w", logprobs=to_stored_logprobs(logprobs),
+                               choices=choices))
         session.flush()
         created = dict(session.execute(text("SELECT request_id, created_at FROM results WHERE job_id = :j"),
                                        {"j": job_id}).all())
         for n, (request_id, output) in enumerate(zip(ids, TEXTS * 2)):
-            logprobs = [["a", -0.5, [97], []]] if n == len(TEXTS) else None
+            logprobs = [["a", -0.5, [97], []]] if n == LOGPROBS_AT else None
+            choices = [{"text": "second \x00 é", "finish_reason": "stop",
+                        "logprobs": None}] if n == CHOICES_AT else None
             line = output_line(request_id, rows[n]["custom_id"], rows[n]["url"], "model \"x\" é",
                                int(created[request_id].timestamp()), output, "stop" if n % 3 else "length", n, 2 * n,
-                               logprobs=logprobs)
-            expected_results.append(json.dumps(line, ensure_ascii=output != to_stored(output)) + "\n")
+                               logprobs=logprobs, more_choices=choices)
+            escaped = output != to_stored(output) or choices is not None
+            expected_results.append(json.dumps(line, ensure_ascii=escaped) + "\n")
         for n, (state, code, message) in enumerate(ERRORS):
             row = rows[len(TEXTS) * 2 + n]
             unrun = {RequestState.cancelled: "batch_cancelled", RequestState.expired: "batch_expired"}.get(state)
@@ -70,8 +79,20 @@ def test_postgres_writes_the_lines_python_would(db_engine: Engine) -> None:
             expected_errors.append(json.dumps(line, ensure_ascii=False) + "\n")
 
     with sessions() as session:
-        results, errors = io.StringIO(), io.StringIO()
+        jit = session.execute(text("SHOW jit")).scalar_one()
+        results, errors = io.BytesIO(), io.BytesIO()
         assert write_results(session, job_id, results) == len(TEXTS) * 2
         assert write_errors(session, job_id, errors) == len(ERRORS)
-    assert results.getvalue().split("\n") == "".join(expected_results).split("\n")  # not splitlines: U+2028
-    assert errors.getvalue().split("\n") == "".join(expected_errors).split("\n")
+        assert session.execute(text("SHOW jit")).scalar_one() == jit  # the export's planner setting is its own
+    assert results.getvalue().split(b"\n") == "".join(expected_results).encode().split(b"\n")  # U+2028 stays
+    assert errors.getvalue().split(b"\n") == "".join(expected_errors).encode().split(b"\n")
+
+
+def test_a_job_without_results_or_errors_writes_nothing(db_engine: Engine) -> None:
+    sessions = sessionmaker(db_engine, expire_on_commit=False)
+    with sessions.begin() as session:
+        job_id = create_job(session, "empty.jsonl", "m")
+    with sessions() as session:
+        results, errors = io.BytesIO(), io.BytesIO()
+        assert (write_results(session, job_id, results), write_errors(session, job_id, errors)) == (0, 0)
+    assert results.getvalue() == errors.getvalue() == b""
