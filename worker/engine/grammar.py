@@ -59,21 +59,46 @@ class Grammars:
         return xgrammar.GrammarMatcher(compiled)
 
 
-def apply_grammar_masks(logits: Any, sequences: list[Any]) -> None:
-    """Sets to -inf, in place, the logits [rows, vocab] of the tokens each row's matcher (None: unconstrained)
-    forbids next. Each matcher first takes the token its sequence sampled last step, if it has not yet. One
-    bitmask for the batch, filled on the CPU, applied on the logits' device in one kernel. (xgrammar's threaded
-    batch filler was slower than this loop on a 32-core H200 host: 4.4 ms against ~2 ms for 128 rows.)"""
-    import xgrammar
+class GrammarMasks:
+    """The batch's token bitmask, kept from step to step: a step neither allocates [rows, vocab / 32] words
+    (0.5 ms for 256 rows of a 152k vocabulary) nor copies them from pageable memory, which waits for the
+    GPU. On a GPU the host side is pinned and its copy asynchronous: the step's own token readback, later
+    on the same stream, completes it before the next step writes the host side again."""
 
-    rows = [row for row, sequence in enumerate(sequences) if sequence.grammar_matcher is not None]
-    if not rows:
-        return
-    bitmask = xgrammar.allocate_token_bitmask(len(sequences), logits.shape[-1])  # all allowed
-    for row in rows:
-        take_sampled_token(sequences[row])
-        sequences[row].grammar_matcher.fill_next_token_bitmask(bitmask, row)
-    xgrammar.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=rows)
+    def __init__(self) -> None:
+        self.host: Any = None
+        self.on_device: Any = None
+
+    def apply(self, logits: Any, sequences: list[Any]) -> None:
+        """Sets to -inf, in place, the logits [rows, vocab] of the tokens each row's matcher (None:
+        unconstrained) forbids next, each matcher having first taken the token its sequence sampled last.
+        Only the constrained rows are filled and applied; the others' words are left as they were."""
+        import xgrammar
+
+        rows = [row for row, sequence in enumerate(sequences) if sequence.grammar_matcher is not None]
+        if not rows:
+            return
+        host = self._host_rows(len(sequences), logits)
+        for row in rows:
+            take_sampled_token(sequences[row])
+            sequences[row].grammar_matcher.fill_next_token_bitmask(host, row)
+        bitmask = host
+        if logits.device.type != "cpu":
+            bitmask = self.on_device[: len(sequences)]
+            bitmask.copy_(host, non_blocking=True)
+        xgrammar.apply_token_bitmask_inplace(logits, bitmask, indices=rows)
+
+    def _host_rows(self, rows: int, logits: Any) -> Any:
+        import torch
+        import xgrammar
+
+        words = xgrammar.get_bitmask_shape(1, logits.shape[-1])[-1]
+        if self.host is None or self.host.shape[0] < rows or self.host.shape[1] != words:
+            pinned = logits.device.type == "cuda"
+            self.host = torch.empty((max(rows, 64), words), dtype=torch.int32, pin_memory=pinned)
+            if pinned:
+                self.on_device = torch.empty_like(self.host, device=logits.device)
+        return self.host[:rows]
 
 
 def take_sampled_token(sequence: Any) -> None:

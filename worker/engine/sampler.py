@@ -20,7 +20,7 @@ import random
 
 import torch
 
-from worker.engine.grammar import apply_grammar_masks
+from worker.engine.grammar import GrammarMasks
 from worker.engine.sequence import Sequence
 from worker.engine.types import MAX_LOGIT_BIAS
 
@@ -88,7 +88,7 @@ def apply_logit_bias(logits: torch.Tensor, sequences: list[Sequence]) -> None:
                       accumulate=True)
 
 
-def adjusted_logits(logits: torch.Tensor, sequences: list[Sequence]) -> torch.Tensor:
+def adjusted_logits(logits: torch.Tensor, sequences: list[Sequence], masks: GrammarMasks | None = None) -> torch.Tensor:
     """The logits after each row's penalties, logit_bias and grammar mask: a float32 copy when any row has one
     (the model's own buffer, a CUDA graph's output, is never written), else the logits as they are."""
     sampling = [sequence.sampling for sequence in sequences]
@@ -98,7 +98,7 @@ def adjusted_logits(logits: torch.Tensor, sequences: list[Sequence]) -> torch.Te
     logits = logits.to(torch.float32, copy=True)
     apply_penalties(logits, sequences)
     apply_logit_bias(logits, sequences)
-    apply_grammar_masks(logits, sequences)
+    (masks or GrammarMasks()).apply(logits, sequences)
     return logits
 
 
@@ -127,10 +127,13 @@ def record_logprobs(logits: torch.Tensor, sequences: list[Sequence], token_ids: 
 
 
 class Sampler:
+    def __init__(self) -> None:
+        self.grammar_masks = GrammarMasks()  # its buffers live as long as the runner
+
     def sample(self, logits: torch.Tensor, sequences: list[Sequence]) -> list[int]:
         """One next token per row of logits [sequences, vocab]; a constrained sequence's matcher takes it before
         its next mask is filled (worker/engine/grammar.py: then the GPU is busy with the next step)."""
-        logits = adjusted_logits(logits, sequences)
+        logits = adjusted_logits(logits, sequences, self.grammar_masks)
         token_ids = self.choose(logits, sequences)
         record_logprobs(logits, sequences, token_ids)
         for sequence, token_id in zip(sequences, token_ids):
