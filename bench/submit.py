@@ -8,7 +8,7 @@ measured in the same run, is this process reading and validating the same file w
 broker (and, second, also encoding its rows for COPY): the ratio says what the database path costs.
 Then it checks what was written: one row per line, one failed row per bad or duplicate line naming it,
 one audit event per row, every queued row's id published exactly once, in full slices. The queue and
-the database are dropped afterwards. Writes bench/results/submit-<broker>.json.
+the database are dropped afterwards. Writes bench/results/submit-<broker>.json (or --output).
 
     python bench/submit.py                                              # 1,000,000 lines, local Redis
     python bench/submit.py --broker amqp://guest:guest@127.0.0.1:5672//  # RabbitMQ
@@ -39,7 +39,9 @@ WORDS = ("river moon bread prime volcano engine table garden window music number
 MULTILINGUAL_WORDS = WORDS + "café naïve Größe 東京 données résumé".split()  # one prompt in ten draws from these
 MULTILINGUAL_SHARE = 0.1
 MODEL = "tiny-deepseek-v3"
-FILE_VERSION = 2  # of what `write_file` writes: a file written by another version is not reused
+# Of what `write_file` writes: a file written by another version is not reused. Version 3: the unknown field
+# is one no version of DeepBatch takes (version 2's, logit_bias, became a parameter and the line valid).
+FILE_VERSION = 3
 BAD_SHARE = 0.03  # of all lines
 DUPLICATE_SHARE = 0.005  # of all lines: a valid line whose custom_id an earlier line already took
 
@@ -54,6 +56,7 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--slice-size", type=int, help="DEEPBATCH_SLICE_SIZE; default the setting's")
     parser.add_argument("--data-dir", type=Path, default=Path("/tmp/deepbatch-bench-submit"))
     parser.add_argument("--keep-database", action="store_true", help="leave the database for inspection")
+    parser.add_argument("--output", type=Path, help="where the JSON goes; default bench/results/submit-<broker>.json")
     return parser.parse_args()
 
 
@@ -116,7 +119,7 @@ class LineWriter:
         lines = {
             "invalid_json": lambda: json.dumps({"prompt": prompt}).encode()[:-7],
             "wrong_type": lambda: json.dumps({"prompt": len(prompt)}).encode(),
-            "unknown_field": lambda: json.dumps({"prompt": prompt, "logit_bias": {"1": 5}}).encode(),
+            "unknown_field": lambda: json.dumps({"prompt": prompt, "max_output_tokens": 5}).encode(),
             "unknown_model": lambda: json.dumps({"custom_id": f"gpt-{line_no}", "method": "POST",
                                                  "url": "/v1/completions",
                                                  "body": {"model": "gpt-4o", "prompt": prompt}}).encode(),
@@ -341,7 +344,8 @@ def main() -> None:
     }
     print(json.dumps(result, indent=2))
     RESULTS_DIRECTORY.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIRECTORY / f"submit-{broker}.json").write_text(json.dumps(result, indent=2) + "\n")
+    output = arguments.output or RESULTS_DIRECTORY / f"submit-{broker}.json"
+    output.write_text(json.dumps(result, indent=2) + "\n")
     if not all(passed.values()):
         raise SystemExit(f"checks failed: {[name for name, ok in passed.items() if not ok]}")
 
