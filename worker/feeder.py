@@ -263,10 +263,7 @@ class Feeder:
                   error: BaseException | None = None, more_choices: Sequence[Completion] = ()) -> None:
         with self.room:
             self.in_engine -= 1
-            # Slice threads wait for a worthwhile batch of room (_reserve_room); woken at every finished
-            # request instead, each of them would take the GIL from the engine's step loop, which runs this.
-            if self.target_depth - self.in_engine >= max(1, self.target_depth // 4):
-                self.room.notify_all()
+            self.room.notify_all()
         if completion is not None:
             # The request's first choice in the result's own columns, any further one in `choices`; its usage
             # counts the tokens of every choice.
