@@ -17,7 +17,8 @@ from producer.reader import ReadLine
 from schema.cache import CacheScope
 from schema.lines import CHAT_URL
 from schema.tables import AuditEvent, DeadLetter, Job, Request, RequestState
-from worker.transitions import counted, move
+from worker.job_counts import counted
+from worker.transitions import move
 
 
 def new_job_id() -> str:
