@@ -222,9 +222,13 @@ def job_unfinished(connection: psycopg.Connection, job_id: str) -> bool:
 
 
 def run_worker(database_url: str, env: dict, job_id: str, timeout: float) -> dict:
-    """One `deepbatch worker` (null engine) until the job has nothing queued or running; then a warm stop."""
-    worker = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--loglevel", "WARNING"], env=env,
-                              cwd=env["PYTHONPATH"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """One `deepbatch worker` (null engine) until the job has nothing queued or running; then a warm stop.
+    Its log goes to <DEEPBATCH_DATA_DIR>/worker-<job>.log, so that a worker that stops recording says why."""
+    log_path = Path(env["DEEPBATCH_DATA_DIR"]) / f"worker-{job_id}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("wb") as log:
+        worker = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--loglevel", "WARNING"],
+                                  env=env, cwd=env["PYTHONPATH"], stdout=log, stderr=subprocess.STDOUT)
     sampler = Sampler(worker.pid, interval=1.0)
     sampler.start()
     deadline = time.monotonic() + timeout
@@ -238,7 +242,7 @@ def run_worker(database_url: str, env: dict, job_id: str, timeout: float) -> dic
                 if event != last_event:
                     last_event, moved_at = event, time.monotonic()
                 elif time.monotonic() - moved_at > 120:
-                    raise RuntimeError(f"the worker recorded nothing for 120 s on job {job_id}")
+                    raise RuntimeError(f"the worker recorded nothing for 120 s on job {job_id} (log: {log_path})")
                 time.sleep(1.0)
     finally:
         worker.send_signal(signal.SIGINT)
