@@ -1,7 +1,7 @@
 """`deepbatch results` of a large job, against the same command at a baseline commit, interleaved: lines/s and
 memory, and that both write the same bytes.
 
-One job in a database of its own (`deepbatch_bench_export`, dropped at the end): bench/submit.py's file of
+One job in a database of its own (bench/pipeline.py's fresh_database, dropped at the end): bench/submit.py's file of
 --requests lines, submitted by `deepbatch submit` (its 3 % bad lines and 0.5 % duplicate custom_ids make the
 error file), then every queued request marked succeeded by two SQL statements, with a result of
 --text-chars characters cut from one long text (words, quotes, backslashes, tabs, newlines, non-ASCII), so
@@ -38,10 +38,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from bench import submit as submit_bench  # noqa: E402 - the same input file as the submit benchmark
-from bench.pipeline import purge_queue  # noqa: E402
+from bench.pipeline import fresh_database, purge_queue  # noqa: E402
 from bench.scale import run_child  # noqa: E402
 
-DATABASE_NAME = "deepbatch_bench_export"
 # What the results' text is cut from: bench/submit.py's words, and what JSON must escape or passes raw.
 SPECIALS = ['"quoted"', "back\\slash", "tab\there", "new\nline", "café", "東京", "😀", "\u2028", "C:\\path"]
 # Marks every queued request succeeded, its result cut from the corpus at an offset of its own; every
@@ -151,51 +150,51 @@ def summary(runs: list[dict]) -> dict:
             "worst_lines_per_s": min(rates), "peak_rss_mb": [run["peak_rss_mb"] for run in runs]}
 
 
+def measure(arguments: argparse.Namespace, database_url: str, baseline: Path, work: Path, commit: str) -> dict:
+    """The job made, then the baseline's export and this tree's by turns, --repeats times."""
+    from schema.migrate import upgrade
+
+    upgrade(database_url.replace("postgresql://", "postgresql+psycopg://", 1))
+    job_id, job = make_job(arguments, database_url, REPO_ROOT)
+    print(json.dumps({"job": job_id, **job}), flush=True)
+    runs: dict[str, list[dict]] = {"baseline": [], "new": []}
+    for round_no in range(1, arguments.repeats + 1):
+        for name, source in (("baseline", baseline), ("new", REPO_ROOT)):
+            run = {"round": round_no, **export(source, database_url, arguments.broker, job_id, work)}
+            runs[name].append(run)
+            print(json.dumps({name: run}), flush=True)
+    reference = runs["baseline"][0]["sha256"]
+    old, new = summary(runs["baseline"]), summary(runs["new"])
+    return {
+        "what": f"`deepbatch results` of a job of {arguments.requests:,} lines, baseline and this tree "
+                f"interleaved {arguments.repeats}x in one run",
+        "command": " ".join(["python", "bench/export.py", *sys.argv[1:]]),
+        "baseline": f"{commit} ({arguments.baseline})", "cpus": os.cpu_count(),
+        "load_average_at_end": round(os.getloadavg()[0], 2), "job": job, "text_chars": arguments.text_chars,
+        "same_bytes_every_run": all(run["sha256"] == reference for name in runs for run in runs[name]),
+        "old": old, "new": new,
+        "new_over_old_median": round(new["median_lines_per_s"] / old["median_lines_per_s"], 2),
+        "new_worst_over_old_median": round(new["worst_lines_per_s"] / old["median_lines_per_s"], 2),
+        "runs": runs,
+    }
+
+
 def main() -> None:
     arguments = parse_arguments()
     arguments.data_dir.mkdir(parents=True, exist_ok=True)
-    database_url = arguments.postgres.rsplit("/", 1)[0] + "/" + DATABASE_NAME
-    with psycopg.connect(arguments.postgres, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{DATABASE_NAME}" WITH (FORCE)')
-        admin.execute(f'CREATE DATABASE "{DATABASE_NAME}"')
     baseline = baseline_tree(arguments.baseline)
     work = Path(tempfile.mkdtemp(prefix="deepbatch-bench-export-"))
     commit = subprocess.run(["git", "rev-parse", "--short", arguments.baseline], cwd=REPO_ROOT, text=True,
                             capture_output=True).stdout.strip()
     try:
-        from schema.migrate import upgrade
-
-        upgrade(database_url.replace("postgresql://", "postgresql+psycopg://", 1))
-        job_id, job = make_job(arguments, database_url, REPO_ROOT)
-        print(json.dumps({"job": job_id, **job}), flush=True)
-        runs: dict[str, list[dict]] = {"baseline": [], "new": []}
-        for round_no in range(1, arguments.repeats + 1):
-            for name, source in (("baseline", baseline), ("new", REPO_ROOT)):
-                run = {"round": round_no, **export(source, database_url, arguments.broker, job_id, work)}
-                runs[name].append(run)
-                print(json.dumps({name: run}), flush=True)
-        reference = runs["baseline"][0]["sha256"]
-        same_bytes = all(run["sha256"] == reference for name in runs for run in runs[name])
-        old, new = summary(runs["baseline"]), summary(runs["new"])
-        result = {
-            "what": f"`deepbatch results` of a job of {arguments.requests:,} lines, baseline and this tree "
-                    f"interleaved {arguments.repeats}x in one run",
-            "command": " ".join(["python", "bench/export.py", *sys.argv[1:]]),
-            "baseline": f"{commit} ({arguments.baseline})", "cpus": os.cpu_count(),
-            "load_average_at_end": round(os.getloadavg()[0], 2), "job": job, "text_chars": arguments.text_chars,
-            "same_bytes_every_run": same_bytes, "old": old, "new": new,
-            "new_over_old_median": round(new["median_lines_per_s"] / old["median_lines_per_s"], 2),
-            "new_worst_over_old_median": round(new["worst_lines_per_s"] / old["median_lines_per_s"], 2),
-            "runs": runs,
-        }
+        with fresh_database(arguments.postgres) as database_url:
+            result = measure(arguments, database_url, baseline, work, commit)
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(baseline)], cwd=REPO_ROOT, capture_output=True)
-        with psycopg.connect(arguments.postgres, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{DATABASE_NAME}" WITH (FORCE)')
     print(json.dumps(result, indent=2))
     output = arguments.output or REPO_ROOT / "bench" / "results" / f"export-{arguments.requests}.json"
     output.write_text(json.dumps(result, indent=2) + "\n")
-    if not same_bytes:
+    if not result["same_bytes_every_run"]:
         raise SystemExit("the runs did not all write the same bytes")
 
 
