@@ -131,9 +131,17 @@ JOB_FIGURES = """
            (SELECT count(*) FROM audit_events WHERE job_id = :job AND event = 'started')"""
 # Each worker's share of the job: whether a pool's workers kept pace with each other, or one lagged.
 PER_WORKER = """
-    SELECT e.worker, count(*), min(e.created_at), max(e.created_at), sum(s.completion_tokens)
+    SELECT e.worker, count(*), max(e.created_at), sum(s.completion_tokens)
     FROM audit_events AS e JOIN results AS s ON s.request_id = e.request_id
     WHERE e.job_id = :job AND e.event = 'succeeded' GROUP BY e.worker ORDER BY e.worker"""
+
+
+def worker_figures(row, first_start) -> dict:
+    """One worker's row of PER_WORKER: its requests, and its tokens/s up to its own last result."""
+    worker, succeeded, last, tokens = row
+    seconds = max((last - first_start).total_seconds(), 1e-3)
+    return {"worker": worker, "succeeded": succeeded, "tokens_per_s": round(int(tokens) / seconds, 1),
+            "last_result_s": round(seconds, 2)}
 
 
 def run_system(arguments: argparse.Namespace, prompts_path: Path, max_tokens: int, workers: int = 1,
@@ -170,10 +178,8 @@ def run_system(arguments: argparse.Namespace, prompts_path: Path, max_tokens: in
         with sessions() as session:
             first_start, last_success, completion_tokens, results, succeeded_twice, attempts = session.execute(
                 text(JOB_FIGURES), {"job": job_id}).one()
-            per_worker = [{"worker": worker, "succeeded": count, "tokens_per_s": round(
-                int(tokens) / max((last - first_start).total_seconds(), 1e-3), 1), "last_result_s": round(
-                (last - first_start).total_seconds(), 2)} for worker, count, _, last, tokens in session.execute(
-                text(PER_WORKER), {"job": job_id})]
+            per_worker = [worker_figures(row, first_start)
+                          for row in session.execute(text(PER_WORKER), {"job": job_id})]
     window = (last_success - first_start).total_seconds()
     samples = sampler.samples or [0]
     return {
