@@ -4,7 +4,9 @@ Runs `deepbatch run`'s path in-process (embedded PostgreSQL and Redis unless DAT
 set, migrations, one worker process, submit, wait), then the engine alone on the same prompts in this
 process, and prints both completion-token rates and their ratio. While the job runs it samples how many
 requests Postgres holds as running, which says whether the worker keeps the engine's batch full.
-Each `--max-tokens` value is one job and one engine-alone run; all go into one JSON,
+`--engine-process own shared` runs each job twice, the workers' engine in a process of its own and in the
+worker's (DEEPBATCH_ENGINE_PROCESS), an A/B in one run. Each `--max-tokens` value is one job (per choice) and
+one engine-alone run; all go into one JSON,
 bench/results/system-<device>-<model>.json. The result cache is off, so every request runs.
 
 Scale-out: `--workers 1 2` runs each job once per worker count, worker i on GPU i (CUDA_VISIBLE_DEVICES),
@@ -51,6 +53,8 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--workers", type=int, nargs="+", default=[1], help="worker processes, one per GPU")
     parser.add_argument("--kill-one-after", type=float, help="SIGKILL the last worker this many seconds into a "
                                                              "multi-worker job (then run the job unharmed too)")
+    parser.add_argument("--engine-process", nargs="+", default=["auto"], choices=["auto", "own", "shared"],
+                        help="DEEPBATCH_ENGINE_PROCESS of the workers; several: each job once per choice (an A/B)")
     parser.add_argument("--skip-engine-alone", action="store_true", help="system runs only (scale-out figures)")
     parser.add_argument("--engine-alone", type=Path, help=argparse.SUPPRESS)  # the child process's part
     return parser.parse_args()
@@ -228,15 +232,21 @@ def engine_alone_in_child(arguments: argparse.Namespace, prompts_path: Path, max
 def measure(arguments: argparse.Namespace, prompts_path: Path, max_tokens: int, repetition: int) -> list[dict]:
     """One output length once: the system with each worker count (and a kill), then the engine alone."""
     runs = []
+    for engine_process in arguments.engine_process:
+        os.environ["DEEPBATCH_ENGINE_PROCESS"] = engine_process
+        for count in arguments.workers:
+            system = run_system(arguments, prompts_path, max_tokens, count)
+            runs.append({"max_tokens": max_tokens, "repetition": repetition, "workers": count,
+                         "engine_process": engine_process, "system": system})
+    os.environ["DEEPBATCH_ENGINE_PROCESS"] = arguments.engine_process[0]
     for count in arguments.workers:
-        system = run_system(arguments, prompts_path, max_tokens, count)
-        runs.append({"max_tokens": max_tokens, "repetition": repetition, "workers": count, "system": system})
         if count > 1 and arguments.kill_one_after:
+            unharmed = next(run["system"] for run in runs if run["workers"] == count)
             killed = run_system(arguments, prompts_path, max_tokens, count, arguments.kill_one_after)
             killed["job_ended_later_than_unharmed_s"] = round(  # first claim to last result, each
-                killed["first_start_to_last_result_seconds"] - system["first_start_to_last_result_seconds"], 2)
-            runs.append({"max_tokens": max_tokens, "repetition": repetition, "workers": count, "system": killed,
-                         "kill": True})
+                killed["first_start_to_last_result_seconds"] - unharmed["first_start_to_last_result_seconds"], 2)
+            runs.append({"max_tokens": max_tokens, "repetition": repetition, "workers": count,
+                         "engine_process": arguments.engine_process[0], "system": killed, "kill": True})
     one = next((run["system"]["tokens_per_s"] for run in runs if run["workers"] == 1), None)
     for run in runs:
         if one and run["workers"] > 1 and not run.get("kill"):
@@ -250,6 +260,11 @@ def measure(arguments: argparse.Namespace, prompts_path: Path, max_tokens: int, 
     for run in runs:
         print(json.dumps(run, indent=2), flush=True)
     return runs
+
+
+def share_key(max_tokens: int, engine_process: str, arguments: argparse.Namespace) -> str:
+    """`128`, or `128-own` when the run compares where the engine runs."""
+    return str(max_tokens) if len(arguments.engine_process) == 1 else f"{max_tokens}-{engine_process}"
 
 
 def main() -> None:
@@ -270,9 +285,11 @@ def main() -> None:
             prompts_path = arguments.data_dir / f"prompts-{max_tokens}.jsonl"
             write_prompts(prompts_path, arguments.prompts, max_tokens)
             runs.extend(measure(arguments, prompts_path, max_tokens, repetition))
-    shares = {tokens: sorted(run["system_share_of_engine_throughput"] for run in runs
-                             if run["max_tokens"] == tokens and "system_share_of_engine_throughput" in run)
-              for tokens in arguments.max_tokens}
+    shares = {share_key(tokens, engine_process, arguments):
+              sorted(run["system_share_of_engine_throughput"] for run in runs
+                     if run["max_tokens"] == tokens and run.get("engine_process") == engine_process
+                     and "system_share_of_engine_throughput" in run)
+              for tokens in arguments.max_tokens for engine_process in arguments.engine_process}
     scale_out = {f"{tokens}-tokens-{count}-workers": sorted(run["scale_out_ratio"] for run in runs
                                                            if run["max_tokens"] == tokens and run["workers"] == count
                                                            and "scale_out_ratio" in run)
@@ -286,6 +303,8 @@ def main() -> None:
               "runs": runs}
     RESULTS_DIRECTORY.mkdir(parents=True, exist_ok=True)
     workers = "" if arguments.workers == [1] else "-workers-" + "-".join(map(str, arguments.workers))
+    if len(arguments.engine_process) > 1:
+        workers += "-engine-process-" + "-".join(arguments.engine_process)
     label = re.sub(r"[^A-Za-z0-9]+", "-", f"{device}-{arguments.model}{workers}").strip("-").lower()
     (RESULTS_DIRECTORY / f"system-{label}.json").write_text(json.dumps(result, indent=2) + "\n")
 

@@ -19,6 +19,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 # worker/engine/sizing.py's MAX_GPU_BATCH (schema cannot import the engine; a test keeps them equal).
 LARGEST_AUTO_BATCH_SIZE = 512
 
+EngineProcessChoice = Literal["auto", "own", "shared"]  # DEEPBATCH_ENGINE_PROCESS
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DEEPBATCH_", env_file=".env", extra="ignore")
@@ -51,6 +53,9 @@ class Settings(BaseSettings):
     default_max_tokens: PositiveInt | None = None  # a request's max_tokens when it gives none
     gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)  # share of the GPU the engine may fill
     cuda_graphs: bool | None = None  # replay decode steps from CUDA graphs (GPU only)
+    # Where the worker's engine runs: in a process of its own (worker/engine/process.py says why), or in the
+    # worker's; auto: its own on a GPU, the worker's on the CPU (where a second interpreter buys nothing).
+    engine_process: EngineProcessChoice = "auto"
 
     # Delivery and retries.
     max_attempts: PositiveInt = 3
@@ -158,6 +163,7 @@ class EngineSettings(ComponentSettings):
     max_model_len: PositiveInt | None
     gpu_memory_utilization: float | None
     cuda_graphs: bool | None
+    engine_process: EngineProcessChoice
 
 
 class RetrySettings(ComponentSettings):

@@ -28,6 +28,7 @@ from worker import metrics, registry
 from worker.app import publish_dead_letters, publish_groups, publish_slices, worker_app
 from worker.circuit import EXIT_CIRCUIT_OPEN
 from worker.engine.types import EngineConfig
+from worker.engine.process import EngineProcess, engine_facts, load_factory
 from worker.feeder import Engine, Feeder
 from worker.reconcile import Maintenance
 from worker.transitions import Transitions
@@ -39,7 +40,7 @@ ENGINE_CONFIG_NAMES = {"cuda_graphs": "use_cuda_graphs"}
 
 def engine_config(settings: Settings | EngineSettings) -> EngineConfig:
     """The settings given; the engine's own defaults (EngineConfig) for those left unset (None)."""
-    given = engine_share(settings).model_dump(exclude={"engine"}, exclude_none=True)
+    given = engine_share(settings).model_dump(exclude={"engine", "engine_process"}, exclude_none=True)
     return EngineConfig(**{ENGINE_CONFIG_NAMES.get(name, name): value for name, value in given.items()})
 
 
@@ -48,20 +49,33 @@ def engine_share(settings: Settings | EngineSettings) -> EngineSettings:
     return EngineSettings.of(settings) if isinstance(settings, Settings) else settings
 
 
-def build_engine(settings: EngineSettings) -> Engine:
+# The factory (`package.module:function` taking an EngineConfig) of each engine named by DEEPBATCH_ENGINE.
+ENGINE_FACTORIES = {"deepbatch": "worker.engine.engine:build_engine",
+                    "null": "worker.engine.null_engine:build_null_engine"}
+
+
+def engine_factory(settings: EngineSettings) -> str:
     """`deepbatch`, `null` (benchmarks and tests only), or `package.module:factory` taking an EngineConfig."""
+    return ENGINE_FACTORIES.get(settings.engine, settings.engine)
+
+
+def engine_in_own_process(settings: EngineSettings) -> bool:
+    from worker.engine.device import resolve_device
+
+    if settings.engine_process == "auto":
+        return resolve_device(settings.device).type == "cuda"
+    return settings.engine_process == "own"
+
+
+def build_engine(settings: EngineSettings) -> Engine:
+    """The engine, in this process or in one of its own (DEEPBATCH_ENGINE_PROCESS); when the deepbatch engine
+    cannot go on, or its process dies, the worker exits at once (worker/engine/engine.py's exit_process)."""
     config = engine_config(settings)
-    if settings.engine == "deepbatch":
-        from worker.engine.engine import build_engine as build_deepbatch_engine
+    if engine_in_own_process(settings):
+        from worker.engine.engine import exit_process
 
-        return build_deepbatch_engine(config)
-    if settings.engine == "null":
-        from worker.engine.null_engine import build_null_engine
-
-        return build_null_engine(config)
-    module_name, _, factory_name = settings.engine.partition(":")
-    factory = getattr(importlib.import_module(module_name), factory_name)
-    return factory(config)
+        return EngineProcess(engine_factory(settings), config, on_fatal_error=exit_process)
+    return load_factory(engine_factory(settings))(config)
 
 
 class SettingError(ValueError):
@@ -149,16 +163,6 @@ def placement(settings: EngineSettings) -> tuple[list[str], str]:
     return [str(device)] * settings.tensor_parallel_size, dtype
 
 
-def describe_engine(engine: Engine) -> dict[str, object]:
-    """What the engine chose, for the log and the registry: architecture, max batch, KV-cache tokens (None
-    for what an engine does not tell, as the null one)."""
-    hf_config = getattr(engine, "hf_config", None)
-    architectures = getattr(hf_config, "architectures", None) or [getattr(hf_config, "model_type", None)]
-    blocks = getattr(engine, "block_manager", None)
-    return {"architecture": architectures[0], "max_batch_size": engine.max_batch_size,
-            "kv_cache_tokens": blocks.num_blocks * blocks.block_size if blocks is not None else None}
-
-
 def build_announced_engine(settings: Settings, sessions) -> tuple[Engine, registry.Announcement]:
     """Check the queue is this model's, build the engine saying what loads where and when it is ready, and
     describe this worker for the registry."""
@@ -173,7 +177,7 @@ def build_announced_engine(settings: Settings, sessions) -> tuple[Engine, regist
              dtype, parallel, settings.queue_name)
     started = time.monotonic()
     engine = build_engine(engine_settings)
-    facts = describe_engine(engine)
+    facts = engine_facts(engine)
     log.info("ready in %.1f s: max batch %s, KV cache %s tokens", time.monotonic() - started, facts["max_batch_size"],
              facts["kv_cache_tokens"] if facts["kv_cache_tokens"] is not None else "(not reported)")
     announcement = registry.Announcement(
