@@ -145,3 +145,28 @@ def test_the_workers_engine_exits_the_worker_when_its_process_dies(monkeypatch):
     finally:
         engine.shutdown()
     assert not runtime.engine_in_own_process(EngineSettings.of(Settings(device="cpu")))  # auto: shared on a CPU
+
+
+def test_a_tensor_parallel_engine_runs_in_its_own_process_and_a_dead_rank_ends_it(make_engine):
+    """The engine process drives its own ranks (gloo here): the same greedy tokens as one rank in-process; a
+    SIGKILLed rank ends the engine process (exit code 70), which the worker's side reports as fatal."""
+    import psutil
+
+    fatal: list[BaseException] = []
+    config = EngineConfig(model="tiny-deepseek-v3", device="cpu", tensor_parallel_size=2, max_wait_ms=1)
+    prompts = random_prompts([5, 11])
+    expected = make_engine(model="tiny-deepseek-v3", max_wait_ms=1).generate(prompts, GREEDY)
+    engine = EngineProcess(FACTORY, config, on_fatal_error=fatal.append)
+    try:
+        answers = [future.result(timeout=60) for future in [engine.submit(prompt, GREEDY) for prompt in prompts]]
+        assert [answer.token_ids for answer in answers] == [completion.token_ids for completion in expected]
+        # Rank 1 is forked from the engine process's forkserver: the one grandchild.
+        rank = next(child for child in psutil.Process(engine.pid).children(recursive=True)
+                    if child.ppid() != engine.pid)
+        held = engine.submit(prompts[0], SamplingParams(max_tokens=60, ignore_eos=True))
+        rank.kill()
+        with pytest.raises(EngineProcessError, match=rf"pid {engine.pid}\) died \(exit code 70\)"):
+            held.result(timeout=30)
+        assert len(fatal) == 1
+    finally:
+        engine.shutdown()
