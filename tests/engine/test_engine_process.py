@@ -170,3 +170,11 @@ def test_a_tensor_parallel_engine_runs_in_its_own_process_and_a_dead_rank_ends_i
         assert len(fatal) == 1
     finally:
         engine.shutdown()
+
+
+def test_the_engine_process_waits_for_its_worker_not_for_signals(engine_process):
+    """Ctrl-C (SIGINT to the process group) or a service manager's SIGTERM to every process: the worker's warm
+    shutdown decides when the engine stops, so its process goes on answering."""
+    os.kill(engine_process.pid, signal.SIGINT)
+    os.kill(engine_process.pid, signal.SIGTERM)
+    assert engine_process.submit(random_prompts([5])[0], GREEDY).result(timeout=60).completion_tokens == 6

@@ -24,6 +24,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import pickle
+import signal
 import threading
 import time
 import weakref
@@ -232,6 +233,11 @@ def serve_engine(factory: str, config: EngineConfig, connection: multiprocessing
     from worker.engine.ranks import exit_when_parent_dies
 
     exit_when_parent_dies(lifeline_end)
+    # Ctrl-C reaches the whole process group, and a service manager may send SIGTERM to every process of the
+    # worker: the worker's warm shutdown decides when the engine stops (it finishes what the engine holds
+    # first), so this process waits for its word, or for its end.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=log_level or logging.INFO, format=LOG_FORMAT)
     try:
         engine = load_factory(factory)(config)
