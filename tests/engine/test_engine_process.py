@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.engine.helpers import random_prompts
 from worker.engine import engine as engine_module
@@ -147,15 +148,22 @@ def test_the_workers_engine_exits_the_worker_when_its_process_dies(monkeypatch):
     assert not runtime.engine_in_own_process(EngineSettings.of(Settings(device="cpu")))  # auto: shared on a CPU
 
 
-def test_a_tensor_parallel_engine_runs_in_its_own_process_and_a_dead_rank_ends_it(make_engine):
-    """The engine process drives its own ranks (gloo here): the same greedy tokens as one rank in-process; a
-    SIGKILLed rank ends the engine process (exit code 70), which the worker's side reports as fatal."""
+# Two GPUs where the machine has them (NCCL), else the CPU (gloo): a GPU worker's engine runs this way by default.
+TENSOR_PARALLEL_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.device_count() >= 2 else [])
+
+
+@pytest.mark.parametrize("device", TENSOR_PARALLEL_DEVICES)
+def test_a_tensor_parallel_engine_runs_in_its_own_process_and_a_dead_rank_ends_it(make_engine, device):
+    """The engine process drives its own ranks: the same greedy tokens as one rank in-process; a SIGKILLed
+    rank ends the engine process (exit code 70), which the worker's side reports as fatal."""
     import psutil
 
     fatal: list[BaseException] = []
-    config = EngineConfig(model="tiny-deepseek-v3", device="cpu", tensor_parallel_size=2, max_wait_ms=1)
+    config = EngineConfig(model="tiny-deepseek-v3", device=device, dtype="float32", tensor_parallel_size=2,
+                          max_wait_ms=1)
     prompts = random_prompts([5, 11])
-    expected = make_engine(model="tiny-deepseek-v3", max_wait_ms=1).generate(prompts, GREEDY)
+    expected = make_engine(model="tiny-deepseek-v3", device=device, dtype="float32",
+                           max_wait_ms=1).generate(prompts, GREEDY)
     engine = EngineProcess(FACTORY, config, on_fatal_error=fatal.append)
     try:
         answers = [future.result(timeout=60) for future in [engine.submit(prompt, GREEDY) for prompt in prompts]]
