@@ -34,7 +34,7 @@ def engine_process():
 
 def test_answers_as_the_engine_in_process_does(engine_process, make_engine):
     prompts = random_prompts([5, 9, 13])
-    expected = make_engine(model=CONFIG.model, max_wait_ms=1, max_model_len=64).generate(prompts, GREEDY)
+    expected = make_engine(model=CONFIG.model, device="cpu", max_wait_ms=1, max_model_len=64).generate(prompts, GREEDY)
     futures = [engine_process.submit(prompt, GREEDY) for prompt in prompts]
     answers = [future.result(timeout=60) for future in futures]
     assert [answer.token_ids for answer in answers] == [completion.token_ids for completion in expected]
