@@ -31,7 +31,8 @@ from worker.engine.block_manager import BlockManager
 from worker.engine.device import resolve_device, resolve_dtype
 from worker.engine.grammar import GrammarError, Grammars
 from worker.engine.loader import load_model
-from worker.engine.model_runner import ModelRunner, build_runner
+from worker.engine.gpu_runner import build_runner
+from worker.engine.model_runner import ModelRunner
 from worker.engine.parallel import RankFailedError, Shard, rank_device
 from worker.engine.ranks import DrivingRunner, RankProcesses
 from worker.engine.scheduler import Scheduler, StepPlan

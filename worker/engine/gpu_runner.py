@@ -10,6 +10,9 @@ vary in shape and are long enough to run eagerly.
 Why one copy: every integer a step needs (token ids, positions, cache slots, per-sequence lengths,
 block tables) is packed into one host array and crosses to the GPU in a single transfer; the per-step
 host work is list building that grows with the number of sequences, plus numpy per prefill chunk.
+
+`build_runner` lives here, beside both runners it chooses between, so that model_runner.py (the base) does
+not import its own subclass.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ import torch
 from torch import nn
 
 from worker.engine.model_runner import ModelRunner, StepBatch
-from worker.engine.layers.attention import AttentionMetadata, PagedGroup
+from worker.engine.layers.attention import AttentionMetadata, PagedGroup, choose_backend
 from worker.engine.scheduler import ScheduledSequence
 from worker.engine.sequence import Sequence
+from worker.engine.types import EngineConfig
 
 log = logging.getLogger(__name__)
 
@@ -263,3 +267,14 @@ class GpuModelRunner(ModelRunner):
         parallelism NCCL's teardown waits on communicators that live graphs still use."""
         self.graphs = {}
         torch.cuda.synchronize(self.device)
+
+
+def build_runner(model: nn.Module, config: EngineConfig, num_blocks: int, device: torch.device, dtype: torch.dtype,
+                 max_batch_size: int, max_model_len: int) -> ModelRunner:
+    """The runner of the attention back-end (layers/attention.py): the paged kernel's (CUDA graphs for decode
+    on a GPU) or the torch fallback's. Every rank of a tensor-parallel engine builds its runner here, alike."""
+    backend = choose_backend(config.use_paged_kernel, config.use_cuda_graphs, device)
+    if not backend.paged_kernel:
+        return ModelRunner(model, config.kv_block_size, num_blocks, device, dtype)
+    return GpuModelRunner(model, config.kv_block_size, num_blocks, device, dtype, max_batch_size, max_model_len,
+                          use_cuda_graphs=backend.cuda_graphs)

@@ -15,11 +15,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from worker.engine.layers.attention import AttentionGroup, AttentionMetadata, choose_backend
+from worker.engine.layers.attention import AttentionGroup, AttentionMetadata
 from worker.engine.sampler import Sampler
 from worker.engine.scheduler import ScheduledSequence
 from worker.engine.sequence import Sequence
-from worker.engine.types import EngineConfig
 
 
 @dataclass
@@ -29,19 +28,6 @@ class StepBatch:
     metadata: AttentionMetadata
     sample_token_indices: torch.Tensor  # last token of each sequence that gets a next token
     sampled_sequences: list[Sequence]
-
-
-def build_runner(model: nn.Module, config: EngineConfig, num_blocks: int, device: torch.device, dtype: torch.dtype,
-                 max_batch_size: int, max_model_len: int) -> ModelRunner:
-    """The runner of the attention back-end (layers/attention.py): the paged kernel's (CUDA graphs for decode
-    on a GPU) or the torch fallback's. Every rank of a tensor-parallel engine builds its runner here, alike."""
-    backend = choose_backend(config.use_paged_kernel, config.use_cuda_graphs, device)
-    if not backend.paged_kernel:
-        return ModelRunner(model, config.kv_block_size, num_blocks, device, dtype)
-    from worker.engine.gpu_runner import GpuModelRunner
-
-    return GpuModelRunner(model, config.kv_block_size, num_blocks, device, dtype, max_batch_size, max_model_len,
-                          use_cuda_graphs=backend.cuda_graphs)
 
 
 class ModelRunner:

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from worker.engine.device import resolve_device, resolve_dtype
 from worker.engine.loader import load_model
-from worker.engine.model_runner import build_runner
+from worker.engine.gpu_runner import build_runner
 from worker.engine.parallel import (
     ProcessGroups,
     RankFailedError,
