@@ -81,15 +81,17 @@ def write_prompts(path: Path, count: int, max_tokens: int) -> None:
 
 
 @contextmanager
-def fresh_database(server_url: str):
+def fresh_database(server_url: str, keep: bool = False):
+    """A database of its own on `server_url`'s server, dropped afterwards unless `keep` (for inspection)."""
     name = f"deepbatch_bench_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(server_url, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
     try:
         yield server_url.rsplit("/", 1)[0] + "/" + name
     finally:
-        with psycopg.connect(server_url, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        if not keep:
+            with psycopg.connect(server_url, autocommit=True) as admin:
+                admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def run_measured(command: list[str], env: dict, cwd: Path, timeout: float) -> tuple[float, int, str]:

@@ -31,6 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.pipeline import fresh_database  # noqa: E402 - a database of its own, dropped afterwards
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIRECTORY = REPO_ROOT / "bench" / "results"
 WORDS = ("river moon bread prime volcano engine table garden window music number planet ocean forest winter "
@@ -196,22 +198,6 @@ def time_baseline(path: Path) -> dict:
             "read_validate_encode_lines_per_s": round(lines / (encoded - validated))}
 
 
-def create_database(server_url: str) -> str:
-    import psycopg
-
-    name = f"deepbatch_bench_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(server_url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    return server_url.rsplit("/", 1)[0] + "/" + name
-
-
-def drop_database(server_url: str, database_url: str) -> None:
-    import psycopg
-
-    with psycopg.connect(server_url, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{database_url.rsplit("/", 1)[1]}" WITH (FORCE)')
-
-
 def run_submit(path: Path, env: dict[str, str]) -> dict:
     """`deepbatch submit` in a child process: its wall time, CPU time and peak RSS."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -290,8 +276,7 @@ def run_and_count(arguments: argparse.Namespace, written: WrittenFile, chunk_siz
     """Submit into a fresh database, count what it wrote and drain what it published; then drop both."""
     from schema.migrate import upgrade
 
-    database_url = create_database(arguments.postgres)
-    try:
+    with fresh_database(arguments.postgres, keep=arguments.keep_database) as database_url:
         upgrade(database_url.replace("postgresql://", "postgresql+psycopg://", 1))
         env = submit_env(arguments, database_url, chunk_size, slice_size)
         try:
@@ -299,9 +284,6 @@ def run_and_count(arguments: argparse.Namespace, written: WrittenFile, chunk_siz
             rows = count_rows(database_url, submit["job_id"])
         finally:
             published = drain_messages(env)
-    finally:
-        if not arguments.keep_database:
-            drop_database(arguments.postgres, database_url)
     submit["lines_per_s"] = round(written.lines / submit["seconds"])
     return submit, rows, published
 
