@@ -4,6 +4,7 @@ n choices, cancels, stats, and deaths on either side reported at once, never a h
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -107,6 +108,7 @@ def test_the_engine_process_ends_with_its_worker():
     """)
     worker = subprocess.Popen([sys.executable, "-c", program], cwd=REPOSITORY, stdout=subprocess.PIPE, text=True)
     try:
+        assert select.select([worker.stdout], [], [], 120)[0], "the worker's engine process did not start"
         child_pid = int(worker.stdout.readline())
         os.kill(worker.pid, signal.SIGKILL)
         worker.wait(timeout=10)
@@ -121,10 +123,10 @@ def test_the_engine_process_ends_with_its_worker():
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as stat:  # a zombie (exited, not yet reaped by init) counts as gone
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    except (ProcessLookupError, FileNotFoundError):  # reaped meanwhile
         return False
-    with open(f"/proc/{pid}/stat") as stat:  # a zombie (exited, not yet reaped by init) counts as gone
-        return stat.read().split(")")[-1].split()[0] != "Z"
 
 
 def test_the_workers_engine_exits_the_worker_when_its_process_dies(monkeypatch):
@@ -156,8 +158,6 @@ TENSOR_PARALLEL_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.device_count() >= 2 
 def test_a_tensor_parallel_engine_runs_in_its_own_process_and_a_dead_rank_ends_it(make_engine, device):
     """The engine process drives its own ranks: the same greedy tokens as one rank in-process; a SIGKILLed
     rank ends the engine process (exit code 70), which the worker's side reports as fatal."""
-    import psutil
-
     fatal: list[BaseException] = []
     config = EngineConfig(model="tiny-deepseek-v3", device=device, dtype="float32", tensor_parallel_size=2,
                           max_wait_ms=1)
@@ -168,9 +168,7 @@ def test_a_tensor_parallel_engine_runs_in_its_own_process_and_a_dead_rank_ends_i
     try:
         answers = [future.result(timeout=60) for future in [engine.submit(prompt, GREEDY) for prompt in prompts]]
         assert [answer.token_ids for answer in answers] == [completion.token_ids for completion in expected]
-        # Rank 1 is forked from the engine process's forkserver: the one grandchild.
-        rank = next(child for child in psutil.Process(engine.pid).children(recursive=True)
-                    if child.ppid() != engine.pid)
+        rank = rank_1_of(engine.pid)
         held = engine.submit(prompts[0], SamplingParams(max_tokens=60, ignore_eos=True))
         rank.kill()
         with pytest.raises(EngineProcessError, match=rf"pid {engine.pid}\) died \(exit code 70\)"):
@@ -186,3 +184,39 @@ def test_the_engine_process_waits_for_its_worker_not_for_signals(engine_process)
     os.kill(engine_process.pid, signal.SIGINT)
     os.kill(engine_process.pid, signal.SIGTERM)
     assert engine_process.submit(random_prompts([5])[0], GREEDY).result(timeout=60).completion_tokens == 6
+
+
+def rank_1_of(engine_pid: int):
+    """Rank 1 is forked from the engine process's forkserver: the one grandchild."""
+    import psutil
+
+    for child in psutil.Process(engine_pid).children(recursive=True):
+        try:
+            if child.ppid() != engine_pid:
+                return child
+        except psutil.Error:  # ended meanwhile
+            continue
+    raise AssertionError("the engine process started no rank")
+
+
+def test_an_answer_that_cannot_be_sent_fails_alone_and_broken_stats_are_skipped():
+    """An engine plugged in that hands back what no pickle carries: that request fails, by name, and the
+    answers after it still come (a sender thread that died would leave every later request waiting)."""
+    from tests.integration.odd_engines import UNSENDABLE_TOKEN
+
+    engine = EngineProcess("tests.integration.odd_engines:UnsendableEngine", CONFIG)
+    try:
+        unsendable = engine.submit([UNSENDABLE_TOKEN, 5], SamplingParams(max_tokens=2))
+        with pytest.raises(TransientEngineError, match="cannot be sent to the worker"):
+            unsendable.result(timeout=30)
+        time.sleep(1.5)  # a stats() call or more has failed in the child meanwhile
+        assert engine.submit([5, 6], SamplingParams(max_tokens=2)).result(timeout=30).completion_tokens == 2
+        assert engine.stats() == {}
+    finally:
+        engine.shutdown()
+
+
+def test_the_engine_process_exit_code_is_the_engines():
+    from worker.engine.process import ENGINE_FAILED_EXIT_CODE
+
+    assert ENGINE_FAILED_EXIT_CODE == engine_module.FATAL_EXIT_CODE

@@ -5,6 +5,8 @@ Both answer at once, like the `null` engine they extend, so the pipeline alone i
 `OddOutputEngine` cycles through ODD_OUTPUTS (NUL, lone surrogates, the escape character, ...) for
 tests/integration/test_unstorable_outputs.py; `NulEngine` puts a NUL in one output of every
 NUL_EVERY for bench/nul_outputs.py (`NUL_EVERY=0` in the environment: never, the baseline).
+`UnsendableEngine`, for an engine in a process of its own (tests/engine/test_engine_process.py), answers a
+prompt that starts with UNSENDABLE_TOKEN with a result no pickle can carry, and its stats() fails.
 """
 
 from __future__ import annotations
@@ -58,3 +60,17 @@ class NulEngine(OneAfterAnother):
         if self.nul_every and number % self.nul_every == 0:
             return filler[:-1] + "\x00"
         return filler
+
+
+UNSENDABLE_TOKEN = 13
+
+
+class UnsendableEngine(NullEngine):
+    def submit(self, prompt_token_ids: list[int], sampling: SamplingParams) -> Future:
+        future = super().submit(prompt_token_ids, sampling)
+        if prompt_token_ids[0] == UNSENDABLE_TOKEN:
+            future.result().logprobs = threading.Lock()  # what a buggy engine might hand back
+        return future
+
+    def stats(self) -> dict[str, float]:
+        raise RuntimeError("stats are broken")

@@ -35,8 +35,11 @@ def engine_child(worker_pid: int, timeout: float = 120) -> psutil.Process:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for child in psutil.Process(worker_pid).children():
-            if "spawn_main" in " ".join(child.cmdline()):
-                return child
+            try:
+                if "spawn_main" in " ".join(child.cmdline()):
+                    return child
+            except psutil.Error:  # a short-lived child that ended meanwhile
+                continue
         time.sleep(0.2)
     raise AssertionError("the worker started no engine process")
 

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 STATS_INTERVAL_S = 1.0  # how often the child sends its engine's stats() (read by the worker's metrics)
 LOG_FORMAT = "[%(asctime)s: %(levelname)s/engine] %(message)s"  # beside Celery's lines in the worker's log
+ENGINE_FAILED_EXIT_CODE = 70  # worker/engine/engine.py's FATAL_EXIT_CODE (imported there with torch)
 
 
 class EngineProcessError(EngineError):
@@ -107,10 +108,15 @@ class EngineProcess:
         lifeline_end.close()
         self._futures: dict[int, Future] = {}
         self._keys = itertools.count()
-        self._lock = threading.Lock()  # the futures and the pipe's write end
+        self._lock = threading.Lock()  # the futures and _stopping; never held while the pipe is written
+        self._send_lock = threading.Lock()  # the pipe's write end
         self._stopping = False
         self._stats: dict[str, float] = {}
-        self.facts = self._wait_until_ready()
+        try:
+            self.facts = self._wait_until_ready()
+        except BaseException:  # a failed start, or Ctrl-C during a long load: nothing is left behind
+            self._end_process(timeout=10)
+            raise
         self.max_batch_size = int(self.facts["max_batch_size"])
         self.pid = self._process.pid
         _running.add(self)
@@ -127,7 +133,6 @@ class EngineProcess:
             raise EngineProcessError(f"the engine process (pid {self._process.pid}) exited before it was ready "
                                      f"({describe_exit(self._process.exitcode)}); its log above says why") from None
         if kind != "ready":
-            self._process.join(timeout=10)
             raise EngineProcessError(f"the engine could not start: {payload}")
         return payload
 
@@ -143,20 +148,31 @@ class EngineProcess:
                 raise TransientEngineError("the engine is shutting down")
             keys = [next(self._keys) for _ in samplings]
             self._futures.update(zip(keys, futures))
+        try:
             self._send(("submit", (keys, prompt_token_ids, list(samplings))))
+        except TransientEngineError:
+            with self._lock:
+                for key in keys:
+                    self._futures.pop(key, None)
+            raise
         for key, future in zip(keys, futures):
             future.add_done_callback(lambda future, key=key: future.cancelled() and self._cancel(key))
         return futures
 
     def _cancel(self, key: int) -> None:
         with self._lock:
-            if self._futures.pop(key, None) is not None and not self._stopping:
+            held = self._futures.pop(key, None) is not None and not self._stopping
+        if held:
+            try:
                 self._send(("cancel", key))
+            except TransientEngineError:
+                pass  # the engine is gone: nothing left to cancel
 
     def _send(self, message: tuple) -> None:
-        """Under self._lock. A pipe the child no longer reads is a dead engine: the reader says so."""
+        """A pipe the child no longer reads is a dead engine: the reader says so."""
         try:
-            self._connection.send(message)
+            with self._send_lock:
+                self._connection.send(message)
         except (OSError, ValueError) as error:
             raise TransientEngineError(f"the engine process is gone ({error})") from None
 
@@ -165,38 +181,50 @@ class EngineProcess:
 
     def shutdown(self) -> None:
         """Asks the child to stop (its engine fails what it holds, and those answers come back), waits for
-        it, then fails whatever is left. Idempotent."""
+        it, then fails whatever is left. Idempotent. A child that does not answer is killed."""
         _running.discard(self)
         with self._lock:
             if self._stopping:
                 return
             self._stopping = True
+        if self._send_lock.acquire(timeout=10):  # else a send is stuck: the child no longer reads
             try:
                 self._connection.send(("stop", None))
             except (OSError, ValueError):
                 pass
+            finally:
+                self._send_lock.release()
         self._reader.join(timeout=60)
-        self._process.join(timeout=10)
+        self._end_process(timeout=10)
+        self._fail_held(TransientEngineError("the engine shut down before the request finished"))
+
+    def _end_process(self, timeout: float) -> None:
+        self._process.join(timeout=timeout)
         if self._process.is_alive():
             self._process.kill()
             self._process.join()
-        self._fail_held(TransientEngineError("the engine shut down before the request finished"))
+        self._lifeline.close()
 
     # ---- the child's replies (the reader thread) ----
 
     def _read(self) -> None:
-        while True:
-            try:
+        try:
+            while True:
                 kind, payload = self._connection.recv()
-            except (EOFError, OSError):
-                break
-            if kind == "done":
-                self._resolve(payload)
-            elif kind == "stats":
-                self._stats = payload
-            elif kind == "stopped":
-                return
-        if not self._stopping:
+                if kind == "done":
+                    self._resolve(payload)
+                elif kind == "stats":
+                    self._stats = payload
+                elif kind == "stopped":
+                    return
+        except (EOFError, OSError):
+            pass
+        except Exception:  # noqa: BLE001 - a reply this process cannot read: the engine is lost to it
+            log.exception("the engine process sent a reply this process cannot read; ending it")
+            self._process.kill()
+        with self._lock:
+            died, self._stopping = not self._stopping, True
+        if died:
             self._died()
 
     def _resolve(self, finished: list[tuple[int, Any, BaseException | None]]) -> None:
@@ -207,15 +235,20 @@ class EngineProcess:
                 resolve(future, result, error)
 
     def _died(self) -> None:
+        """The child ended unasked: a fatal error for the owner, then for every request held."""
         self._process.join(timeout=5)
+        for _ in range(50):  # a concurrent join (shutdown's) may be the one that reaps it
+            if self._process.exitcode is not None:
+                break
+            time.sleep(0.1)
         error = EngineProcessError(f"the engine process (pid {self._process.pid}) died "
                                    f"({describe_exit(self._process.exitcode)}); the engine stops")
         log.critical("%s", error)
-        with self._lock:
-            self._stopping = True
-        if self.on_fatal_error is not None:
-            self.on_fatal_error(error)
-        self._fail_held(error)
+        try:
+            if self.on_fatal_error is not None:
+                self.on_fatal_error(error)
+        finally:
+            self._fail_held(error)
 
     def _fail_held(self, error: BaseException) -> None:
         with self._lock:
@@ -235,9 +268,10 @@ def serve_engine(factory: str, config: EngineConfig, connection: multiprocessing
     exit_when_parent_dies(lifeline_end)
     # Ctrl-C reaches the whole process group, and a service manager may send SIGTERM to every process of the
     # worker: the worker's warm shutdown decides when the engine stops (it finishes what the engine holds
-    # first), so this process waits for its word, or for its end.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # first), so this process waits for its word, or for its end. A handler that does nothing, not SIG_IGN,
+    # which the ranks' processes would inherit.
+    for signal_number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signal_number, lambda *_: None)
     logging.basicConfig(level=log_level or logging.INFO, format=LOG_FORMAT)
     try:
         engine = load_factory(factory)(config)
@@ -304,7 +338,16 @@ class EngineServer:
             self.condition.notify_all()
 
     def _send_finished(self) -> None:
-        """Sends what finished as one message per wake-up (a step's worth at most), and the stats each second."""
+        """Sends what finished as one message per wake-up (a step's worth at most), and the stats each second.
+        Should sending ever fail, the process ends, which the worker reports (a silent thread would leave its
+        requests waiting forever)."""
+        try:
+            self._send_until_stopped()
+        except BaseException:  # noqa: BLE001
+            log.exception("the engine process cannot send its answers; it ends")
+            os._exit(ENGINE_FAILED_EXIT_CODE)
+
+    def _send_until_stopped(self) -> None:
         stats_sent = 0.0
         while True:
             with self.condition:
@@ -312,15 +355,43 @@ class EngineServer:
                 finished, self.finished = self.finished, []
                 stopped = self.stopped
             if finished:
-                self.connection.send(("done", [answer(key, future) for key, future in finished]))
+                self._send_answers([answer(key, future) for key, future in finished])
                 for key, _ in finished:
                     self.futures.pop(key, None)
-            stats = getattr(self.engine, "stats", None)
-            if stats is not None and time.monotonic() - stats_sent >= STATS_INTERVAL_S:
-                self.connection.send(("stats", stats()))
+            if time.monotonic() - stats_sent >= STATS_INTERVAL_S:
+                self._send_stats()
                 stats_sent = time.monotonic()
             if stopped and not finished:
                 return
+
+    def _send_answers(self, answers: list[tuple[int, Any, BaseException | None]]) -> None:
+        """One message; should a result not pickle (an engine plugged in may return anything), each answer
+        alone, the ones that do not pickle as errors (a message that fails to pickle writes nothing)."""
+        try:
+            self.connection.send(("done", answers))
+        except (pickle.PicklingError, TypeError, AttributeError):
+            self.connection.send(("done", [pickled_or_error(one) for one in answers]))
+
+    def _send_stats(self) -> None:
+        stats = getattr(self.engine, "stats", None)
+        if stats is None:
+            return
+        try:
+            values = stats()
+        except Exception:  # noqa: BLE001 - stats are for the metrics; the answers matter
+            log.warning("the engine's stats() failed", exc_info=True)
+            return
+        self.connection.send(("stats", values))
+
+
+def pickled_or_error(one: tuple[int, Any, BaseException | None]) -> tuple[int, Any, BaseException | None]:
+    try:
+        pickle.dumps(one)
+    except Exception as error:  # noqa: BLE001
+        key, result, _ = one
+        return key, None, TransientEngineError(f"the engine's answer cannot be sent to the worker "
+                                               f"({type(result).__name__}: {error})")
+    return one
 
 
 def answer(key: int, future: Future) -> tuple[int, Any, BaseException | None]:
