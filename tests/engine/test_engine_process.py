@@ -217,6 +217,6 @@ def test_an_answer_that_cannot_be_sent_fails_alone_and_broken_stats_are_skipped(
 
 
 def test_the_engine_process_exit_code_is_the_engines():
-    from worker.engine.process import ENGINE_FAILED_EXIT_CODE
+    from worker.engine import process as process_module
 
-    assert ENGINE_FAILED_EXIT_CODE == engine_module.FATAL_EXIT_CODE
+    assert process_module.FATAL_EXIT_CODE == engine_module.FATAL_EXIT_CODE == 70

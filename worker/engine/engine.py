@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from collections.abc import Sequence as SequenceOf
-from concurrent.futures import FIRST_EXCEPTION, Future, InvalidStateError, wait
+from concurrent.futures import FIRST_EXCEPTION, Future, wait
 
 import torch
 
@@ -40,6 +40,7 @@ from worker.engine.sequence import Sequence
 from worker.engine.sizing import choose_batch_limits, choose_num_kv_blocks
 from worker.engine.tokenizer import load_tokenizer
 from worker.engine.types import (
+    FATAL_EXIT_CODE,
     Completion,
     EngineConfig,
     EngineError,
@@ -48,11 +49,11 @@ from worker.engine.types import (
     PromptTooLongError,
     SamplingParams,
     TransientEngineError,
+    resolve_future,
 )
 
 log = logging.getLogger(__name__)
 
-FATAL_EXIT_CODE = 70  # sysexits' EX_SOFTWARE: the worker's engine stopped (a rank died or failed)
 # Engines whose loop runs. Their threads are daemons (a worker exiting must not wait on a step), and a
 # daemon killed at exit inside a CUDA call aborts the process ("terminate called without an active
 # exception"): atexit stops each loop first, as the interpreter runs atexit before it kills daemons.
@@ -72,17 +73,6 @@ def eos_token_ids_of(hf_config, tokenizer) -> frozenset[int]:
     if configured is None:
         return frozenset()
     return frozenset(configured if isinstance(configured, (list, tuple)) else [configured])
-
-
-def resolve_future(future: Future, result: Completion | None = None, error: BaseException | None = None) -> None:
-    """Sets the outcome unless the caller cancelled the future (or it is already set)."""
-    try:
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
-    except InvalidStateError:
-        pass
 
 
 class LLMEngine:

@@ -29,16 +29,22 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import Future
 from typing import Any
 
-from worker.engine.types import EngineConfig, EngineError, SamplingParams, TransientEngineError
+from worker.engine.types import (
+    FATAL_EXIT_CODE,
+    EngineConfig,
+    EngineError,
+    SamplingParams,
+    TransientEngineError,
+    resolve_future,
+)
 
 log = logging.getLogger(__name__)
 
 STATS_INTERVAL_S = 1.0  # how often the child sends its engine's stats() (read by the worker's metrics)
 LOG_FORMAT = "[%(asctime)s: %(levelname)s/engine] %(message)s"  # beside Celery's lines in the worker's log
-ENGINE_FAILED_EXIT_CODE = 70  # worker/engine/engine.py's FATAL_EXIT_CODE (imported there with torch)
 
 
 class EngineProcessError(EngineError):
@@ -65,19 +71,9 @@ def engine_facts(engine: Any) -> dict[str, object]:
 
 
 def describe_exit(exit_code: int | None) -> str:
-    from worker.engine.ranks import describe_exit as describe  # torch's import, in the child's time only
+    from worker.engine.ranks import describe_exit as describe  # ranks.py imports torch: only once a child ended
 
     return describe(exit_code)
-
-
-def resolve(future: Future, result: Any = None, error: BaseException | None = None) -> None:
-    try:
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
-    except InvalidStateError:  # cancelled meanwhile
-        pass
 
 
 _running: weakref.WeakSet[EngineProcess] = weakref.WeakSet()
@@ -232,7 +228,7 @@ class EngineProcess:
             futures = [self._futures.pop(key, None) for key, _, _ in finished]
         for future, (_, result, error) in zip(futures, finished):
             if future is not None:
-                resolve(future, result, error)
+                resolve_future(future, result, error)
 
     def _died(self) -> None:
         """The child ended unasked: a fatal error for the owner, then for every request held."""
@@ -254,7 +250,7 @@ class EngineProcess:
         with self._lock:
             held, self._futures = list(self._futures.values()), {}
         for future in held:
-            resolve(future, error=error)
+            resolve_future(future, error=error)
 
 
 # ---- the child ----
@@ -345,7 +341,7 @@ class EngineServer:
             self._send_until_stopped()
         except BaseException:  # noqa: BLE001
             log.exception("the engine process cannot send its answers; it ends")
-            os._exit(ENGINE_FAILED_EXIT_CODE)
+            os._exit(FATAL_EXIT_CODE)
 
     def _send_until_stopped(self) -> None:
         stats_sent = 0.0

@@ -5,6 +5,7 @@ Kept free of torch so that the worker and the tests can import it cheaply.
 
 from __future__ import annotations
 
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -87,6 +88,20 @@ class Completion:
 
     def __post_init__(self) -> None:
         self.completion_tokens = len(self.token_ids)
+
+
+FATAL_EXIT_CODE = 70  # sysexits' EX_SOFTWARE: the worker's engine stopped (a rank or the engine's process died)
+
+
+def resolve_future(future: Future, result: Completion | None = None, error: BaseException | None = None) -> None:
+    """Sets the outcome unless the caller cancelled the future (or it is already set)."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:
+        pass
 
 
 CPU_BATCH = 32  # the batch on a CPU, and of engines that answer at once (worker/engine/sizing.py says why)
