@@ -13,7 +13,6 @@ handler it finds there (worker_hijack_root_logger is off) and sets its level fro
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import socket
@@ -92,10 +91,9 @@ def check_engine_settings(settings: Settings | EngineSettings) -> None:
 
     settings = engine_share(settings)
 
-    if settings.engine not in ("deepbatch", "null"):
-        module_name, _, factory_name = settings.engine.partition(":")
+    if settings.engine not in ENGINE_FACTORIES:
         try:
-            getattr(importlib.import_module(module_name), factory_name)
+            load_factory(settings.engine)
         except (ImportError, AttributeError) as error:
             raise SettingError(f"DEEPBATCH_ENGINE={settings.engine!r}: {error}") from None
     try:
