@@ -54,6 +54,8 @@ from worker.engine.types import (
 
 log = logging.getLogger(__name__)
 
+FATAL_REPORT_WAIT_S = 10.0  # how long a second _die waits for the first to have told the owner
+
 # Engines whose loop runs. Their threads are daemons (a worker exiting must not wait on a step), and a
 # daemon killed at exit inside a CUDA call aborts the process ("terminate called without an active
 # exception"): atexit stops each loop first, as the interpreter runs atexit before it kills daemons.
@@ -83,6 +85,7 @@ class LLMEngine:
         self.config = config
         self._on_fatal_error = on_fatal_error
         self._fatal_error: EngineError | None = None
+        self._fatal_reported = threading.Event()  # on_fatal_error has returned (it does not, in a worker)
         self._incoming: list[Sequence] = []
         self._condition = threading.Condition()
         self._stopping = False
@@ -347,15 +350,21 @@ class LLMEngine:
         """The engine cannot go on: stop the loop, tell the owner (the worker exits there and then), fail
         every request it holds with `error`. Called from the rank watcher's thread too, while the loop may
         be blocked in a collective: the lists are copied (atomically, under the GIL) and futures are safe
-        to set from any thread."""
+        to set from any thread. A second caller (the step loop, its collective failed by the same death)
+        returns only once the owner has been told: until then no request it holds may fail (a failure would
+        be recorded as the request's own before the worker exits)."""
         with self._condition:
-            if self._fatal_error is not None:
-                return
-            self._fatal_error, self._stopping = error, True
-            held, self._incoming = self._incoming, []
-            self._condition.notify_all()
+            first = self._fatal_error is None
+            if first:
+                self._fatal_error, self._stopping = error, True
+                held, self._incoming = self._incoming, []
+                self._condition.notify_all()
+        if not first:
+            self._fatal_reported.wait(timeout=FATAL_REPORT_WAIT_S)
+            return
         if self._on_fatal_error is not None:
             self._on_fatal_error(error)
+        self._fatal_reported.set()
         scheduler = getattr(self, "scheduler", None)
         if scheduler is not None:
             held += list(scheduler.running) + list(scheduler.waiting)
