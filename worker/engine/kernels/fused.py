@@ -17,10 +17,6 @@ import triton
 import triton.language as tl
 
 
-def uses_fused_kernels(tensor: torch.Tensor) -> bool:
-    return tensor.is_cuda and tensor.dtype in (torch.bfloat16, torch.float16)
-
-
 @triton.jit
 def _add_rms_norm_kernel(x, residual, out, residual_out, weight, stride_x, stride_residual, stride_out,
                          stride_residual_out, hidden_size, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):

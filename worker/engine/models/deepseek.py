@@ -26,7 +26,8 @@ from transformers.activations import ACT2FN
 from worker.engine.kernels.fp8_blocks import is_fp8
 from worker.engine.layers.linear import dequantized
 from worker.engine.layers.attention import AttentionMetadata, LatentAttention
-from worker.engine.models.common import DecoderLayer, GatedMLP, PagedCausalLM, RMSNorm, apply_rotary
+from worker.engine.models.common import (DecoderLayer, GatedMLP, PagedCausalLM, RMSNorm, apply_rotary,
+                                         uses_fused_kernels)
 from worker.engine.parallel import Shard
 
 
@@ -201,8 +202,15 @@ class RoutedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         self.act_fn = ACT2FN[hf_config.hidden_act]
+        self.is_silu = hf_config.hidden_act == "silu"
 
     def forward(self, hidden: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor) -> torch.Tensor:
+        if uses_fused_kernels(hidden):
+            return self._fused_forward(hidden, expert_ids, expert_weights)
+        return self._torch_forward(hidden, expert_ids, expert_weights)
+
+    def _torch_forward(self, hidden: torch.Tensor, expert_ids: torch.Tensor,
+                       expert_weights: torch.Tensor) -> torch.Tensor:
         top_k = expert_ids.shape[1]
         flat_expert_ids = expert_ids.flatten()
         pair_order = torch.argsort(flat_expert_ids, stable=True)
@@ -215,6 +223,22 @@ class RoutedExperts(nn.Module):
         expert_output = self._project(self.act_fn(gate) * up, "down_proj", rows_per_expert)
         expert_output = expert_output * expert_weights.flatten()[pair_order, None]
         return torch.zeros_like(hidden).index_add_(0, token_of_pair, expert_output.to(hidden.dtype))
+
+    def _fused_forward(self, hidden: torch.Tensor, expert_ids: torch.Tensor,
+                       expert_weights: torch.Tensor) -> torch.Tensor:
+        """The same on the GPU with worker/engine/kernels/moe.py's sort and combine around the GEMMs."""
+        from worker.engine.kernels.fused import silu_and_mul
+        from worker.engine.kernels.moe import combine_expert_outputs, sort_pairs_by_expert
+
+        sorted_position, token_of_row, rows_per_expert = sort_pairs_by_expert(expert_ids, self.gate_up_proj.shape[0])
+        gate_up = self._project(hidden[token_of_row], "gate_up_proj", rows_per_expert)
+        if self.is_silu:
+            activated = silu_and_mul(gate_up)
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+            activated = self.act_fn(gate) * up
+        expert_output = self._project(activated, "down_proj", rows_per_expert)
+        return combine_expert_outputs(expert_output, sorted_position, expert_weights)
 
     def _project(self, rows: torch.Tensor, weight_name: str, rows_per_expert: torch.Tensor) -> torch.Tensor:
         """rows sorted by expert times each one's stacked weight: the FP8 grouped kernel on a GPU, the

@@ -1,0 +1,68 @@
+"""The routed experts' GPU kernels (worker/engine/kernels/moe.py) compute what the torch ops they replace do.
+
+Compiled on a GPU in bfloat16; elsewhere run under Triton's interpreter in float32 (tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from worker.engine.configs import tiny_deepseek_v3_config
+from worker.engine.kernels.moe import SORT_BLOCK, combine_expert_outputs, sort_pairs_by_expert
+from worker.engine.models.deepseek import RoutedExperts
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DTYPE = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+TOLERANCE = {"rtol": 2e-2, "atol": 2e-2} if DTYPE == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-5}
+
+
+def generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def expert_ids(tokens: int, top_k: int, num_experts: int, seed: int = 0) -> torch.Tensor:
+    """Distinct experts per token, drawn from the first half only, so that some experts get no pairs."""
+    scores = torch.rand(tokens, num_experts // 2, generator=generator(seed))
+    return scores.topk(top_k, dim=-1).indices.to(DEVICE)
+
+
+@pytest.mark.parametrize("tokens", [1, 5, SORT_BLOCK // 2 + 7])  # the last one spans two blocks of pairs
+def test_sort_pairs_is_a_stable_sort_by_expert(tokens):
+    top_k, num_experts = 4, 16
+    ids = expert_ids(tokens, top_k, num_experts)
+    sorted_position, token_of_row, rows_per_expert = sort_pairs_by_expert(ids, num_experts)
+    pair_order = torch.argsort(ids.flatten(), stable=True)
+    assert torch.equal(token_of_row, pair_order // top_k)
+    assert torch.equal(sorted_position[pair_order], torch.arange(tokens * top_k, device=DEVICE))
+    assert torch.equal(rows_per_expert, torch.bincount(ids.flatten(), minlength=num_experts))
+    assert rows_per_expert[num_experts // 2:].sum() == 0
+
+
+@pytest.mark.parametrize("width", [100, 2 * 1024 + 5])  # a masked tail; several column blocks
+def test_combine_adds_each_tokens_weighted_expert_rows(width):
+    tokens, top_k = 9, 3
+    sorted_position = torch.randperm(tokens * top_k, generator=generator(1)).to(DEVICE)
+    expert_output = torch.randn(tokens * top_k, width, generator=generator(2)).to(DEVICE, DTYPE)
+    weights = torch.rand(tokens, top_k, generator=generator(3)).to(DEVICE)
+    combined = combine_expert_outputs(expert_output, sorted_position, weights)
+    rows = expert_output[sorted_position].float().view(tokens, top_k, width)
+    expected = (rows * weights[..., None]).sum(dim=1).to(DTYPE)
+    torch.testing.assert_close(combined, expected, **TOLERANCE)
+    assert combine_expert_outputs(expert_output[:0], sorted_position[:0], weights[:0]).shape == (0, width)
+
+
+def test_the_fused_experts_match_the_torch_ops():
+    config = tiny_deepseek_v3_config()
+    experts = RoutedExperts(config).to(DEVICE, DTYPE)
+    with torch.no_grad():
+        for weight in (experts.gate_up_proj, experts.down_proj):
+            weight.copy_(torch.randn(weight.shape, generator=generator(4)) * 0.1)
+    tokens = 11
+    hidden = torch.randn(tokens, config.hidden_size, generator=generator(5)).to(DEVICE, DTYPE)
+    ids = expert_ids(tokens, config.num_experts_per_tok, config.n_routed_experts, seed=6)
+    weights = torch.rand(tokens, config.num_experts_per_tok, generator=generator(7)).to(DEVICE)
+    with torch.no_grad():
+        fused = experts._fused_forward(hidden, ids, weights)
+        expected = experts._torch_forward(hidden, ids, weights)
+    torch.testing.assert_close(fused, expected, **TOLERANCE)
