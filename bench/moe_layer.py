@@ -71,7 +71,8 @@ def measure(experts: RoutedExperts, top_k: int, tokens: int, kind: str, argument
     hidden = torch.randn(tokens, experts.down_proj.shape[1], device="cuda", dtype=torch.bfloat16)
     ids, weights = routing(kind, tokens, top_k, experts.down_proj.shape[0])
     with torch.no_grad():
-        error = relative_error(experts._fused_forward(hidden, ids, weights), experts._torch_forward(hidden, ids, weights))
+        error = relative_error(experts._fused_forward(hidden, ids, weights),
+                               experts._torch_forward(hidden, ids, weights))
         torch_seconds, fused_seconds = [], []
         for _ in range(arguments.repeats):  # interleaved, so that drift on a shared host hits both alike
             torch_seconds += graph_seconds(lambda: experts._torch_forward(hidden, ids, weights), arguments.calls, 1)
