@@ -63,6 +63,35 @@ def test_split_k_sums_its_slices(monkeypatch):
     torch.testing.assert_close(output, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
 
 
+@pytest.mark.parametrize("split_k", [False, True])
+def test_fp8_linear_quantizes_its_16_bit_input_inside_the_kernel(monkeypatch, split_k):
+    """fp8_linear takes 16-bit activations and quantizes each token's 128-wide groups in the GEMM kernel: the
+    same product as from activations quantized beforehand (exact values, see the module docstring)."""
+    if split_k:
+        monkeypatch.setattr(fp8_gemm, "split_k_count", lambda *arguments: 3)
+    x_fp8, x_scale = activations_and_scales(7, 1100)
+    x = x_fp8.float() * x_scale.repeat_interleave(128, 1)[:, :1100]
+    weight, weight_scale_inv = quantize_weight_blocks(torch.randn(200, 1100) * 0.02)
+    expected = expected_product(x_fp8, x_scale, weight, weight_scale_inv)
+    output = fp8_gemm.fp8_linear(x.to(DEVICE), weight.to(DEVICE), weight_scale_inv.to(DEVICE)).cpu()
+    torch.testing.assert_close(output, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("block_m", [16, 64])
+def test_expert_tiles_cover_each_experts_rows_in_order(block_m):
+    """The tile map the grouped kernel walks: each expert's rows in tiles of block_m, in expert order."""
+    rows_per_expert = torch.tensor([3, 0, 140, 1, 0, 64, 17] + [0] * 70)  # 77 experts: two tiles of the walk
+    tile_experts, tile_first_rows, group_ends = (
+        tensor.cpu() for tensor in fp8_gemm.expert_tiles(rows_per_expert.to(DEVICE), 225, block_m))
+    expected_tiles = [(expert, start) for expert, (end, count) in
+                      enumerate(zip(torch.cumsum(rows_per_expert, 0).tolist(), rows_per_expert.tolist()))
+                      for start in range(end - count, end, block_m)]
+    used = len(expected_tiles)
+    assert list(zip(tile_experts[:used].tolist(), tile_first_rows[:used].tolist())) == expected_tiles
+    assert (tile_experts[used:] == len(rows_per_expert)).all()
+    assert group_ends.tolist() == torch.cumsum(rows_per_expert, 0).tolist()
+
+
 def test_quantize_per_token_group_on_exactly_representable_values():
     x_fp8, x_scale = activations_and_scales(6, 300)
     x = x_fp8.float() * x_scale.repeat_interleave(128, 1)[:, :300]

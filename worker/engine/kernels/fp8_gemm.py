@@ -27,6 +27,10 @@ import triton.language as tl
 # The scale block of weights (rows and columns) is also the activation group.
 from worker.engine.kernels.fp8_blocks import BLOCK, FP8_DTYPE, FP8_MAX, SCALE_FLOOR, dequantize_blocks
 
+# The same constants as the kernels' compile-time values.
+FP8_MAX_VALUE: tl.constexpr = tl.constexpr(FP8_MAX)
+SCALE_FLOOR_VALUE: tl.constexpr = tl.constexpr(SCALE_FLOOR)
+
 
 @triton.jit
 def _quantize_groups_kernel(x, x_fp8, x_scale, num_columns, stride_x, stride_fp8, stride_scale,
@@ -62,9 +66,11 @@ def quantize_per_token_group(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 def _block_scaled_tile(a_rows, b_columns, a_scale_rows, b_scale_columns, row_inside, column_inside,
                        num_inner, stride_ak, stride_bk, stride_a_scale_k, stride_b_scale_k,
                        k_first_block, k_blocks, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, B_ROWS: tl.constexpr):
+                       BLOCK_K: tl.constexpr, B_ROWS: tl.constexpr, QUANTIZE_A: tl.constexpr):
     """Σ over K blocks [k_first_block, k_first_block + k_blocks) of (a_fp8 · b_fp8) · a_scale · b_scale.
-    B_ROWS loads b as [BLOCK_N, BLOCK_K] (its rows, contiguous in memory) and transposes in registers."""
+    B_ROWS loads b as [BLOCK_N, BLOCK_K] (its rows, contiguous in memory) and transposes in registers.
+    QUANTIZE_A: a is 16-bit and each row's 128-wide group is quantized here, as quantize_per_token_group
+    would (same arithmetic), which saves a kernel launch and a round trip of the activations per product."""
     accumulator = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     inner = tl.arange(0, BLOCK_K)
     for k_block in range(k_first_block, k_first_block + k_blocks):
@@ -78,7 +84,12 @@ def _block_scaled_tile(a_rows, b_columns, a_scale_rows, b_scale_columns, row_ins
         else:
             b = tl.load(b_columns[None, :] + k[:, None] * stride_bk,
                         mask=column_inside[None, :] & k_inside[:, None], other=0.0)
-        a_scale = tl.load(a_scale_rows + k_block * stride_a_scale_k, mask=row_inside, other=0.0)
+        if QUANTIZE_A:
+            a = a.to(tl.float32)
+            a_scale = tl.maximum(tl.max(tl.abs(a), axis=1) / FP8_MAX_VALUE, SCALE_FLOOR_VALUE)
+            a = tl.clamp(a / a_scale[:, None], -FP8_MAX_VALUE, FP8_MAX_VALUE).to(b.dtype)
+        else:
+            a_scale = tl.load(a_scale_rows + k_block * stride_a_scale_k, mask=row_inside, other=0.0)
         b_scale = tl.load(b_scale_columns + k_block * stride_b_scale_k, mask=column_inside, other=0.0)
         accumulator += tl.dot(a, b) * a_scale[:, None] * b_scale[None, :]
     return accumulator
@@ -88,7 +99,8 @@ def _block_scaled_tile(a_rows, b_columns, a_scale_rows, b_scale_columns, row_ins
 def _gemm_kernel(a, a_scale, b, b_scale, out, num_rows, num_columns, num_inner, k_blocks_per_split,
                  stride_am, stride_ak, stride_a_scale_m, stride_a_scale_k, stride_bn, stride_bk,
                  stride_b_scale_n, stride_b_scale_k, stride_out_split, stride_out_m,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, B_ROWS: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, B_ROWS: tl.constexpr,
+                 QUANTIZE_A: tl.constexpr):
     """out[split] [M, N] = a [M, K] · b [N, K]ᵀ over this split's K blocks (program axis 2)."""
     tile_m, tile_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -100,7 +112,7 @@ def _gemm_kernel(a, a_scale, b, b_scale, out, num_rows, num_columns, num_inner, 
         a + rows.to(tl.int64) * stride_am, b + columns.to(tl.int64) * stride_bn,
         a_scale + rows * stride_a_scale_m, b_scale + (columns // BLOCK_K) * stride_b_scale_n,
         row_inside, column_inside, num_inner, stride_ak, stride_bk, stride_a_scale_k, stride_b_scale_k,
-        k_first_block, k_blocks, BLOCK_M, BLOCK_N, BLOCK_K, B_ROWS)
+        k_first_block, k_blocks, BLOCK_M, BLOCK_N, BLOCK_K, B_ROWS, QUANTIZE_A)
     targets = out + split * stride_out_split + rows.to(tl.int64)[:, None] * stride_out_m + columns[None, :]
     tl.store(targets, accumulator.to(out.dtype.element_ty), mask=row_inside[:, None] & column_inside[None, :])
 
@@ -156,27 +168,30 @@ def split_k_count(num_tiles: int, k_blocks: int, num_sms: int) -> int:
     return max(1, min(k_blocks // 4, triton.cdiv(num_sms, num_tiles)))
 
 
-def block_scaled_matmul(x_fp8: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
+def block_scaled_matmul(x: torch.Tensor, x_scale: torch.Tensor | None, weight: torch.Tensor,
                         weight_scale_inv: torch.Tensor, output_dtype: torch.dtype,
                         config: GemmTiles | None = None) -> torch.Tensor:
-    """x_fp8 [M, K] (scales [M, K/128]) · weight [N, K]ᵀ (scales [N/128, K/128]) → [M, N] in output_dtype.
+    """x [M, K] · weight [N, K]ᵀ (scales [N/128, K/128]) → [M, N] in output_dtype: x in FP8 with its scales
+    [M, K/128], or x_scale None and x 16-bit, quantized per token group inside the kernel.
     `config` overrides the tiles `gemm_tiles` picks (the benchmark's sweep)."""
-    num_rows, num_inner = x_fp8.shape
+    num_rows, num_inner = x.shape
     num_columns = weight.shape[0]
     config = config or gemm_tiles(num_rows, num_columns)
     tiles = (triton.cdiv(num_rows, config.block_m), triton.cdiv(num_columns, config.block_n))
     k_blocks = triton.cdiv(num_inner, BLOCK)
-    splits = split_k_count(tiles[0] * tiles[1], k_blocks, multiprocessor_count(x_fp8.device))
+    splits = split_k_count(tiles[0] * tiles[1], k_blocks, multiprocessor_count(x.device))
     k_blocks_per_split = triton.cdiv(k_blocks, splits)
     splits = triton.cdiv(k_blocks, k_blocks_per_split)
     out_dtype = output_dtype if splits == 1 else torch.float32
-    out = torch.empty(splits, num_rows, num_columns, dtype=out_dtype, device=x_fp8.device)
+    out = torch.empty(splits, num_rows, num_columns, dtype=out_dtype, device=x.device)
+    quantize = x_scale is None
+    x_scale = x if quantize else x_scale  # unread when quantizing in the kernel
     if num_rows:
         _gemm_kernel[(*tiles, splits)](
-            x_fp8, x_scale, weight, weight_scale_inv, out, num_rows, num_columns, num_inner, k_blocks_per_split,
-            x_fp8.stride(0), x_fp8.stride(1), x_scale.stride(0), x_scale.stride(1), weight.stride(0),
+            x, x_scale, weight, weight_scale_inv, out, num_rows, num_columns, num_inner, k_blocks_per_split,
+            x.stride(0), x.stride(1), x_scale.stride(0), x_scale.stride(1), weight.stride(0),
             weight.stride(1), weight_scale_inv.stride(0), weight_scale_inv.stride(1), out.stride(0), out.stride(1),
-            **config.launch())
+            QUANTIZE_A=quantize, **config.launch())
     return out[0] if splits == 1 else out.sum(dim=0).to(output_dtype)
 
 
@@ -184,8 +199,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Te
                bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] · weight [N, K]ᵀ (+ bias) with x quantized per token group: the GPU path of an FP8 linear."""
     leading = x.shape[:-1]
-    x_fp8, x_scale = quantize_per_token_group(x.reshape(-1, x.shape[-1]))
-    out = block_scaled_matmul(x_fp8, x_scale, weight, weight_scale_inv, x.dtype)
+    out = block_scaled_matmul(x.reshape(-1, x.shape[-1]), None, weight, weight_scale_inv, x.dtype)
     if bias is not None:
         out = out + bias
     return out.view(*leading, weight.shape[0])
@@ -197,7 +211,7 @@ def _grouped_gemm_kernel(a, a_scale, b, b_scale, out, tile_experts, tile_first_r
                          stride_am, stride_ak, stride_a_scale_m, stride_a_scale_k, stride_be, stride_bn,
                          stride_bk, stride_b_scale_e, stride_b_scale_n, stride_b_scale_k, stride_out_m,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         B_ROWS: tl.constexpr):
+                         B_ROWS: tl.constexpr, QUANTIZE_A: tl.constexpr):
     """One tile of one expert's rows: tile_experts says whose (num_experts: an unused tile of the grid)."""
     tile, tile_n = tl.program_id(0), tl.program_id(1)
     expert = tl.load(tile_experts + tile)
@@ -212,44 +226,66 @@ def _grouped_gemm_kernel(a, a_scale, b, b_scale, out, tile_experts, tile_first_r
         a_scale + rows * stride_a_scale_m,
         b_scale + expert_offset * stride_b_scale_e + (columns // BLOCK_K) * stride_b_scale_n,
         row_inside, column_inside, num_inner, stride_ak, stride_bk, stride_a_scale_k, stride_b_scale_k,
-        0, tl.cdiv(num_inner, BLOCK_K), BLOCK_M, BLOCK_N, BLOCK_K, B_ROWS)
+        0, tl.cdiv(num_inner, BLOCK_K), BLOCK_M, BLOCK_N, BLOCK_K, B_ROWS, QUANTIZE_A)
     targets = out + rows.to(tl.int64)[:, None] * stride_out_m + columns[None, :]
     tl.store(targets, accumulator.to(out.dtype.element_ty), mask=row_inside[:, None] & column_inside[None, :])
 
 
+@triton.jit
+def _expert_tiles_kernel(rows_per_expert, tile_experts, tile_first_rows, group_ends, num_experts, max_tiles,
+                         BLOCK_M: tl.constexpr, EXPERTS_PAD: tl.constexpr, TILES: tl.constexpr):
+    # One program: the experts' row counts fit one vector, and the tiles are walked TILES at a time.
+    experts = tl.arange(0, EXPERTS_PAD)
+    is_expert = experts < num_experts
+    counts = tl.load(rows_per_expert + experts, mask=is_expert, other=0).to(tl.int32)
+    ends = tl.cumsum(counts, axis=0)
+    tl.store(group_ends + experts, ends, mask=is_expert)
+    tiles_per_expert = (counts + BLOCK_M - 1) // BLOCK_M
+    tile_ends = tl.cumsum(tiles_per_expert, axis=0)
+    # Row of tile t of expert e: its group's first row + (t - e's first tile) · BLOCK_M.
+    first_row_base = (ends - counts) - (tile_ends - tiles_per_expert) * BLOCK_M
+    for start in range(0, max_tiles, TILES):
+        tiles = start + tl.arange(0, TILES)
+        expert = tl.sum(((tile_ends[None, :] <= tiles[:, None]) & is_expert[None, :]).to(tl.int32), axis=1)
+        base = tl.sum(tl.where(experts[None, :] == expert[:, None], first_row_base[None, :], 0), axis=1)
+        tl.store(tile_experts + tiles, expert, mask=tiles < max_tiles)
+        tl.store(tile_first_rows + tiles, base + tiles * BLOCK_M, mask=tiles < max_tiles)
+
+
 def expert_tiles(rows_per_expert: torch.Tensor, num_rows: int, block_m: int) -> tuple[torch.Tensor, ...]:
-    """(expert of each row tile, its first row, each expert's end row), computed on the device for a grid sized
-    from shapes alone (ceil(rows / BLOCK_M) + experts tiles at most), so that the host never waits."""
+    """(expert of each row tile, its first row, each expert's end row), int32, computed on the device for a
+    grid sized from shapes alone (ceil(rows / BLOCK_M) + experts tiles at most), so that the host never waits.
+    A tile past the last expert's gets the expert id num_experts (the kernel skips it). One launch: the
+    torch ops it replaces were ~14 small kernels per grouped product."""
     num_experts = rows_per_expert.shape[0]
-    group_ends = torch.cumsum(rows_per_expert, dim=0)
-    tiles_per_expert = (rows_per_expert + block_m - 1) // block_m
-    tile_ends = torch.cumsum(tiles_per_expert, dim=0)
     max_tiles = triton.cdiv(num_rows, block_m) + num_experts
-    tile_indices = torch.arange(max_tiles, device=rows_per_expert.device)
-    tile_experts = torch.searchsorted(tile_ends, tile_indices, right=True)
-    clamped = tile_experts.clamp(max=num_experts - 1)
-    tile_in_expert = tile_indices - (tile_ends - tiles_per_expert)[clamped]
-    tile_first_rows = (group_ends - rows_per_expert)[clamped] + tile_in_expert * block_m
-    return tile_experts.to(torch.int32), tile_first_rows.to(torch.int32), group_ends.to(torch.int32)
+    device = rows_per_expert.device
+    tile_experts = torch.empty(max_tiles, dtype=torch.int32, device=device)
+    tile_first_rows = torch.empty(max_tiles, dtype=torch.int32, device=device)
+    group_ends = torch.empty(num_experts, dtype=torch.int32, device=device)
+    _expert_tiles_kernel[(1,)](rows_per_expert, tile_experts, tile_first_rows, group_ends, num_experts, max_tiles,
+                               BLOCK_M=block_m, EXPERTS_PAD=triton.next_power_of_2(num_experts), TILES=64,
+                               num_warps=4)
+    return tile_experts, tile_first_rows, group_ends
 
 
 def fp8_grouped_linear(rows: torch.Tensor, weights: torch.Tensor, weight_scales_inv: torch.Tensor,
                        rows_per_expert: torch.Tensor, config: GemmTiles | None = None) -> torch.Tensor:
-    """rows [R, K] sorted by expert · weights [experts, N, K]ᵀ (scales [experts, N/128, K/128]) → [R, N].
+    """rows [R, K] (16-bit) sorted by expert · weights [experts, N, K]ᵀ (scales [experts, N/128, K/128])
+    → [R, N], the rows quantized per token group inside the kernel.
     `config` overrides the tiles `grouped_tiles` picks (the benchmark's sweep)."""
     num_rows, num_inner = rows.shape
     num_experts, num_columns = weights.shape[:2]
-    rows_fp8, rows_scale = quantize_per_token_group(rows)
     config = config or grouped_tiles(num_rows // max(num_experts, 1))
     tile_experts, tile_first_rows, group_ends = expert_tiles(rows_per_expert, num_rows, config.block_m)
     out = torch.empty(num_rows, num_columns, dtype=rows.dtype, device=rows.device)
     if num_rows:
         _grouped_gemm_kernel[(tile_experts.shape[0], triton.cdiv(num_columns, config.block_n))](
-            rows_fp8, rows_scale, weights, weight_scales_inv, out, tile_experts, tile_first_rows, group_ends,
-            num_columns, num_inner, num_experts, rows_fp8.stride(0), rows_fp8.stride(1), rows_scale.stride(0),
-            rows_scale.stride(1), weights.stride(0), weights.stride(1), weights.stride(2),
+            rows, rows, weights, weight_scales_inv, out, tile_experts, tile_first_rows, group_ends,
+            num_columns, num_inner, num_experts, rows.stride(0), rows.stride(1), 0, 0,
+            weights.stride(0), weights.stride(1), weights.stride(2),
             weight_scales_inv.stride(0), weight_scales_inv.stride(1), weight_scales_inv.stride(2), out.stride(0),
-            **config.launch())
+            QUANTIZE_A=True, **config.launch())
     return out
 
 
