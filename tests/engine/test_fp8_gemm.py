@@ -49,7 +49,15 @@ def test_block_scaled_matmul_equals_the_torch_arithmetic(num_rows, num_columns, 
     expected = expected_product(x_fp8, x_scale, weight, weight_scale_inv)
     on_device = [tensor.to(DEVICE) for tensor in (x_fp8, x_scale, weight, weight_scale_inv)]
     output = fp8_gemm.block_scaled_matmul(*on_device, torch.float32, config).cpu()
-    torch.testing.assert_close(output, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+    torch.testing.assert_close(output, expected, **fp8_tolerance(expected))
+
+
+def fp8_tolerance(expected: torch.Tensor) -> dict:
+    """Exact float32 arithmetic under the interpreter; on Hopper the FP8 tensor cores keep fewer bits while
+    they accumulate (DeepSeek-V3's report: about 14), which an H200 showed as 3e-4 of the largest output at
+    K = 256 with 64-row tiles."""
+    relative = 1e-4 if DEVICE == "cpu" else 2e-3
+    return {"rtol": relative, "atol": relative * expected.abs().max().item()}
 
 
 def test_split_k_sums_its_slices(monkeypatch):
@@ -60,7 +68,7 @@ def test_split_k_sums_its_slices(monkeypatch):
     expected = expected_product(x_fp8, x_scale, weight, weight_scale_inv)
     on_device = [tensor.to(DEVICE) for tensor in (x_fp8, x_scale, weight, weight_scale_inv)]
     output = fp8_gemm.block_scaled_matmul(*on_device, torch.float32).cpu()
-    torch.testing.assert_close(output, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+    torch.testing.assert_close(output, expected, **fp8_tolerance(expected))
 
 
 @pytest.mark.parametrize("block_m", [16, 64])
