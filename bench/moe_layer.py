@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -113,7 +114,8 @@ def main() -> None:
                     results.append(entry)
             del experts
             torch.cuda.empty_cache()
-    output = arguments.output or RESULTS_DIRECTORY / f"moe-layer-{torch.cuda.get_device_name().replace(' ', '-')}.json"
+    label = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name()).strip("-").lower()
+    output = arguments.output or RESULTS_DIRECTORY / f"moe-layer-{label}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                                   "command": " ".join(sys.argv), "calls": arguments.calls, "results": results},
