@@ -35,9 +35,10 @@ def _add_rms_norm_kernel(x, residual, out, residual_out, weight, stride_x, strid
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(RMSNorm(x + residual), x + residual) for x [tokens, hidden]; residual None means x alone."""
-    out = torch.empty_like(x)
+                 eps: float, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(x + residual), x + residual) for x [tokens, hidden]; residual None means x alone. `out` may be
+    x itself (each program reads its whole row before it writes)."""
+    out = torch.empty_like(x) if out is None else out
     residual_out = torch.empty_like(x) if residual is not None else x
     hidden_size = x.shape[-1]
     block = triton.next_power_of_2(hidden_size)

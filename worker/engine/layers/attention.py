@@ -211,11 +211,11 @@ class LatentAttention(PagedAttention):
         self.kv_lora_rank, self.v_head_dim = kv_lora_rank, v_head_dim
         self.qk_nope_head_dim, self.qk_rope_head_dim = qk_nope_head_dim, qk_rope_head_dim
 
-    def forward(self, query_nope: torch.Tensor, query_rope: torch.Tensor, latent: torch.Tensor,
-                key_rope: torch.Tensor, kv_b_proj: nn.Linear, metadata: AttentionMetadata) -> torch.Tensor:
-        """query_* [tokens, heads, dim], latent [tokens, kv_lora_rank], key_rope [tokens, rope dim];
-        kv_b_proj the up-projection [heads × (nope + v), kv_lora_rank] → [tokens, heads, v_head_dim]."""
-        self.store(torch.cat((latent, key_rope), dim=-1), metadata)
+    def forward(self, query_nope: torch.Tensor, query_rope: torch.Tensor, cache_entry: torch.Tensor,
+                kv_b_proj: nn.Linear, metadata: AttentionMetadata) -> torch.Tensor:
+        """query_* [tokens, heads, dim], cache_entry [tokens, kv_lora_rank + rope dim] (normalised latent and
+        rotated key); kv_b_proj the up-projection [heads × (nope + v), kv_lora_rank] → [tokens, heads, v_head_dim]."""
+        self.store(cache_entry, metadata)
         if metadata.uses_paged_kernel:
             return self._attend_paged(query_nope, query_rope, kv_b_proj, metadata)
         query = torch.cat((query_nope, query_rope), dim=-1)
@@ -239,8 +239,13 @@ class LatentAttention(PagedAttention):
         """The absorbed form for every query, decode and prefill alike: the latent cache is read once per
         sequence for all heads, and never decompressed."""
         key_up, value_up = self._up_projections(kv_b_proj)
-        query_latent = torch.bmm(query_nope.transpose(0, 1), key_up).transpose(0, 1)  # [tokens, heads, lora]
-        absorbed_query = torch.cat((query_latent, query_rope), dim=-1)
+        # [heads, tokens, lora | rope], filled in place: the latent product written into its columns and the
+        # rope copied beside it, instead of a concatenation of both (which read and wrote the latent again).
+        num_tokens, num_heads = query_nope.shape[:2]
+        absorbed = query_nope.new_empty(num_heads, num_tokens, self.kv_lora_rank + self.qk_rope_head_dim)
+        torch.bmm(query_nope.transpose(0, 1), key_up, out=absorbed[..., : self.kv_lora_rank])
+        absorbed[..., self.kv_lora_rank:].copy_(query_rope.transpose(0, 1))
+        absorbed_query = absorbed.transpose(0, 1)  # [tokens, heads, lora + rope]
         latent_cache = self.kv_cache[:, :, None, :]  # one shared "head": [blocks, block_size, 1, lora + rope]
         latent_output = attend_paged(absorbed_query, latent_cache, None, metadata, self.scale,
                                      self.kv_lora_rank, self.kv_lora_rank)

@@ -41,6 +41,14 @@ class RMSNorm(nn.Module):
         hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
         return self.weight * hidden_states.to(input_dtype)
 
+    def normalize_(self, hidden: torch.Tensor) -> torch.Tensor:
+        """norm(hidden) written over hidden [tokens, size] (which may be a view of a wider row); returns it."""
+        if uses_fused_kernels(hidden):
+            from worker.engine.kernels.fused import add_rms_norm
+
+            return add_rms_norm(hidden, None, self.weight, self.variance_epsilon, out=hidden)[0]
+        return hidden.copy_(self(hidden))
+
     def add_and_norm(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(residual + hidden), residual + hidden): the pre-norm block's residual add, fused on the GPU."""
         if uses_fused_kernels(hidden):
@@ -105,6 +113,13 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
     else:
         first, second = x.chunk(2, dim=-1)
     return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+
+
+def apply_rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """apply_rotary written over x (a view of a wider row stays one); returns x."""
+    if uses_fused_kernels(x):
+        return apply_rotary(x, cos, sin, interleaved)
+    return x.copy_(apply_rotary(x, cos, sin, interleaved))
 
 
 class GatedMLP(nn.Module):
