@@ -60,15 +60,20 @@ def fp8_tolerance(expected: torch.Tensor) -> dict:
     return {"rtol": relative, "atol": relative * expected.abs().max().item()}
 
 
-def test_split_k_sums_its_slices(monkeypatch):
-    """Small M and N with long K run as slices of K summed afterwards (the decode shapes' path)."""
+@pytest.mark.parametrize("output_dtype", [torch.float32, torch.bfloat16])
+def test_split_k_sums_its_slices(monkeypatch, output_dtype):
+    """Small M and N with long K run as slices of K summed afterwards (the decode shapes' path), in float32
+    and rounded once to the output's dtype."""
     monkeypatch.setattr(fp8_gemm, "split_k_count", lambda *arguments: 3)
     x_fp8, x_scale = activations_and_scales(3, 1100)
     weight, weight_scale_inv = quantize_weight_blocks(torch.randn(96, 1100) * 0.02)
     expected = expected_product(x_fp8, x_scale, weight, weight_scale_inv)
     on_device = [tensor.to(DEVICE) for tensor in (x_fp8, x_scale, weight, weight_scale_inv)]
-    output = fp8_gemm.block_scaled_matmul(*on_device, torch.float32).cpu()
-    torch.testing.assert_close(output, expected, **fp8_tolerance(expected))
+    output = fp8_gemm.block_scaled_matmul(*on_device, output_dtype).cpu()
+    assert output.dtype == output_dtype
+    # In bfloat16: within one unit in the last place of the float32 sum's rounding (2⁻⁷ relative).
+    tolerance = fp8_tolerance(expected) if output_dtype == torch.float32 else {"rtol": 2 ** -7, "atol": 1e-6}
+    torch.testing.assert_close(output, expected.to(output_dtype), **tolerance)
 
 
 @pytest.mark.parametrize("block_m", [16, 64])

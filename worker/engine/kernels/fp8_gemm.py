@@ -180,7 +180,28 @@ def block_scaled_matmul(x_fp8: torch.Tensor, x_scale: torch.Tensor, weight: torc
             x_fp8.stride(0), x_fp8.stride(1), x_scale.stride(0), x_scale.stride(1), weight.stride(0),
             weight.stride(1), weight_scale_inv.stride(0), weight_scale_inv.stride(1), out.stride(0), out.stride(1),
             **config.launch())
-    return out[0] if splits == 1 else out.sum(dim=0).to(output_dtype)
+    return out[0] if splits == 1 else sum_splits(out, output_dtype)
+
+
+@triton.jit
+def _sum_splits_kernel(partial, out, num_splits, num_elements, stride_split, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = offsets < num_elements
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    for split in range(num_splits):
+        total += tl.load(partial + split * stride_split + offsets, mask=inside, other=0.0)
+    tl.store(out + offsets, total.to(out.dtype.element_ty), mask=inside)
+
+
+def sum_splits(partial: torch.Tensor, output_dtype: torch.dtype) -> torch.Tensor:
+    """partial [splits, M, N] float32 (contiguous) summed over its splits into [M, N] of output_dtype, in one
+    kernel: torch's sum then cast were two (0.6 ms of a V2-Lite FP8 decode step at batch 256)."""
+    num_splits, num_rows, num_columns = partial.shape
+    out = torch.empty(num_rows, num_columns, dtype=output_dtype, device=partial.device)
+    block = 1024
+    _sum_splits_kernel[(triton.cdiv(num_rows * num_columns, block),)](
+        partial, out, num_splits, num_rows * num_columns, partial.stride(0), BLOCK=block, num_warps=4)
+    return out
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
