@@ -36,6 +36,19 @@ def test_add_rms_norm_matches_residual_add_then_norm(hidden_size):
     assert passed_through is hidden
     torch.testing.assert_close(alone, add_rms_norm(hidden, torch.zeros_like(hidden), norm.weight, 1e-6)[0])
 
+def test_add_rms_norm_writes_over_its_input_in_place():
+    """MLA normalises its latent where the projection wrote it: out is x, a view of a wider row."""
+    entry = random(7, 100, seed=8)
+    latent = entry[:, :64]
+    weight = random(64, seed=9)
+    expected = add_rms_norm(latent.clone(), None, weight, 1e-6)[0]
+    rope_before = entry[:, 64:].clone()
+    normed = add_rms_norm(latent, None, weight, 1e-6, out=latent)[0]
+    assert normed.data_ptr() == entry.data_ptr()
+    torch.testing.assert_close(entry[:, :64], expected, **TOLERANCE)
+    assert torch.equal(entry[:, 64:], rope_before)  # nothing written past the view
+
+
 @pytest.mark.parametrize("interleaved", [False, True])
 def test_rotary_in_place_matches_the_torch_rotation(interleaved):
 

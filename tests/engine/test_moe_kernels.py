@@ -27,16 +27,25 @@ def expert_ids(tokens: int, top_k: int, num_experts: int, seed: int = 0) -> torc
     return scores.topk(top_k, dim=-1).indices.to(DEVICE)
 
 
-@pytest.mark.parametrize("tokens", [1, 5, SORT_BLOCK // 2 + 7])  # the last one spans two blocks of pairs
-def test_sort_pairs_is_a_stable_sort_by_expert(tokens):
-    top_k, num_experts = 4, 16
-    ids = expert_ids(tokens, top_k, num_experts)
+def spread_ids(tokens: int, top_k: int, num_experts: int, seed: int = 0) -> torch.Tensor:
+    """Any expert, the last one included, and an expert repeated within a token (as tensor parallelism's
+    masked pairs repeat them)."""
+    return torch.randint(num_experts, (tokens, top_k), generator=generator(seed)).to(DEVICE)
+
+
+@pytest.mark.parametrize(("tokens", "top_k", "draw"), [
+    (0, 4, expert_ids), (1, 4, expert_ids), (5, 4, expert_ids), (SORT_BLOCK // 2 + 7, 4, expert_ids),
+    (300, 1, spread_ids), (SORT_BLOCK + 3, 3, spread_ids)])  # past one block of pairs: a second pass
+def test_sort_pairs_is_a_stable_sort_by_expert(tokens, top_k, draw):
+    num_experts = 16
+    ids = draw(tokens, top_k, num_experts)
     sorted_position, token_of_row, rows_per_expert = sort_pairs_by_expert(ids, num_experts)
     pair_order = torch.argsort(ids.flatten(), stable=True)
     assert torch.equal(token_of_row, pair_order // top_k)
     assert torch.equal(sorted_position[pair_order], torch.arange(tokens * top_k, device=DEVICE))
     assert torch.equal(rows_per_expert, torch.bincount(ids.flatten(), minlength=num_experts))
-    assert rows_per_expert[num_experts // 2:].sum() == 0
+    if draw is expert_ids and tokens:
+        assert rows_per_expert[num_experts // 2:].sum() == 0  # experts without pairs get no rows
 
 
 @pytest.mark.parametrize("width", [100, 2 * 1024 + 5])  # a masked tail; several column blocks

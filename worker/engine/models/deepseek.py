@@ -31,6 +31,10 @@ from worker.engine.models.common import (DecoderLayer, GatedMLP, PagedCausalLM, 
 from worker.engine.parallel import Shard
 
 
+# torch.mm's out_dtype (a 16-bit product written in float32) came with torch 2.8.
+MM_HAS_OUT_DTYPE = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 8)
+
+
 def softmax_scale(hf_config: PretrainedConfig) -> float:
     """qk_head_dim^-0.5, times yarn's mscale² when the rope is scaled with `mscale_all_dim`."""
     scale = (hf_config.qk_nope_head_dim + hf_config.qk_rope_head_dim) ** -0.5
@@ -138,7 +142,8 @@ class TopKRouter(nn.Module):
         activations' 16-bit dtype, one GEMM writes float32 directly: 16-bit products are exact in float32 and
         both accumulate in float32, so only the order of the sums differs, and the copies (a cast of the
         activations and a SIMT float32 GEMM, 0.4 ms of a V2-Lite decode step at batch 512) are gone."""
-        if hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16) and self.weight.dtype == hidden.dtype:
+        if (MM_HAS_OUT_DTYPE and hidden.is_cuda and hidden.dim() == 2
+                and hidden.dtype in (torch.bfloat16, torch.float16) and self.weight.dtype == hidden.dtype):
             return torch.mm(hidden, self.weight.t(), out_dtype=torch.float32)
         return nn.functional.linear(hidden.float(), self.weight.float())
 
