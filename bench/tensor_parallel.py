@@ -1,11 +1,12 @@
 """Throughput of the engine split over N GPUs (tensor + expert parallel) against the same engine on one, same run.
 
 Both engines get the same random prompts (greedy, EOS ignored, exactly `--max-tokens` each) and the same
-random weights (transformers' initialisation under `--seed`; each rank keeps its slice). Each engine
-runs the whole workload `--repeats` times after a warm-up (with `--sweep-batch-sizes`, at each batch size,
-keeping its fastest by the median); the ratio of N ranks to one is reported per repeat, with its worst and
-median, beside decode step times and how many outputs agree with one rank's (in 16 bits a sum taken in another order may flip a late token of random weights' near-flat
-logits; the first tokens say whether both compute the same function). JSON into bench/results/.
+random weights (transformers' initialisation under `--seed`; each rank keeps its slice). Each engine runs the
+whole workload `--repeats` times after a warm-up (with `--sweep-batch-sizes`, at each batch size, keeping its
+fastest by the median); the ratio of N ranks to one is reported per repeat, with its worst and median, beside
+decode step times and how many outputs agree with one rank's (in 16 bits a sum taken in another order may flip
+a late token of random weights' near-flat logits; the first tokens say whether both compute the same
+function). JSON into bench/results/.
 
     python bench/tensor_parallel.py --model shape-deepseek-v2-lite --tensor-parallel-size 2 \\
         --num-prompts 512 --min-prompt-len 64 --max-prompt-len 512 --max-tokens 128 --max-batch-size 256
