@@ -26,8 +26,8 @@ from transformers.activations import ACT2FN
 from worker.engine.kernels.fp8_blocks import is_fp8
 from worker.engine.layers.linear import dequantized
 from worker.engine.layers.attention import AttentionMetadata, LatentAttention
-from worker.engine.models.common import (DecoderLayer, GatedMLP, PagedCausalLM, RMSNorm, apply_rotary,
-                                         apply_rotary_, uses_fused_kernels)
+from worker.engine.models.common import (DecoderLayer, GatedMLP, PagedCausalLM, RMSNorm, activate_gate_up,
+                                         apply_rotary, apply_rotary_, uses_fused_kernels)
 from worker.engine.parallel import Shard
 
 
@@ -244,17 +244,12 @@ class RoutedExperts(nn.Module):
     def _fused_forward(self, hidden: torch.Tensor, expert_ids: torch.Tensor,
                        expert_weights: torch.Tensor) -> torch.Tensor:
         """The same on the GPU with worker/engine/kernels/moe.py's sort and combine around the GEMMs."""
-        from worker.engine.kernels.fused import silu_and_mul
         from worker.engine.kernels.moe import combine_expert_outputs, sort_pairs_by_expert
 
         sorted_position, token_of_row, rows_per_expert = sort_pairs_by_expert(expert_ids, self.gate_up_proj.shape[0])
         gate_up = self._project(hidden[token_of_row], "gate_up_proj", rows_per_expert)
-        if self.is_silu:
-            activated = silu_and_mul(gate_up)
-        else:
-            gate, up = gate_up.chunk(2, dim=-1)
-            activated = self.act_fn(gate) * up
-        expert_output = self._project(activated, "down_proj", rows_per_expert)
+        expert_output = self._project(activate_gate_up(gate_up, self.act_fn, self.is_silu), "down_proj",
+                                      rows_per_expert)
         return combine_expert_outputs(expert_output, sorted_position, expert_weights)
 
     def _project(self, rows: torch.Tensor, weight_name: str, rows_per_expert: torch.Tensor) -> torch.Tensor:
