@@ -28,8 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.fp8_gemm import relative_error  # noqa: E402
 from bench.fp8_tiles import graph_seconds  # noqa: E402
 from worker.engine.configs import deepseek_v2_lite_shape, deepseek_v3_shape  # noqa: E402
-from worker.engine.kernels.fp8_blocks import quantize_weight_blocks  # noqa: E402
-from worker.engine.layers.linear import fp8_parameter  # noqa: E402
+from worker.engine.layers.linear import quantize_stacked_experts  # noqa: E402
 from worker.engine.models.deepseek import RoutedExperts  # noqa: E402
 
 RESULTS_DIRECTORY = Path(__file__).resolve().parent / "results"
@@ -65,22 +64,9 @@ def experts_of(model: str, quantization: str) -> tuple[RoutedExperts, int]:
         for weight in (experts.gate_up_proj, experts.down_proj):
             weight.normal_(std=0.02)
     if quantization == "fp8":
-        quantize_in_slices(experts)
+        with torch.no_grad():
+            quantize_stacked_experts(experts)
     return experts, config.num_experts_per_tok
-
-
-@torch.no_grad()
-def quantize_in_slices(experts: RoutedExperts, slice_size: int = 16) -> None:
-    """quantize_stacked_experts, `slice_size` experts at a time: V3's 22.5 GB of bf16 experts quantized at
-    once need float32 copies that do not fit beside them."""
-    for name in experts.expert_weight_names:
-        weight = getattr(experts, name)
-        parts = [quantize_weight_blocks(weight[first:first + slice_size])
-                 for first in range(0, weight.shape[0], slice_size)]
-        setattr(experts, name, fp8_parameter(torch.cat([part[0] for part in parts])))
-        setattr(experts, f"{name}_scale_inv", fp8_parameter(torch.cat([part[1] for part in parts])))
-        del weight, parts
-        torch.cuda.empty_cache()
 
 
 def measure(experts: RoutedExperts, top_k: int, tokens: int, kind: str, arguments) -> dict:

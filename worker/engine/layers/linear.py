@@ -78,13 +78,16 @@ class Fp8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 {BLOCK}x{BLOCK} blocks"
 
 
-def quantize_stacked_experts(module: nn.Module) -> None:
+def quantize_stacked_experts(module: nn.Module, experts_at_once: int = 16) -> None:
     """Each stacked expert weight [experts, N, K] named in `module.expert_weight_names` becomes FP8, with
-    `<name>_scale_inv` [experts, N/128, K/128] beside it."""
+    `<name>_scale_inv` [experts, N/128, K/128] beside it. Quantized `experts_at_once` experts at a time: the
+    float32 working copies of DeepSeek-V3's 256 experts at once (45 GB a layer) do not fit beside them."""
     for name in module.expert_weight_names:
-        weight, weight_scale_inv = quantize_weight_blocks(getattr(module, name).detach())
-        setattr(module, name, fp8_parameter(weight))
-        setattr(module, f"{name}_scale_inv", fp8_parameter(weight_scale_inv))
+        weight = getattr(module, name).detach()
+        parts = [quantize_weight_blocks(weight[first:first + experts_at_once])
+                 for first in range(0, weight.shape[0], experts_at_once)]
+        setattr(module, name, fp8_parameter(torch.cat([part[0] for part in parts])))
+        setattr(module, f"{name}_scale_inv", fp8_parameter(torch.cat([part[1] for part in parts])))
 
 
 @torch.no_grad()
