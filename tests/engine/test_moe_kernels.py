@@ -61,6 +61,20 @@ def test_combine_adds_each_tokens_weighted_expert_rows(width):
     assert combine_expert_outputs(expert_output[:0], sorted_position[:0], weights[:0]).shape == (0, width)
 
 
+def test_combine_never_reads_the_rows_of_pairs_weighted_zero():
+    """Another rank's pairs have weight zero and rows no GEMM wrote: NaN there must not reach the sum."""
+    tokens, top_k, width = 7, 4, 96
+    sorted_position = torch.randperm(tokens * top_k, generator=generator(8)).to(DEVICE)
+    expert_output = torch.randn(tokens * top_k, width, generator=generator(9)).to(DEVICE, DTYPE)
+    weights = torch.rand(tokens, top_k, generator=generator(10)).to(DEVICE)
+    weights[:, 1::2] = 0.0
+    expert_output[sorted_position.view(tokens, top_k)[:, 1::2].flatten()] = float("nan")
+    combined = combine_expert_outputs(expert_output, sorted_position, weights)
+    rows = expert_output[sorted_position].float().view(tokens, top_k, width)[:, 0::2]
+    expected = (rows * weights[:, 0::2, None]).sum(dim=1).to(DTYPE)
+    torch.testing.assert_close(combined, expected, **TOLERANCE)
+
+
 def test_the_fused_experts_match_the_torch_ops():
     config = tiny_deepseek_v3_config()
     experts = RoutedExperts(config).to(DEVICE, DTYPE)
@@ -75,3 +89,25 @@ def test_the_fused_experts_match_the_torch_ops():
         fused = experts._fused_forward(hidden, ids, weights)
         expected = experts._torch_forward(hidden, ids, weights)
     torch.testing.assert_close(fused, expected, **TOLERANCE)
+
+
+def test_the_fused_experts_leave_out_another_ranks_pairs():
+    """Pairs with the id one past the last expert (another rank's, weight zero) add nothing; the rest add
+    what they add alone. The torch ops reach the same by multiplying those rows and weighting them zero."""
+    config = tiny_deepseek_v3_config()
+    experts = RoutedExperts(config).to(DEVICE, DTYPE)
+    with torch.no_grad():
+        for weight in (experts.gate_up_proj, experts.down_proj):
+            weight.copy_(torch.randn(weight.shape, generator=generator(11)) * 0.1)
+    tokens, top_k, num_experts = 13, config.num_experts_per_tok, config.n_routed_experts
+    hidden = torch.randn(tokens, config.hidden_size, generator=generator(12)).to(DEVICE, DTYPE)
+    ids = spread_ids(tokens, top_k, num_experts, seed=13)
+    weights = torch.rand(tokens, top_k, generator=generator(14)).to(DEVICE)
+    elsewhere = torch.rand(tokens, top_k, generator=generator(15)).to(DEVICE) < 0.5
+    local_ids, local_weights = ids.masked_fill(elsewhere, num_experts), weights.masked_fill(elsewhere, 0.0)
+    with torch.no_grad():
+        fused = experts._fused_forward(hidden, local_ids, local_weights)
+        torch_ops = experts._torch_forward(hidden, local_ids, local_weights)
+        alone = experts._torch_forward(hidden, ids, local_weights)
+    torch.testing.assert_close(fused, alone, **TOLERANCE)
+    torch.testing.assert_close(torch_ops, alone, **TOLERANCE)

@@ -68,7 +68,10 @@ def _combine_kernel(expert_output, sorted_position, expert_weights, out, stride_
     for choice in tl.static_range(TOP_K):
         row = tl.load(sorted_position + token * TOP_K + choice).to(tl.int64)
         weight = tl.load(expert_weights + token * TOP_K + choice).to(tl.float32)
-        values = tl.load(expert_output + row * stride_row + columns, mask=inside, other=0.0).to(tl.float32)
+        # A pair of weight zero (another rank's, under expert parallelism) is skipped: its row may be unwritten.
+        weighted = (tl.zeros([BLOCK], dtype=tl.float32) + weight) != 0
+        values = tl.load(expert_output + row * stride_row + columns, mask=inside & weighted,
+                         other=0.0).to(tl.float32)
         total += weight * values
     tl.store(out + token * stride_out + columns, total.to(out.dtype.element_ty), mask=inside)
 
@@ -78,7 +81,8 @@ def combine_expert_outputs(expert_output: torch.Tensor, sorted_position: torch.T
     """Each token's Σ weight · output of its experts' rows: expert_output [pairs, hidden] in expert order,
     sorted_position from sort_pairs_by_expert, expert_weights [tokens, top_k] → [tokens, hidden].
 
-    Summed in float32 and rounded once, where index_add_ rounded after every expert."""
+    Summed in float32 and rounded once, where index_add_ rounded after every expert. Pairs of weight zero
+    are not read, so their rows need never have been computed."""
     num_tokens, top_k = expert_weights.shape
     width = expert_output.shape[1]
     out = expert_output.new_empty(num_tokens, width)

@@ -185,21 +185,25 @@ def has_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
 def grouped_matmul(rows: torch.Tensor, weights: torch.Tensor, rows_per_expert: torch.Tensor) -> torch.Tensor:
     """rows [N, in] sorted by expert times weights [experts, in, out] → [N, out], one GEMM per group.
 
-    torch's grouped GEMM does this in one call, with no host synchronisation (so a CUDA graph can hold
-    it); where it is missing, rows are padded into a dense [experts, most rows, in] block for one
-    batched matmul, which needs the largest group's size on the host.
+    Rows past the last group (another rank's pairs, under expert parallelism) are not computed: their
+    output rows hold whatever the memory held. torch's grouped GEMM does this in one call, with no host
+    synchronisation (so a CUDA graph can hold it); where it is missing, rows are padded into a dense
+    [experts, most rows, in] block for one batched matmul, which needs the largest group's size on the host.
     """
     if has_grouped_mm(rows.device, rows.dtype):
         offsets = torch.cumsum(rows_per_expert, dim=0, dtype=torch.int32)
         return torch._grouped_mm(rows, weights, offs=offsets)
     num_experts = weights.shape[0]
     expert_of_row = torch.repeat_interleave(torch.arange(num_experts, device=rows.device), rows_per_expert)
+    num_grouped = expert_of_row.shape[0]
     group_starts = torch.cumsum(rows_per_expert, dim=0) - rows_per_expert
-    position_in_group = torch.arange(rows.shape[0], device=rows.device) - group_starts[expert_of_row]
-    most_rows = int(rows_per_expert.max()) if rows.shape[0] else 0
+    position_in_group = torch.arange(num_grouped, device=rows.device) - group_starts[expert_of_row]
+    most_rows = int(rows_per_expert.max()) if num_grouped else 0
     padded = rows.new_zeros(num_experts, most_rows, rows.shape[1])
-    padded[expert_of_row, position_in_group] = rows
-    return torch.bmm(padded, weights)[expert_of_row, position_in_group]
+    padded[expert_of_row, position_in_group] = rows[:num_grouped]
+    out = rows.new_empty(rows.shape[0], weights.shape[2])
+    out[:num_grouped] = torch.bmm(padded, weights)[expert_of_row, position_in_group]
+    return out
 
 
 class RoutedExperts(nn.Module):
@@ -208,6 +212,8 @@ class RoutedExperts(nn.Module):
     gate_up_proj: [experts, 2 * moe_intermediate, hidden] (gate rows first); down_proj: [experts, hidden,
     moe_intermediate]. Token-expert pairs are sorted by expert so that each expert runs one GEMM. In FP8
     (worker/engine/layers/linear.py) both are float8_e4m3fn with `<name>_scale_inv` [experts, N/128, K/128].
+    Under expert parallelism a pair may carry the id `experts` (one past the last) and weight zero: it was
+    routed to another rank's experts and adds nothing here.
     """
 
     expert_weight_names = ("gate_up_proj", "down_proj")
@@ -228,12 +234,14 @@ class RoutedExperts(nn.Module):
 
     def _torch_forward(self, hidden: torch.Tensor, expert_ids: torch.Tensor,
                        expert_weights: torch.Tensor) -> torch.Tensor:
-        top_k = expert_ids.shape[1]
-        flat_expert_ids = expert_ids.flatten()
+        top_k, num_experts = expert_ids.shape[1], self.gate_up_proj.shape[0]
+        # Another rank's pairs are multiplied by the last expert and weighted zero: rows wasted, but this path
+        # serves only the CPU and float32, and needs no count from the host.
+        flat_expert_ids = expert_ids.flatten().clamp(max=num_experts - 1)
         pair_order = torch.argsort(flat_expert_ids, stable=True)
         token_of_pair = pair_order // top_k
         # Counted with index_add_ rather than bincount, which asks the host for the largest id.
-        rows_per_expert = torch.zeros(self.gate_up_proj.shape[0], dtype=torch.int64, device=hidden.device)
+        rows_per_expert = torch.zeros(num_experts, dtype=torch.int64, device=hidden.device)
         rows_per_expert.index_add_(0, flat_expert_ids, torch.ones_like(flat_expert_ids))
         gate_up = self._project(hidden[token_of_pair], "gate_up_proj", rows_per_expert)
         gate, up = gate_up.chunk(2, dim=-1)
@@ -246,7 +254,11 @@ class RoutedExperts(nn.Module):
         """The same on the GPU with worker/engine/kernels/moe.py's sort and combine around the GEMMs."""
         from worker.engine.kernels.moe import combine_expert_outputs, sort_pairs_by_expert
 
-        sorted_position, token_of_row, rows_per_expert = sort_pairs_by_expert(expert_ids, self.gate_up_proj.shape[0])
+        num_experts = self.gate_up_proj.shape[0]
+        # Another rank's pairs (id num_experts) sort after every group: no GEMM computes their rows, and the
+        # combine, which skips pairs of weight zero, never reads them.
+        sorted_position, token_of_row, rows_per_group = sort_pairs_by_expert(expert_ids, num_experts + 1)
+        rows_per_expert = rows_per_group[:num_experts]
         gate_up = self._project(hidden[token_of_row], "gate_up_proj", rows_per_expert)
         expert_output = self._project(activate_gate_up(gate_up, self.act_fn, self.is_silu), "down_proj",
                                       rows_per_expert)
@@ -302,44 +314,21 @@ class MixtureOfExperts(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         expert_weights, expert_ids = self.gate(hidden)
         if self.shard.is_parallel:
-            output = self._local_experts(hidden, expert_ids, expert_weights)
-        else:
-            output = self.experts(hidden, expert_ids, expert_weights)
+            expert_ids, expert_weights = self._this_ranks_pairs(expert_ids, expert_weights)
+        output = self.experts(hidden, expert_ids, expert_weights)
         if self.shared_experts is not None:
             output = output + self.shared_experts(hidden)
         return self.shard.all_reduce(output)
 
-    def _local_experts(self, hidden: torch.Tensor, expert_ids: torch.Tensor,
-                       expert_weights: torch.Tensor) -> torch.Tensor:
-        """This rank's experts' share of every token's output: eagerly only the pairs routed here; inside
-        a CUDA graph, which cannot ask the host how many those are, every pair (`_masked_local_pairs`)."""
-        if hidden.is_cuda and torch.cuda.is_current_stream_capturing():
-            return self._masked_local_pairs(hidden, expert_ids, expert_weights)
-        return self._compacted_local_pairs(hidden, expert_ids, expert_weights)
-
-    def _local_ids(self, expert_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _this_ranks_pairs(self, expert_ids: torch.Tensor,
+                          expert_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every token-expert pair, with its expert's index among this rank's experts; a pair routed to another
+        rank gets the index `num_local_experts` and weight zero, which RoutedExperts leaves out. The shapes do
+        not depend on the routing, so a CUDA graph holds them, and no rank multiplies another's rows."""
         local_ids = expert_ids - self.first_local_expert
-        return local_ids, (local_ids >= 0) & (local_ids < self.num_local_experts)
-
-    def _compacted_local_pairs(self, hidden: torch.Tensor, expert_ids: torch.Tensor,
-                               expert_weights: torch.Tensor) -> torch.Tensor:
-        """Each token-expert pair routed to this rank becomes a row with one route; the rows' outputs are
-        added back to their tokens."""
-        local_ids, is_local = self._local_ids(expert_ids)
-        token_of_pair, _ = is_local.nonzero(as_tuple=True)
-        pair_output = self.experts(hidden[token_of_pair], local_ids[is_local][:, None],
-                                   expert_weights[is_local][:, None])
-        return torch.zeros_like(hidden).index_add_(0, token_of_pair, pair_output)
-
-    def _masked_local_pairs(self, hidden: torch.Tensor, expert_ids: torch.Tensor,
-                            expert_weights: torch.Tensor) -> torch.Tensor:
-        """Every pair, the other ranks' ones on a local expert (spread over them) with weight zero: shapes
-        that do not depend on the routing. The wasted rows cost little where graphs run, in decode's small
-        batches, where the weights read and not the rows multiplied set the pace."""
-        local_ids, is_local = self._local_ids(expert_ids)
-        spread = torch.arange(local_ids.numel(), device=hidden.device).view_as(local_ids) % self.num_local_experts
-        return self.experts(hidden, torch.where(is_local, local_ids, spread),
-                            torch.where(is_local, expert_weights, 0.0))
+        is_local = (local_ids >= 0) & (local_ids < self.num_local_experts)
+        return (torch.where(is_local, local_ids, self.num_local_experts),
+                torch.where(is_local, expert_weights, 0.0))
 
 
 class DeepseekForCausalLM(PagedCausalLM):
