@@ -145,7 +145,7 @@ def test_deepseek_v3_layers_shape_has_v3s_dimensions_in_fp8():
     model = empty_model(hf_config, torch.device("meta"), torch.bfloat16)
     attention, moe = model.model.layers[1].self_attn, model.model.layers[1].mlp
     assert attention.q_b_proj.weight.shape == (128 * 192, 1536)
-    assert attention.kv_a_proj_with_mqa.weight_scale_inv.shape == (5, 56)  # 576 rows: 4.5 blocks
+    assert attention.q_and_kv_a_proj.weight_scale_inv.shape == (17, 56)  # q_a's 1536 rows, the latent's 576
     assert moe.experts.gate_up_proj.shape == (256, 2 * 2048, 7168)
     assert moe.experts.gate_up_proj.dtype == torch.float8_e4m3fn
     assert moe.experts.down_proj_scale_inv.shape == (256, 56, 16)

@@ -27,7 +27,7 @@ from worker.engine.kernels.fp8_blocks import is_fp8
 from worker.engine.layers.linear import dequantized
 from worker.engine.layers.attention import AttentionMetadata, LatentAttention
 from worker.engine.models.common import (DecoderLayer, GatedMLP, PagedCausalLM, RMSNorm, activate_gate_up,
-                                         apply_rotary, apply_rotary_, uses_fused_kernels)
+                                         apply_rotary, apply_rotary_, packed_rows, uses_fused_kernels)
 from worker.engine.parallel import Shard
 
 
@@ -54,6 +54,11 @@ def uses_interleaved_rope(hf_config: PretrainedConfig) -> bool:
 class MultiHeadLatentAttention(nn.Module):
     """MLA's projections and rope around its attention over the latent cache (layers/attention.py).
 
+    The two projections of the layer's input, the query's (q_proj, or q_a_proj where the query is compressed)
+    and the latent's (kv_a_proj_with_mqa), are one packed matrix product (`q_and_kv_a_proj`), as vLLM and
+    SGLang fuse them: in FP8 a decode step then quantizes the input once, not twice, and launches one GEMM
+    instead of two (the latent's 576 columns alone filled too few SMs and needed split-K).
+
     Under tensor parallelism each rank computes its share of the heads: q_b_proj (q_proj), kv_b_proj and
     o_proj are split by heads, the low-rank projections before them are replicated, and so is the latent
     cache (every head reads the whole latent); o_proj's partial sums are added across ranks.
@@ -71,13 +76,18 @@ class MultiHeadLatentAttention(nn.Module):
         self.qk_head_dim = self.qk_nope_head_dim + self.qk_rope_head_dim
         self.interleaved_rope = uses_interleaved_rope(hf_config)
         hidden_size, bias = hf_config.hidden_size, bool(hf_config.attention_bias)
-        if self.q_lora_rank is None:
-            self.q_proj = nn.Linear(hidden_size, self.num_heads * self.qk_head_dim, bias=False)
-        else:
-            self.q_a_proj = nn.Linear(hidden_size, self.q_lora_rank, bias=bias)
+        if self.q_lora_rank is None and bias:
+            raise ValueError("DeepSeek with attention_bias and no q_lora_rank (a query projection without a bias "
+                             "beside a latent one with a bias) is not supported")
+        query_projection = "q_proj" if self.q_lora_rank is None else "q_a_proj"
+        self.query_rows = self.q_lora_rank or self.num_heads * self.qk_head_dim
+        latent_rows = self.kv_lora_rank + self.qk_rope_head_dim
+        self.q_and_kv_a_proj = nn.Linear(hidden_size, self.query_rows + latent_rows, bias=bias)
+        self.packed_projections = packed_rows(
+            q_and_kv_a_proj=[(query_projection, self.query_rows), ("kv_a_proj_with_mqa", latent_rows)])
+        if self.q_lora_rank is not None:
             self.q_a_layernorm = RMSNorm(self.q_lora_rank)
             self.q_b_proj = nn.Linear(self.q_lora_rank, self.num_heads * self.qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(hidden_size, self.kv_lora_rank + self.qk_rope_head_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank)
         self.kv_b_proj = nn.Linear(
             self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False
@@ -96,15 +106,14 @@ class MultiHeadLatentAttention(nn.Module):
         self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, metadata: AttentionMetadata
     ) -> torch.Tensor:
         num_tokens = hidden.shape[0]
-        if self.q_lora_rank is None:
-            query = self.q_proj(hidden)
-        else:
-            query = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden)))
+        query, cache_entry = self.q_and_kv_a_proj(hidden).split(
+            [self.query_rows, self.kv_lora_rank + self.qk_rope_head_dim], dim=-1)
+        if self.q_lora_rank is not None:
+            query = self.q_b_proj(self.q_a_layernorm(query))
         query = query.view(num_tokens, self.num_heads, self.qk_head_dim)
         query_nope, query_rope = query.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         # The cache entry [normalised latent | rotated key rope] is made where the projection wrote it, rather
         # than concatenated from the two afterwards.
-        cache_entry = self.kv_a_proj_with_mqa(hidden)
         latent, key_rope = cache_entry.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         self.kv_a_layernorm.normalize_(latent)
         apply_rotary_(key_rope[:, None, :], cos, sin, self.interleaved_rope)
