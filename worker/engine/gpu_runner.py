@@ -17,6 +17,7 @@ not import its own subclass.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 
@@ -79,22 +80,29 @@ def padded_to_16_bytes(array: np.ndarray) -> np.ndarray:
 
 def decode_layout(sequences: list[Sequence], rows: int, width: int, block_size: int, padding_block: int) -> HostLayout:
     """A decode step (one new token per sequence) padded to `rows` sequences: padding rows hold one
-    position in the spare block, so they read and write nothing of a real sequence."""
+    position in the spare block, so they read and write nothing of a real sequence. `width` is at least the
+    longest block table. Built with numpy over all sequences at once: at batch 1024 the per-sequence
+    Python it replaces (a row assignment and a slot each) cost about 1 ms of host time a step."""
     count = len(sequences)
-    positions = [len(sequence.token_ids) - 1 for sequence in sequences]
+    lengths = np.fromiter((len(sequence.token_ids) for sequence in sequences), dtype=np.int32, count=count)
+    table_lengths = np.fromiter((len(sequence.block_table) for sequence in sequences), dtype=np.int32, count=count)
     block_tables = np.full((rows, width), padding_block, dtype=np.int32)
-    for row, sequence in enumerate(sequences):
-        block_tables[row, : len(sequence.block_table)] = sequence.block_table
-    padding = rows - count
-    slots = [sequence.block_table[position // block_size] * block_size + position % block_size
-             for sequence, position in zip(sequences, positions)]
+    # Boolean indexing fills the selected cells row by row: the tables, end to end, land in their rows.
+    block_tables[:count][np.arange(width) < table_lengths[:, None]] = np.fromiter(
+        itertools.chain.from_iterable(sequence.block_table for sequence in sequences), dtype=np.int32,
+        count=int(table_lengths.sum()))
+    positions = np.zeros(rows, dtype=np.int32)
+    positions[:count] = lengths - 1
+    slot_mapping = np.full(rows, padding_block * block_size, dtype=np.int32)
+    slot_mapping[:count] = (block_tables[np.arange(count), positions[:count] // block_size] * block_size
+                            + positions[:count] % block_size)
+    input_ids = np.zeros(rows, dtype=np.int32)
+    input_ids[:count] = np.fromiter((sequence.token_ids[-1] for sequence in sequences), dtype=np.int32, count=count)
     return HostLayout(
-        input_ids=np.array([sequence.token_ids[-1] for sequence in sequences] + [0] * padding, dtype=np.int32),
-        positions=np.array(positions + [0] * padding, dtype=np.int32),
-        slot_mapping=np.array(slots + [padding_block * block_size] * padding, dtype=np.int32),
+        input_ids=input_ids, positions=positions, slot_mapping=slot_mapping,
         query_starts=np.arange(rows, dtype=np.int32),
         query_lens=np.ones(rows, dtype=np.int32),
-        context_lens=np.array([position + 1 for position in positions] + [1] * padding, dtype=np.int32),
+        context_lens=positions + 1,
         block_tables=block_tables,
         sample_token_indices=np.arange(count, dtype=np.int32),
     )
@@ -213,11 +221,15 @@ class GpuModelRunner(ModelRunner):
 
     @torch.inference_mode()
     def _replay(self, sequences: list[Sequence], graph_size: int) -> torch.Tensor:
-        layout = self._decode_layout(sequences, graph_size, self.max_blocks_per_sequence)
+        # Only the columns the longest table fills cross to the GPU: the kernel reads each row's table no further
+        # than its context, so the buffer's later columns (stale ids of earlier steps) are never read.
+        width = max(len(sequence.block_table) for sequence in sequences)
+        layout = self._decode_layout(sequences, graph_size, width)
         device = DeviceLayout(self._to_device([layout])[0], layout)
         inputs = self.graph_inputs
-        for name in ("input_ids", "positions", "slot_mapping", "context_lens", "block_tables"):
+        for name in ("input_ids", "positions", "slot_mapping", "context_lens"):
             inputs[name][:graph_size].copy_(device[name])
+        inputs["block_tables"][:graph_size, :width].copy_(device["block_tables"])
         decode_graph = self.graphs[graph_size]
         decode_graph.graph.replay()
         return decode_graph.logits[: len(sequences)]
