@@ -92,8 +92,12 @@ class BlockManager:
         sequence.num_computed_tokens = len(match.block_ids) * self.block_size
         self.grow(sequence, num_tokens)
 
+    def blocks_short(self, sequence: Sequence, num_tokens: int) -> int:
+        """How many blocks the sequence's table lacks to hold `num_tokens` tokens (0 or less: none)."""
+        return self.blocks_for_tokens(num_tokens) - len(sequence.block_table)
+
     def can_grow(self, sequence: Sequence, num_tokens: int) -> bool:
-        fresh_needed = self.blocks_for_tokens(num_tokens) - len(sequence.block_table)
+        fresh_needed = self.blocks_short(sequence, num_tokens)
         return fresh_needed <= 0 or fresh_needed <= self.num_free_blocks
 
     def grow(self, sequence: Sequence, num_tokens: int) -> None:

@@ -72,9 +72,11 @@ class Scheduler:
             sequence = self.running[index]
             num_new_tokens = min(sequence.num_uncomputed_tokens, token_budget)
             target_tokens = sequence.num_computed_tokens + num_new_tokens
-            if not self._make_room(sequence, target_tokens, plan):
-                break
-            self.block_manager.grow(sequence, target_tokens)
+            # Most decode steps stay inside the last block: then there is nothing to make room for or grow.
+            if self.block_manager.blocks_short(sequence, target_tokens) > 0:
+                if not self._make_room(sequence, target_tokens, plan):
+                    break
+                self.block_manager.grow(sequence, target_tokens)
             plan.scheduled.append(ScheduledSequence(sequence, num_new_tokens))
             token_budget -= num_new_tokens
             index += 1
@@ -124,7 +126,8 @@ class Scheduler:
             self.num_prompt_tokens_computed += min(scheduled.num_new_tokens,
                                                    sequence.num_prompt_tokens - sequence.num_computed_tokens)
         sequence.num_computed_tokens += scheduled.num_new_tokens
-        self.block_manager.publish_full_blocks(scheduled.sequence)
+        if sequence.num_computed_tokens >= (sequence.num_hashed_blocks + 1) * self.block_manager.block_size:
+            self.block_manager.publish_full_blocks(sequence)  # a block has filled since the last it published
 
     def finish(self, sequence: Sequence) -> None:
         """Removes a finished (or failed) sequence and frees its blocks."""
