@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -183,6 +184,26 @@ def test_a_failed_generate_cancels_the_rest_and_the_engine_shuts_down(make_engin
     assert futures[0].cancelled()
     engine.shutdown()
     assert not engine._thread.is_alive()
+
+
+def test_a_cancelled_request_leaves_the_batch_at_its_next_token(make_engine) -> None:
+    """The loop notices a cancelled future at the sequence's next token and frees its blocks, while a request
+    beside it runs to the end."""
+    engine = make_engine(model="tiny-deepseek-v3")
+    tokens_offered: list[int] = []  # the endless request's tokens that reached the loop's bookkeeping
+    append_token = engine._append_token
+    engine._append_token = lambda sequence, token_id: (
+        sequence.prompt_token_ids == [5, 6, 7] and tokens_offered.append(token_id), append_token(sequence, token_id))
+    endless = engine.submit([5, 6, 7], SamplingParams(max_tokens=3000, ignore_eos=True))
+    assert endless.cancel()
+    finished = engine.submit([8, 9], SamplingParams(max_tokens=4, ignore_eos=True)).result(timeout=60)
+    assert finished.completion_tokens == 4 and endless.cancelled()
+    deadline = time.monotonic() + 120
+    while engine.scheduler.has_work and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not engine.scheduler.has_work
+    assert len(tokens_offered) <= 1  # dropped at its first token, not run to 3000
+    assert engine.scheduler.block_manager.num_free_blocks == engine.scheduler.block_manager.num_blocks
 
 
 ENGINE_LEFT_RUNNING = """

@@ -373,7 +373,7 @@ class LLMEngine:
 
     def _append_token(self, sequence: Sequence, token_id: int) -> None:
         sampling = sequence.sampling
-        if sequence.future.cancelled():
+        if sequence.is_cancelled:
             self.scheduler.finish(sequence)
             return
         if token_id in self.eos_token_ids and not sampling.ignore_eos:

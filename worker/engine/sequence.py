@@ -17,6 +17,18 @@ from worker.engine.types import FinishReason, SamplingParams
 _request_ids = itertools.count()
 
 
+class Cancellation:
+    """A future's done callback that notes a cancellation in a plain flag. It holds nothing of the sequence,
+    so the future (which keeps it) and the sequence (which keeps both) make no reference cycle."""
+
+    def __init__(self) -> None:
+        self.is_set = False
+
+    def __call__(self, future: Future) -> None:
+        if future.cancelled():
+            self.is_set = True
+
+
 class SequenceStatus(Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -45,9 +57,18 @@ class Sequence:
     # Another choice of the same request (LLMEngine.submit_choices): this one is admitted once that one's prompt
     # is computed, so that it reuses the prompt's KV blocks from the prefix cache instead of prefilling it again.
     prefill_after: Sequence | None = None
+    cancellation: Cancellation = field(init=False)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
+        self.cancellation = Cancellation()
+        self.future.add_done_callback(self.cancellation)
+
+    @property
+    def is_cancelled(self) -> bool:
+        """Whether the owner cancelled the request's future. Read each step for every sequence, so without the
+        lock `Future.cancelled()` takes (half a millisecond a step at batch 1024)."""
+        return self.cancellation.is_set
 
     @property
     def num_prompt_tokens(self) -> int:
