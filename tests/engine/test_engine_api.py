@@ -108,11 +108,11 @@ def test_a_failing_step_fails_only_its_requests(make_engine):
     original_execute = engine.runner.execute
     calls = {"count": 0}
 
-    def out_of_memory_once(scheduled):
+    def out_of_memory_once(scheduled, previous=None):
         calls["count"] += 1
         if calls["count"] == 1:
             raise torch.OutOfMemoryError("simulated")
-        return original_execute(scheduled)
+        return original_execute(scheduled, previous)
 
     engine.runner.execute = out_of_memory_once
     failed = engine.submit(random_prompts([5])[0], GREEDY)
@@ -127,17 +127,24 @@ def test_out_of_memory_splits_the_step_instead_of_failing_it(make_engine):
     engine = make_engine(model="tiny-deepseek-v3")
     prompts = random_prompts([5, 9, 3, 12, 7])
     expected = engine.generate(prompts, GREEDY)
-    original_execute, step_sizes = engine.runner.execute, []
+    original_execute, original_launch, step_sizes, launch_sizes = engine.runner.execute, engine.runner.launch, [], []
 
-    def out_of_memory_above_two(scheduled):
+    def out_of_memory_above_two(scheduled, previous=None):
         step_sizes.append(len(scheduled))
         if len(scheduled) > 2:
             raise torch.OutOfMemoryError("simulated")
-        return original_execute(scheduled)
+        return original_execute(scheduled, previous)
 
-    engine.runner.execute = out_of_memory_above_two
+    def launch_out_of_memory_above_two(scheduled, previous):  # a decode step launched without waiting
+        launch_sizes.append(len(scheduled))
+        if len(scheduled) > 2:
+            raise torch.OutOfMemoryError("simulated")
+        return original_launch(scheduled, previous)
+
+    engine.runner.execute, engine.runner.launch = out_of_memory_above_two, launch_out_of_memory_above_two
     assert engine.generate(prompts, GREEDY) == expected
     assert max(step_sizes) > 2 and any(size <= 2 for size in step_sizes)  # split, then ran
+    assert max(launch_sizes) > 2  # decode steps too: run again in halves
 
 
 def test_seeded_sampling_is_independent_of_batch_companions(make_engine):
@@ -184,6 +191,30 @@ def test_a_failed_generate_cancels_the_rest_and_the_engine_shuts_down(make_engin
     assert futures[0].cancelled()
     engine.shutdown()
     assert not engine._thread.is_alive()
+
+
+def test_overlapped_decode_steps_give_the_tokens_of_steps_run_one_at_a_time(make_engine) -> None:
+    """Decode steps are launched while the host reads the step before (their input tokens taken on the device);
+    the outputs are those of steps each waited for, EOS and max_tokens ending sequences at the same token."""
+    engine = make_engine(model="tiny-deepseek-v3")
+    prompts = random_prompts([5, 9, 3, 12, 7, 20])
+    samplings = [SamplingParams(max_tokens=length, ignore_eos=ignore) for length, ignore in
+                 ((8, True), (3, True), (12, False), (1, True), (16, False), (6, True))]
+    launches = []
+    original_launch = engine.runner.launch
+    engine.runner.launch = lambda scheduled, previous: launches.append(previous) or original_launch(scheduled, previous)
+    overlapped = engine.generate(prompts, samplings)
+    assert len(launches) > 5 and any(previous is not None for previous in launches)
+    eos_token_ids = engine.eos_token_ids
+    engine.eos_token_ids = frozenset({overlapped[2].token_ids[4]})  # the 5th token of one output is now EOS
+    overlapped_with_eos = engine.generate(prompts, samplings)
+    engine._can_overlap = lambda plan: False
+    assert engine.generate(prompts, samplings) == overlapped_with_eos
+    engine.eos_token_ids = eos_token_ids
+    assert engine.generate(prompts, samplings) == overlapped
+    assert overlapped_with_eos[2].finish_reason == "stop" and len(overlapped_with_eos[2].token_ids) <= 4
+    assert not engine.scheduler.has_work
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
 def test_a_cancelled_request_leaves_the_batch_at_its_next_token(make_engine) -> None:

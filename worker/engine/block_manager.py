@@ -121,7 +121,9 @@ class BlockManager:
         """Publishes the sequence's full, computed blocks to the prefix cache (called after each step)."""
         if not self.enable_prefix_caching:
             return
-        num_full = min(sequence.num_computed_tokens // self.block_size, len(sequence.block_table))
+        # Bounded by the tokens read back: a block whose last token is still on the GPU is published later.
+        num_full = min(sequence.num_computed_tokens, len(sequence.token_ids)) // self.block_size
+        num_full = min(num_full, len(sequence.block_table))
         previous_hash = sequence.last_block_hash
         for block_index in range(sequence.num_hashed_blocks, num_full):
             start = block_index * self.block_size

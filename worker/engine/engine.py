@@ -32,11 +32,11 @@ from worker.engine.device import resolve_device, resolve_dtype
 from worker.engine.grammar import GrammarError, Grammars
 from worker.engine.loader import load_model
 from worker.engine.gpu_runner import build_runner
-from worker.engine.model_runner import ModelRunner
+from worker.engine.model_runner import ModelRunner, SampledOnDevice
 from worker.engine.parallel import RankFailedError, Shard, rank_device
 from worker.engine.ranks import DrivingRunner, RankProcesses
 from worker.engine.scheduler import Scheduler, StepPlan
-from worker.engine.sequence import Sequence
+from worker.engine.sequence import Sequence, SequenceStatus
 from worker.engine.sizing import choose_batch_limits, choose_num_kv_blocks
 from worker.engine.tokenizer import load_tokenizer
 from worker.engine.types import (
@@ -87,6 +87,7 @@ class LLMEngine:
         self._fatal_error: EngineError | None = None
         self._fatal_reported = threading.Event()  # on_fatal_error has returned (it does not, in a worker)
         self._incoming: list[Sequence] = []
+        self._in_flight: SampledOnDevice | None = None  # a launched decode step whose tokens are unread
         self._condition = threading.Condition()
         self._stopping = False
         self.ranks: RankProcesses | None = None
@@ -297,25 +298,73 @@ class LLMEngine:
             self._condition.wait(remaining)
 
     def step(self) -> None:
+        """Schedules and runs one step. A decode step whose sequences sample without their history is launched
+        and left running: the host reads the step before it (appends its tokens, finishes sequences) while the
+        GPU computes this one, whose input tokens it takes from that step on the device. A sequence that
+        finished there has its token of this step dropped when it is read."""
         plan = self.scheduler.schedule()
         if plan.is_empty:
+            self._read_in_flight()
             return
         self._last_batch_size = len(plan.scheduled)
+        previous, launched = self._in_flight, None
         try:
-            sequences, token_ids = self._execute_splitting(plan.scheduled)
+            if self._can_overlap(plan):
+                launched = self._launch(plan, previous)
+            if launched is None:
+                sequences, token_ids = self._execute_splitting(plan.scheduled, previous)
         except torch.OutOfMemoryError as error:
+            self._read_in_flight()
             message = f"out of memory even for a single sequence of the step: {error}"
             self._fail_step(plan, TransientEngineError(message))
             return
         except Exception as error:  # noqa: BLE001 - reported on each request's future
+            self._read_in_flight()
             self._fail_step(plan, error)
             return
         for item in plan.scheduled:
             self.scheduler.record_step(item)
-        for sequence, token_id in zip(sequences, token_ids):
-            self._append_token(sequence, token_id)
+        if launched is not None:
+            for sequence in launched.sequences:
+                sequence.num_pending_tokens += 1
+        self._read_in_flight()
+        if launched is not None:
+            self._in_flight = launched
+        else:
+            self._append_tokens(sequences, token_ids)
 
-    def _execute_splitting(self, scheduled: list) -> tuple[list[Sequence], list[int]]:
+    def _can_overlap(self, plan: StepPlan) -> bool:
+        """A pure decode step, on one rank (tensor parallelism sends token ids to the ranks), of sequences whose
+        sampling does not read their tokens (penalties, a grammar) nor reports log-probabilities."""
+        return self.ranks is None and all(
+            item.is_decode and item.sequence.grammar_matcher is None and not item.sequence.sampling.has_penalties
+            and item.sequence.sampling.logprobs is None for item in plan.scheduled)
+
+    def _launch(self, plan: StepPlan, previous: SampledOnDevice | None) -> SampledOnDevice | None:
+        """The step launched; None when it ran out of memory (an eager step: graphs allocate nothing), to be run
+        again in halves as `_execute_splitting` does."""
+        try:
+            return self.runner.launch(plan.scheduled, previous)
+        except torch.OutOfMemoryError:
+            return None
+
+    def _read_in_flight(self) -> None:
+        """Reads the launched step's tokens (waiting for it) and appends them."""
+        launched, self._in_flight = self._in_flight, None
+        if launched is None:
+            return
+        token_ids = launched.read()
+        for sequence in launched.sequences:
+            sequence.num_pending_tokens -= 1
+        self._append_tokens(launched.sequences, token_ids)
+
+    def _append_tokens(self, sequences: list[Sequence], token_ids: list[int]) -> None:
+        for sequence, token_id in zip(sequences, token_ids):
+            if sequence.status is not SequenceStatus.FINISHED:  # finished by the step before, or failed
+                self._append_token(sequence, token_id)
+
+    def _execute_splitting(self, scheduled: list,
+                           previous: SampledOnDevice | None = None) -> tuple[list[Sequence], list[int]]:
         """Runs the step; out of memory splits it in halves (recursively) before anyone is failed.
 
         Re-running part of a step is safe: each sequence's cache slots are its own, and a repeated
@@ -325,7 +374,7 @@ class LLMEngine:
         if self.ranks is not None:
             return self._execute_on_ranks(scheduled)
         try:
-            return self.runner.execute(scheduled)
+            return self.runner.execute(scheduled, previous)
         except torch.OutOfMemoryError:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -333,8 +382,8 @@ class LLMEngine:
                 raise
             log.warning("out of memory in a step of %d sequences; running it in halves", len(scheduled))
             middle = len(scheduled) // 2
-            first_sequences, first_tokens = self._execute_splitting(scheduled[:middle])
-            second_sequences, second_tokens = self._execute_splitting(scheduled[middle:])
+            first_sequences, first_tokens = self._execute_splitting(scheduled[:middle], previous)
+            second_sequences, second_tokens = self._execute_splitting(scheduled[middle:], previous)
             return first_sequences + second_sequences, first_tokens + second_tokens
 
     def _execute_on_ranks(self, scheduled: list) -> tuple[list[Sequence], list[int]]:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from worker.engine.model_runner import ModelRunner, StepBatch
+from worker.engine.model_runner import ModelRunner, SampledOnDevice, StepBatch, fill_pending_inputs
 from worker.engine.layers.attention import AttentionMetadata, PagedGroup, choose_backend
 from worker.engine.scheduler import ScheduledSequence
 from worker.engine.sequence import Sequence
@@ -39,11 +39,6 @@ def graph_batch_sizes(max_batch_size: int) -> list[int]:
     sizes = [size for size in (1, 2, 4, 8) if size < max_batch_size]
     sizes += list(range(16, max_batch_size, 16))
     return sorted(set(sizes + [max_batch_size]))
-
-
-def is_decode(item: ScheduledSequence) -> bool:
-    """Computes the sequence's last token, to sample the next (a one-token prompt chunk may not)."""
-    return item.num_new_tokens == 1 and item.completes_sequence
 
 
 @dataclass
@@ -84,7 +79,7 @@ def decode_layout(sequences: list[Sequence], rows: int, width: int, block_size: 
     longest block table. Built with numpy over all sequences at once: at batch 1024 the per-sequence
     Python it replaces (a row assignment and a slot each) cost about 1 ms of host time a step."""
     count = len(sequences)
-    lengths = np.fromiter((len(sequence.token_ids) for sequence in sequences), dtype=np.int32, count=count)
+    lengths = np.fromiter((sequence.num_tokens for sequence in sequences), dtype=np.int32, count=count)
     table_lengths = np.fromiter((len(sequence.block_table) for sequence in sequences), dtype=np.int32, count=count)
     block_tables = np.full((rows, width), padding_block, dtype=np.int32)
     # Boolean indexing fills the selected cells row by row: the tables, end to end, land in their rows.
@@ -97,7 +92,9 @@ def decode_layout(sequences: list[Sequence], rows: int, width: int, block_size: 
     slot_mapping[:count] = (block_tables[np.arange(count), positions[:count] // block_size] * block_size
                             + positions[:count] % block_size)
     input_ids = np.zeros(rows, dtype=np.int32)
-    input_ids[:count] = np.fromiter((sequence.token_ids[-1] for sequence in sequences), dtype=np.int32, count=count)
+    # A token still on the device (`num_pending_tokens`) is written there by the runner: 0 stands in for it.
+    input_ids[:count] = np.fromiter((0 if sequence.num_pending_tokens else sequence.token_ids[-1]
+                                     for sequence in sequences), dtype=np.int32, count=count)
     return HostLayout(
         input_ids=input_ids, positions=positions, slot_mapping=slot_mapping,
         query_starts=np.arange(rows, dtype=np.int32),
@@ -171,9 +168,9 @@ class GpuModelRunner(ModelRunner):
 
     # ---- eager steps ----
 
-    def prepare_batch(self, scheduled: list[ScheduledSequence]) -> StepBatch:
-        decodes = [item for item in scheduled if is_decode(item)]
-        chunks = [item for item in scheduled if not is_decode(item)]
+    def prepare_batch(self, scheduled: list[ScheduledSequence], previous: SampledOnDevice | None = None) -> StepBatch:
+        decodes = [item for item in scheduled if item.is_decode]
+        chunks = [item for item in scheduled if not item.is_decode]
         layouts: list[HostLayout] = []
         if decodes:
             layouts.append(self._decode_layout([item.sequence for item in decodes], len(decodes),
@@ -186,8 +183,10 @@ class GpuModelRunner(ModelRunner):
                   for device, layout in zip(devices, layouts)]
         ordered = decodes + chunks
         sampled = [item.sequence for item in ordered if item.completes_sequence]
+        input_ids = torch.cat([device["input_ids"] for device in devices]).long()
+        fill_pending_inputs(input_ids, [item.sequence for item in decodes], previous)  # decodes lead
         return StepBatch(
-            input_ids=torch.cat([device["input_ids"] for device in devices]).long(),
+            input_ids=input_ids,
             positions=torch.cat([device["positions"] for device in devices]).long(),
             metadata=AttentionMetadata(torch.cat([device["slot_mapping"] for device in devices]).long(),
                                        paged_groups=groups, block_size=self.block_size),
@@ -206,21 +205,22 @@ class GpuModelRunner(ModelRunner):
 
     # ---- decode steps from CUDA graphs ----
 
-    def step_logits(self, scheduled: list[ScheduledSequence]) -> tuple[list[Sequence], torch.Tensor | None]:
+    def step_logits(self, scheduled: list[ScheduledSequence],
+                    previous: SampledOnDevice | None = None) -> tuple[list[Sequence], torch.Tensor | None]:
         graph_size = self._graph_size_for(scheduled)
         if graph_size is None:
-            return super().step_logits(scheduled)
+            return super().step_logits(scheduled, previous)
         sequences = [item.sequence for item in scheduled]
-        return sequences, self._replay(sequences, graph_size)
+        return sequences, self._replay(sequences, graph_size, previous)
 
     def _graph_size_for(self, scheduled: list[ScheduledSequence]) -> int | None:
         """The smallest captured batch size that holds this step, if it is a pure decode step."""
-        if not self.graphs or not all(is_decode(item) for item in scheduled):
+        if not self.graphs or not all(item.is_decode for item in scheduled):
             return None
         return next((size for size in self.graphs if size >= len(scheduled)), None)
 
     @torch.inference_mode()
-    def _replay(self, sequences: list[Sequence], graph_size: int) -> torch.Tensor:
+    def _replay(self, sequences: list[Sequence], graph_size: int, previous: SampledOnDevice | None) -> torch.Tensor:
         # Only the columns the longest table fills cross to the GPU: the kernel reads each row's table no further
         # than its context, so the buffer's later columns (stale ids of earlier steps) are never read.
         width = max(len(sequence.block_table) for sequence in sequences)
@@ -230,6 +230,7 @@ class GpuModelRunner(ModelRunner):
         for name in ("input_ids", "positions", "slot_mapping", "context_lens"):
             inputs[name][:graph_size].copy_(device[name])
         inputs["block_tables"][:graph_size, :width].copy_(device["block_tables"])
+        fill_pending_inputs(inputs["input_ids"], sequences, previous)
         decode_graph = self.graphs[graph_size]
         decode_graph.graph.replay()
         return decode_graph.logits[: len(sequences)]

@@ -21,6 +21,42 @@ from worker.engine.scheduler import ScheduledSequence
 from worker.engine.sequence import Sequence
 
 
+class SampledOnDevice:
+    """The tokens a launched step sampled, one per sequence, still on the device: the next step reads its
+    input tokens from here on the device, and the host reads them once, after that step is launched. On a GPU
+    they are copied to pinned memory as soon as they are sampled, ahead of the next step's kernels in the
+    stream, so reading them waits for this step only."""
+
+    def __init__(self, sequences: list[Sequence], token_ids: torch.Tensor):
+        self.sequences = sequences
+        self.token_ids = token_ids  # [sequences] int64
+        self.row_of = {id(sequence): row for row, sequence in enumerate(sequences)}
+        self.copied = None
+        self.host = token_ids
+        if token_ids.is_cuda:
+            self.host = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
+            self.host.copy_(token_ids, non_blocking=True)
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+
+    def read(self) -> list[int]:
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.host.tolist()
+
+
+def fill_pending_inputs(input_ids: torch.Tensor, sequences: list[Sequence], previous: SampledOnDevice | None) -> None:
+    """Writes into input_ids [rows ≥ sequences] the input token of each sequence whose last token is still on the
+    device (a decode input is its last token), taken from the step that sampled it."""
+    rows = [row for row, sequence in enumerate(sequences) if sequence.num_pending_tokens]
+    if not rows:
+        return
+    sources = [previous.row_of[id(sequences[row])] for row in rows]
+    device = input_ids.device
+    input_ids[torch.tensor(rows, device=device)] = previous.token_ids[torch.tensor(sources, device=device)].to(
+        input_ids.dtype)
+
+
 @dataclass
 class StepBatch:
     input_ids: torch.Tensor  # [tokens]
@@ -41,18 +77,28 @@ class ModelRunner:
     def release_graphs(self) -> None:
         """Nothing captured here (the GPU runner's decode graphs: worker/engine/gpu_runner.py)."""
 
-    def execute(self, scheduled: list[ScheduledSequence]) -> tuple[list[Sequence], list[int]]:
-        """Runs the step; returns the sequences that got a next token, and those tokens."""
-        sequences, logits = self.step_logits(scheduled)
+    def execute(self, scheduled: list[ScheduledSequence],
+                previous: SampledOnDevice | None = None) -> tuple[list[Sequence], list[int]]:
+        """Runs the step; returns the sequences that got a next token, and those tokens. `previous`: the step
+        still on the device whose tokens some of these sequences take as input."""
+        sequences, logits = self.step_logits(scheduled, previous)
         if not sequences:
             return [], []
         return sequences, self.sampler.sample(logits, sequences)
 
     @torch.inference_mode()
-    def step_logits(self, scheduled: list[ScheduledSequence]) -> tuple[list[Sequence], torch.Tensor | None]:
+    def launch(self, scheduled: list[ScheduledSequence], previous: SampledOnDevice | None) -> SampledOnDevice:
+        """Runs a decode step of sequences that sample without their history (no penalties, grammar or
+        log-probabilities) and returns at once: its tokens stay on the device until read."""
+        sequences, logits = self.step_logits(scheduled, previous)
+        return SampledOnDevice(sequences, self.sampler.choose_on_device(logits, sequences))
+
+    @torch.inference_mode()
+    def step_logits(self, scheduled: list[ScheduledSequence],
+                    previous: SampledOnDevice | None = None) -> tuple[list[Sequence], torch.Tensor | None]:
         """Runs the step's forward: the sequences that get a next token and their logits [sequences, vocab]
         (None when the step only fills the cache). Ranks other than 0 of a tensor-parallel engine stop here."""
-        batch = self.prepare_batch(scheduled)
+        batch = self.prepare_batch(scheduled, previous)
         if not batch.sampled_sequences:
             self.forward(batch)
             return [], None
@@ -66,14 +112,15 @@ class ModelRunner:
         hidden = self.forward(batch)
         return self.model.compute_logits(hidden[batch.sample_token_indices])
 
-    def prepare_batch(self, scheduled: list[ScheduledSequence]) -> StepBatch:
+    def prepare_batch(self, scheduled: list[ScheduledSequence], previous: SampledOnDevice | None = None) -> StepBatch:
         decodes = [item for item in scheduled if item.num_new_tokens == 1]
         prefills = [item for item in scheduled if item.num_new_tokens > 1]
         ordered = decodes + prefills
         input_ids: list[int] = []
         for item in ordered:
             start = item.sequence.num_computed_tokens
-            input_ids.extend(item.sequence.token_ids[start : start + item.num_new_tokens])
+            known = item.sequence.token_ids[start : start + item.num_new_tokens]
+            input_ids.extend(known + [0] * (item.num_new_tokens - len(known)))  # 0: still on the device
         num_new_tokens = torch.tensor([item.num_new_tokens for item in ordered])
         start_positions = torch.tensor([item.sequence.num_computed_tokens for item in ordered])
         block_tables = self.padded_block_tables([item.sequence for item in ordered])
@@ -94,8 +141,10 @@ class ModelRunner:
                 )
         completing = [index for index, item in enumerate(ordered) if item.completes_sequence]
         sample_token_indices = (query_starts + num_new_tokens - 1)[completing]
+        device_input_ids = torch.tensor(input_ids).to(self.device)
+        fill_pending_inputs(device_input_ids, [item.sequence for item in decodes], previous)  # decodes lead
         return StepBatch(
-            input_ids=torch.tensor(input_ids).to(self.device),
+            input_ids=device_input_ids,
             positions=positions.to(self.device),
             metadata=AttentionMetadata(slot_mapping=slot_mapping.to(self.device), groups=groups),
             sample_token_indices=sample_token_indices.to(self.device),

@@ -74,6 +74,11 @@ class RankSequence:
     token_ids: TokenTail
     block_table: list[int]
     num_computed_tokens: int
+    num_pending_tokens: int = 0  # steps never overlap under tensor parallelism
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
 
 
 @dataclass
@@ -211,11 +216,13 @@ class DrivingRunner:
     def __init__(self, local, ranks: RankProcesses):
         self.local, self.ranks = local, ranks
 
-    def execute(self, scheduled: list) -> tuple[list, list[int]]:
+    def execute(self, scheduled: list, previous=None) -> tuple[list, list[int]]:
+        """`previous` is always None: the engine never overlaps steps under tensor parallelism, whose ranks are
+        sent each step's token ids."""
         self.ranks.broadcast_step(scheduled)
         return self.local.execute(scheduled)
 
-    def step_logits(self, scheduled: list):
+    def step_logits(self, scheduled: list, previous=None):
         self.ranks.broadcast_step(scheduled)
         return self.local.step_logits(scheduled)
 

@@ -142,6 +142,11 @@ class Sampler:
         return token_ids
 
     def choose(self, logits: torch.Tensor, sequences: list[Sequence]) -> list[int]:
+        return self.choose_on_device(logits, sequences).tolist()
+
+    def choose_on_device(self, logits: torch.Tensor, sequences: list[Sequence]) -> torch.Tensor:
+        """The tokens [rows] where the logits are, not read back: a sampled row's uniform number comes from its
+        own generator on the host, which its earlier tokens do not move."""
         token_ids = logits.argmax(dim=-1)
         sampled_rows = [row for row, sequence in enumerate(sequences) if not sequence.sampling.greedy]
         if sampled_rows:
@@ -151,7 +156,7 @@ class Sampler:
             uniforms = torch.tensor([self.generator_of(sequence).random() for sequence in row_sequences],
                                     device=logits.device)
             token_ids[rows] = sample_by_inverse_transform(probabilities, uniforms)
-        return token_ids.tolist()
+        return token_ids
 
     @staticmethod
     def probabilities(logits: torch.Tensor, sequences: list[Sequence]) -> torch.Tensor:

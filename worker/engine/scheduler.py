@@ -28,7 +28,12 @@ class ScheduledSequence:
     @property
     def completes_sequence(self) -> bool:
         """True when this step computes the sequence's last known token, so a next token is sampled."""
-        return self.sequence.num_computed_tokens + self.num_new_tokens == len(self.sequence.token_ids)
+        return self.sequence.num_computed_tokens + self.num_new_tokens == self.sequence.num_tokens
+
+    @property
+    def is_decode(self) -> bool:
+        """Computes the sequence's last token, to sample the next (a one-token prompt chunk may not)."""
+        return self.num_new_tokens == 1 and self.completes_sequence
 
 
 @dataclass
@@ -39,6 +44,12 @@ class StepPlan:
     @property
     def is_empty(self) -> bool:
         return not self.scheduled
+
+
+def finishes_when_resolved(sequence: Sequence) -> bool:
+    """Whether the token a step still on the GPU sampled for it reaches its max_tokens."""
+    return bool(sequence.num_pending_tokens) and (
+        sequence.num_tokens - sequence.num_prompt_tokens >= sequence.sampling.max_tokens)
 
 
 class Scheduler:
@@ -70,6 +81,9 @@ class Scheduler:
         index = 0
         while index < len(self.running) and token_budget > 0:
             sequence = self.running[index]
+            if finishes_when_resolved(sequence):
+                index += 1  # its pending token is its last: computing it would be wasted
+                continue
             num_new_tokens = min(sequence.num_uncomputed_tokens, token_budget)
             target_tokens = sequence.num_computed_tokens + num_new_tokens
             # Most decode steps stay inside the last block: then there is nothing to make room for or grow.

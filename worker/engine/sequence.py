@@ -57,6 +57,10 @@ class Sequence:
     # Another choice of the same request (LLMEngine.submit_choices): this one is admitted once that one's prompt
     # is computed, so that it reuses the prompt's KV blocks from the prefix cache instead of prefilling it again.
     prefill_after: Sequence | None = None
+    # Tokens sampled by steps still on the GPU (worker/engine/engine.py overlaps a decode step with the host
+    # work of the one before): they count toward the sequence's length, and the next step reads its input
+    # token from the GPU, but token_ids gets them only once the host has read them.
+    num_pending_tokens: int = 0
     cancellation: Cancellation = field(init=False)
 
     def __post_init__(self) -> None:
@@ -87,5 +91,10 @@ class Sequence:
         return self.num_computed_tokens >= self.num_prompt_tokens or self.status is SequenceStatus.FINISHED
 
     @property
+    def num_tokens(self) -> int:
+        """Its length: the tokens it holds and those sampled but not yet read back from the GPU."""
+        return len(self.token_ids) + self.num_pending_tokens
+
+    @property
     def num_uncomputed_tokens(self) -> int:
-        return len(self.token_ids) - self.num_computed_tokens
+        return self.num_tokens - self.num_computed_tokens
