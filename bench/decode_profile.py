@@ -92,27 +92,29 @@ class DecodeSteps:
 
 
 def timed_steps(engine: LLMEngine, steps: int, graphs: dict | None = None) -> list[float]:
-    """Wall seconds of `steps` decode steps, as the engine's loop runs them; with `graphs` given, the runner's
-    CUDA graphs are set to them on the engine's own thread before each step (never under a running step)."""
+    """Wall seconds of `steps` decode steps, as the engine's loop runs them (the whole step: scheduling, the
+    runner, the tokens read back; a launched step ends once the one before is read, so these are the steps'
+    period); with `graphs` given, the runner's CUDA graphs are set to them on the engine's own thread before
+    each step (never under a running step)."""
     seconds: list[float] = []
-    execute = engine.runner.execute
+    step = engine.step
 
-    def timed(scheduled):
+    def timed():
         if graphs is not None:
             engine.runner.graphs = graphs
         started = time.perf_counter()
-        result = execute(scheduled)
+        step()
         seconds.append(time.perf_counter() - started)
-        return result
 
-    engine.runner.execute = timed
+    engine.step = timed
     deadline = time.monotonic() + 300
-    while len(seconds) < steps:
-        if time.monotonic() > deadline or not engine.scheduler.running:
-            engine.runner.execute = execute
-            raise RuntimeError(f"only {len(seconds)} of {steps} decode steps ran (see the engine's log)")
-        time.sleep(0.005)
-    engine.runner.execute = execute
+    try:
+        while len(seconds) < steps:
+            if time.monotonic() > deadline or not engine.scheduler.running:
+                raise RuntimeError(f"only {len(seconds)} of {steps} decode steps ran (see the engine's log)")
+            time.sleep(0.005)
+    finally:
+        del engine.step  # the class's method again
     return seconds[:steps]
 
 

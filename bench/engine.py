@@ -211,7 +211,11 @@ def float32_greedy(reference: PreTrainedModel, model: str, prompts: list[list[in
 
 @dataclass
 class StepLog:
-    """What each engine step computed and how long it took (the sampler's token copy ends each step)."""
+    """What each engine step computed and how long it took: the whole step as the engine's loop runs it
+    (scheduling, the runner, appending the tokens read back). A decode step that the engine launches while it
+    reads the step before ends once launched and that read is done, so in steady decode the steps' times add
+    up to the wall time. (Before steps overlapped, this timed the runner alone, without the host's
+    bookkeeping around it: figures taken then are lower by that share.)"""
 
     seconds: list[float] = field(default_factory=list)
     decode_only: list[bool] = field(default_factory=list)
@@ -220,20 +224,27 @@ class StepLog:
     context_positions: list[int] = field(default_factory=list)
 
     def attach(self, engine: LLMEngine) -> None:
-        execute = engine.runner.execute
+        schedule, step = engine.scheduler.schedule, engine.step
+        planned: list = []
 
-        def timed_execute(scheduled):
-            started = time.perf_counter()
-            result = execute(scheduled)
-            self.seconds.append(time.perf_counter() - started)
-            self.decode_only.append(all(item.num_new_tokens == 1 for item in scheduled))
-            self.sequences.append(len(scheduled))
-            self.tokens.append(sum(item.num_new_tokens for item in scheduled))
-            self.context_positions.append(
-                sum(item.sequence.num_computed_tokens + item.num_new_tokens for item in scheduled))
-            return result
+        def noted_schedule():
+            plan = schedule()
+            planned.append([(item.num_new_tokens, item.sequence.num_computed_tokens) for item in plan.scheduled])
+            return plan
 
-        engine.runner.execute = timed_execute
+        def timed_step():
+            started, first_plan = time.perf_counter(), len(planned)
+            step()
+            elapsed = time.perf_counter() - started
+            for items in planned[first_plan:]:
+                if items:
+                    self.seconds.append(elapsed)
+                    self.decode_only.append(all(new == 1 for new, _ in items))
+                    self.sequences.append(len(items))
+                    self.tokens.append(sum(new for new, _ in items))
+                    self.context_positions.append(sum(new + computed for new, computed in items))
+
+        engine.scheduler.schedule, engine.step = noted_schedule, timed_step
 
     def summary(self, weight_bytes: int, kv_bytes_per_token: int, bandwidth: float | None) -> dict:
         decode = [index for index, only in enumerate(self.decode_only) if only]
