@@ -174,8 +174,20 @@ def test_the_warm_up_leaves_the_engine_ready_for_real_requests(make_engine) -> N
     engine = make_engine(model="tiny-qwen2", use_paged_kernel=True, use_cuda_graphs=False)
     engine.warm_up()
     assert not engine.scheduler.has_work
+    assert engine._overlap_steps  # its check found overlapped decode steps right
     completion = engine.generate([[5, 6, 7]], SamplingParams(max_tokens=3, ignore_eos=True))[0]
     assert completion.completion_tokens == 3
+
+
+def test_the_warm_up_turns_overlapped_steps_off_where_they_answer_wrong(make_engine, monkeypatch) -> None:
+    """Where a launched step would read wrong input tokens (here: the tokens on the device are not passed
+    on), the warm-up's check sees other tokens than steps run one at a time give, and turns overlap off."""
+    for module in ("worker.engine.model_runner", "worker.engine.gpu_runner"):
+        monkeypatch.setattr(f"{module}.fill_pending_inputs", lambda input_ids, sequences, previous: None)
+    engine = make_engine(model="tiny-qwen2", use_paged_kernel=True, use_cuda_graphs=False)
+    engine.warm_up()
+    assert not engine._overlap_steps
+    assert engine.generate([[5, 6, 7]], GREEDY) == engine.generate([[5, 6, 7]], GREEDY)
 
 
 def test_a_failed_generate_cancels_the_rest_and_the_engine_shuts_down(make_engine) -> None:

@@ -88,6 +88,7 @@ class LLMEngine:
         self._fatal_reported = threading.Event()  # on_fatal_error has returned (it does not, in a worker)
         self._incoming: list[Sequence] = []
         self._in_flight: SampledOnDevice | None = None  # a launched decode step whose tokens are unread
+        self._overlap_steps = True  # launch decode steps ahead of their reads; off if the warm-up's check fails
         self._condition = threading.Condition()
         self._stopping = False
         self.ranks: RankProcesses | None = None
@@ -138,7 +139,21 @@ class LLMEngine:
         of its throughput, bench/results/system-nvidia-h200-*.json)."""
         token_id = min(self.eos_token_ids, default=0) + 1
         prompt = [token_id] * (2 * self.config.kv_block_size + 1)
-        self.generate([prompt, prompt + [token_id] * 3], SamplingParams(max_tokens=2, ignore_eos=True))
+        prompts, sampling = [prompt, prompt + [token_id] * 3], SamplingParams(max_tokens=4, ignore_eos=True)
+        overlapped = self.generate(prompts, sampling)
+        if self.ranks is None:
+            self._check_overlapped_steps(prompts, sampling, overlapped)
+
+    def _check_overlapped_steps(self, prompts: list[list[int]], sampling: SamplingParams, overlapped: list) -> None:
+        """Decode steps launched ahead of their reads (`step`) must give the tokens of steps run one at a time,
+        which take their inputs from the host: checked once on this device, where a difference makes the
+        engine run its steps one at a time (and says so) rather than answer wrong."""
+        self._overlap_steps = False
+        one_at_a_time = self.generate(prompts, sampling)
+        self._overlap_steps = overlapped == one_at_a_time
+        if not self._overlap_steps:
+            log.error("decode steps launched ahead of their reads gave other tokens than steps run one at a time "
+                      "on %s; running steps one at a time", self.device)
 
     def _log_start(self, num_blocks: int, bytes_per_block: int) -> None:
         """One line that says what runs where and why the batch is as big as it is."""
@@ -336,7 +351,7 @@ class LLMEngine:
     def _can_overlap(self, plan: StepPlan) -> bool:
         """A pure decode step, on one rank (tensor parallelism sends token ids to the ranks), of sequences whose
         sampling does not read their tokens (penalties, a grammar) nor reports log-probabilities."""
-        return self.ranks is None and all(
+        return self._overlap_steps and self.ranks is None and all(
             item.is_decode and item.sequence.grammar_matcher is None and not item.sequence.sampling.has_penalties
             and item.sequence.sampling.logprobs is None for item in plan.scheduled)
 
