@@ -229,6 +229,17 @@ def test_overlapped_decode_steps_give_the_tokens_of_steps_run_one_at_a_time(make
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
+def test_logit_bias_bans_tokens_at_every_step(make_engine) -> None:
+    """A -100 bias bans its token at each decode step, not only at the prefill's (a step that samples the
+    logits as they are, launched ahead of its read, would skip it)."""
+    engine = make_engine(model="tiny-deepseek-v3")
+    prompt = random_prompts([6])[0]
+    free_run = engine.generate([prompt], GREEDY)[0].token_ids
+    banned = tuple((token_id, -100.0) for token_id in set(free_run[1:]))
+    biased = engine.generate([prompt], SamplingParams(max_tokens=8, ignore_eos=True, logit_bias=banned))[0]
+    assert not {token_id for token_id, _ in banned} & set(biased.token_ids)
+
+
 def test_a_cancelled_request_leaves_the_batch_at_its_next_token(make_engine) -> None:
     """The loop notices a cancelled future at the sequence's next token and frees its blocks, while a request
     beside it runs to the end."""

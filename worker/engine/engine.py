@@ -140,16 +140,23 @@ class LLMEngine:
         token_id = min(self.eos_token_ids, default=0) + 1
         prompt = [token_id] * (2 * self.config.kv_block_size + 1)
         prompts, sampling = [prompt, prompt + [token_id] * 3], SamplingParams(max_tokens=4, ignore_eos=True)
-        overlapped = self.generate(prompts, sampling)
+        self.generate(prompts, sampling)
         if self.ranks is None:
-            self._check_overlapped_steps(prompts, sampling, overlapped)
+            self._check_overlapped_steps(prompts, sampling)
 
-    def _check_overlapped_steps(self, prompts: list[list[int]], sampling: SamplingParams, overlapped: list) -> None:
+    def _check_overlapped_steps(self, prompts: list[list[int]], sampling: SamplingParams) -> None:
         """Decode steps launched ahead of their reads (`step`) must give the tokens of steps run one at a time,
         which take their inputs from the host: checked once on this device, where a difference makes the
-        engine run its steps one at a time (and says so) rather than answer wrong."""
-        self._overlap_steps = False
-        one_at_a_time = self.generate(prompts, sampling)
+        engine run its steps one at a time (and says so) rather than answer wrong. Both runs compute every
+        prompt token (no prefix-cache hits), so that only the overlap differs between them."""
+        prefix_caching = self.block_manager.enable_prefix_caching
+        self.block_manager.enable_prefix_caching = False
+        try:
+            overlapped = self.generate(prompts, sampling)
+            self._overlap_steps = False
+            one_at_a_time = self.generate(prompts, sampling)
+        finally:
+            self.block_manager.enable_prefix_caching = prefix_caching
         self._overlap_steps = overlapped == one_at_a_time
         if not self._overlap_steps:
             log.error("decode steps launched ahead of their reads gave other tokens than steps run one at a time "
@@ -349,11 +356,13 @@ class LLMEngine:
             self._append_tokens(sequences, token_ids)
 
     def _can_overlap(self, plan: StepPlan) -> bool:
-        """A pure decode step, on one rank (tensor parallelism sends token ids to the ranks), of sequences whose
-        sampling does not read their tokens (penalties, a grammar) nor reports log-probabilities."""
+        """A pure decode step, on one rank (tensor parallelism sends token ids to the ranks), of sequences that
+        sample from the logits as they are: no penalties or grammar (they read the tokens so far), no logit_bias,
+        no log-probabilities (the sampler's host side)."""
         return self._overlap_steps and self.ranks is None and all(
             item.is_decode and item.sequence.grammar_matcher is None and not item.sequence.sampling.has_penalties
-            and item.sequence.sampling.logprobs is None for item in plan.scheduled)
+            and not item.sequence.sampling.logit_bias and item.sequence.sampling.logprobs is None
+            for item in plan.scheduled)
 
     def _launch(self, plan: StepPlan, previous: SampledOnDevice | None) -> SampledOnDevice | None:
         """The step launched; None when it ran out of memory (an eager step: graphs allocate nothing), to be run
