@@ -118,8 +118,10 @@ class BlockManager:
         sequence.last_block_hash = None
 
     def publish_full_blocks(self, sequence: Sequence) -> None:
-        """Publishes the sequence's full, computed blocks to the prefix cache (called after each step)."""
-        if not self.enable_prefix_caching:
+        """Publishes the sequence's full, computed blocks to the prefix cache (called after each step, for every
+        sequence: most steps fill no block, and return at the first check)."""
+        filled_since = sequence.num_computed_tokens >= (sequence.num_hashed_blocks + 1) * self.block_size
+        if not self.enable_prefix_caching or not filled_since:
             return
         # Bounded by the tokens read back: a block whose last token is still on the GPU is published later.
         num_full = min(sequence.num_computed_tokens, len(sequence.token_ids)) // self.block_size

@@ -320,7 +320,7 @@ class LLMEngine:
             self._condition.wait(remaining)
 
     def step(self) -> None:
-        """Schedules and runs one step. A decode step whose sequences sample without their history is launched
+        """Schedules and runs one step. A decode step whose sequences sample from the logits as they are is launched
         and left running: the host reads the step before it (appends its tokens, finishes sequences) while the
         GPU computes this one, whose input tokens it takes from that step on the device. A sequence that
         finished there has its token of this step dropped when it is read."""
@@ -357,11 +357,9 @@ class LLMEngine:
 
     def _can_overlap(self, plan: StepPlan) -> bool:
         """A pure decode step, on one rank (tensor parallelism sends token ids to the ranks), of sequences that
-        sample from the logits as they are: no penalties or grammar (they read the tokens so far), no logit_bias,
-        no log-probabilities (the sampler's host side)."""
+        sample from the logits as they are (`runner.launch` skips the sampler's adjustments and host side)."""
         return self._overlap_steps and self.ranks is None and all(
-            item.is_decode and item.sequence.grammar_matcher is None and not item.sequence.sampling.has_penalties
-            and not item.sequence.sampling.logit_bias and item.sequence.sampling.logprobs is None
+            item.is_decode and self.runner.sampler.samples_logits_as_they_are(item.sequence)
             for item in plan.scheduled)
 
     def _launch(self, plan: StepPlan, previous: SampledOnDevice | None) -> SampledOnDevice | None:

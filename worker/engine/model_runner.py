@@ -88,8 +88,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch(self, scheduled: list[ScheduledSequence], previous: SampledOnDevice | None) -> SampledOnDevice:
-        """Runs a decode step of sequences that sample without their history (no penalties, grammar or
-        log-probabilities) and returns at once: its tokens stay on the device until read."""
+        """Runs a decode step of sequences that sample from the logits as they are
+        (`Sampler.samples_logits_as_they_are`) and returns at once: its tokens stay on the device until read."""
         sequences, logits = self.step_logits(scheduled, previous)
         return SampledOnDevice(sequences, self.sampler.choose_on_device(logits, sequences))
 

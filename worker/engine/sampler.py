@@ -88,12 +88,15 @@ def apply_logit_bias(logits: torch.Tensor, sequences: list[Sequence]) -> None:
                       accumulate=True)
 
 
+def adjusts_logits(sequence: Sequence) -> bool:
+    """Whether the sequence's row of logits is changed before it is sampled: penalties, logit_bias, a grammar."""
+    return sequence.sampling.has_penalties or bool(sequence.sampling.logit_bias) or sequence.grammar_matcher is not None
+
+
 def adjusted_logits(logits: torch.Tensor, sequences: list[Sequence], masks: GrammarMasks | None = None) -> torch.Tensor:
     """The logits after each row's penalties, logit_bias and grammar mask: a float32 copy when any row has one
     (the model's own buffer, a CUDA graph's output, is never written), else the logits as they are."""
-    sampling = [sequence.sampling for sequence in sequences]
-    if not any(s.has_penalties or s.logit_bias for s in sampling) and all(seq.grammar_matcher is None
-                                                                          for seq in sequences):
+    if not any(adjusts_logits(sequence) for sequence in sequences):
         return logits
     logits = logits.to(torch.float32, copy=True)
     apply_penalties(logits, sequences)
@@ -143,6 +146,12 @@ class Sampler:
 
     def choose(self, logits: torch.Tensor, sequences: list[Sequence]) -> list[int]:
         return self.choose_on_device(logits, sequences).tolist()
+
+    @staticmethod
+    def samples_logits_as_they_are(sequence: Sequence) -> bool:
+        """Whether `choose_on_device` alone samples the sequence: nothing adjusts its logits (`adjusts_logits`)
+        and it reports no log-probabilities (`sample` does both on the host)."""
+        return not adjusts_logits(sequence) and sequence.sampling.logprobs is None
 
     def choose_on_device(self, logits: torch.Tensor, sequences: list[Sequence]) -> torch.Tensor:
         """The tokens [rows] where the logits are, not read back: a sampled row's uniform number comes from its

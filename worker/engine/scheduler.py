@@ -140,8 +140,7 @@ class Scheduler:
             self.num_prompt_tokens_computed += min(scheduled.num_new_tokens,
                                                    sequence.num_prompt_tokens - sequence.num_computed_tokens)
         sequence.num_computed_tokens += scheduled.num_new_tokens
-        if sequence.num_computed_tokens >= (sequence.num_hashed_blocks + 1) * self.block_manager.block_size:
-            self.block_manager.publish_full_blocks(sequence)  # a block has filled since the last it published
+        self.block_manager.publish_full_blocks(sequence)
 
     def finish(self, sequence: Sequence) -> None:
         """Removes a finished (or failed) sequence and frees its blocks."""
