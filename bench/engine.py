@@ -15,6 +15,11 @@ Also reported: GPU memory, the KV cache's capacity in tokens, a breakdown of the
 the fraction of the memory-bandwidth roofline its decode steps reach: every decode step must read the
 weights (all but the input embedding) once plus the KV cache of every context position in the batch;
 those bytes over the decode steps' time, against a device-to-device copy measured in the same run.
+Beside it, the compute roofline: the matmul FLOPs a decode step must do (every linear weight once per token,
+a routed expert's weights top-k of n_routed_experts times, and attention over every context position)
+against a large GEMM in the weights' format measured in the same run. A step can be no faster than the
+larger of the two bounds; `decode_roofline_fraction` is that bound's share of the steps' time. (At large
+batches a dense model's decode is compute-bound: the HBM fraction alone cannot reach 1 there.)
 
     python bench/engine.py                       # the tiny DeepSeek-V3 on the CPU
     python bench/engine.py --model shape-r1-distill-qwen-1.5b --device cuda --num-prompts 512 \\
@@ -172,6 +177,69 @@ def copy_bandwidth(device: torch.device) -> float | None:
     return 2 * 20 * (1 << 30) / seconds
 
 
+def matmul_peak(device: torch.device, fp8: bool) -> float | None:
+    """FLOP/s of a large GEMM in the format the weights are multiplied in (bf16, or FP8 through torch's scaled
+    matmul with per-tensor scales, Hopper's FP8 ceiling), the decode roofline's compute ceiling."""
+    if device.type != "cuda":
+        return None
+    size = 8192
+    left = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    right = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    if fp8:
+        one = torch.ones((), device=device)
+        left, right = left.to(torch.float8_e4m3fn), right.to(torch.float8_e4m3fn).t()
+
+        def multiply():
+            return torch._scaled_mm(left, right, one, one, out_dtype=torch.bfloat16)
+    else:
+        def multiply():
+            return left @ right
+    for _ in range(3):
+        multiply()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        multiply()
+    end.record()
+    end.synchronize()
+    return 20 * 2 * size**3 / (start.elapsed_time(end) / 1000)
+
+
+@dataclass(frozen=True)
+class DecodeFlops:
+    """The matmul FLOPs of decoding one token: `per_token` in the linear layers, plus `per_context_position`
+    for each position of its context that attention reads."""
+
+    per_token: int
+    per_context_position: int
+
+
+def decode_flops(engine: LLMEngine) -> DecodeFlops:
+    """Counted from this rank's weights. Embedding rows are gathered, not multiplied; block scales are not
+    matmul operands; a stack of routed experts is multiplied by top-k of all n_routed_experts per token (under
+    expert parallelism this rank holds its share of the stack and gets that share of the pairs)."""
+    config = engine.model.config
+    embedding = engine.model.model.embed_tokens.weight
+    per_token = 0
+    for name, parameter in engine.model.named_parameters():
+        if parameter.dim() < 2 or "scale" in name or (parameter is embedding and engine.model.lm_head.weight
+                                                       is not embedding):
+            continue
+        if parameter.dim() == 3:  # [experts, out, in]
+            per_token += 2 * parameter.numel() * config.num_experts_per_tok // config.n_routed_experts
+        else:
+            per_token += 2 * parameter.numel()
+    per_context_position = 0
+    for layer in engine.model.model.layers:
+        attention = layer.self_attn
+        if hasattr(attention, "kv_lora_rank"):  # MLA, absorbed: scores over latent + rope, values over latent
+            width = 2 * attention.kv_lora_rank + attention.qk_rope_head_dim
+        else:
+            width = 2 * attention.head_dim
+        per_context_position += 2 * attention.num_heads * width
+    return DecodeFlops(per_token, per_context_position)
+
+
 @torch.inference_mode()
 def run_transformers(
     reference: PreTrainedModel, prompts: list[list[int]], max_tokens: int, batch_size: int, device: torch.device
@@ -246,11 +314,15 @@ class StepLog:
 
         engine.scheduler.schedule, engine.step = noted_schedule, timed_step
 
-    def summary(self, weight_bytes: int, kv_bytes_per_token: int, bandwidth: float | None) -> dict:
+    def summary(self, weight_bytes: int, kv_bytes_per_token: int, bandwidth: float | None,
+                flops: DecodeFlops | None = None, flops_peak: float | None = None) -> dict:
         decode = [index for index, only in enumerate(self.decode_only) if only]
         other = [index for index, only in enumerate(self.decode_only) if not only]
         decode_seconds = sum(self.seconds[index] for index in decode)
-        decode_bytes = sum(weight_bytes + kv_bytes_per_token * self.context_positions[index] for index in decode)
+        step_bytes = [weight_bytes + kv_bytes_per_token * self.context_positions[index] for index in decode]
+        step_flops = [flops.per_token * self.sequences[index] + flops.per_context_position
+                      * self.context_positions[index] for index in decode] if flops else []
+        decode_bytes = sum(step_bytes)
         summary = {
             "steps": len(self.seconds),
             "prefill_steps": len(other),
@@ -265,6 +337,13 @@ class StepLog:
         if bandwidth and decode_seconds:
             summary["decode_bytes_per_s"] = round(decode_bytes / decode_seconds / 1e12, 3)
             summary["decode_bandwidth_roofline_fraction"] = round(decode_bytes / decode_seconds / bandwidth, 3)
+        if bandwidth and flops and flops_peak and decode_seconds:
+            summary["decode_tflops"] = round(sum(step_flops) / decode_seconds / 1e12, 1)
+            summary["decode_compute_roofline_fraction"] = round(sum(step_flops) / decode_seconds / flops_peak, 3)
+            bound = sum(max(moved / bandwidth, done / flops_peak) for moved, done in zip(step_bytes, step_flops))
+            summary["decode_roofline_fraction"] = round(bound / decode_seconds, 3)
+            summary["decode_steps_compute_bound"] = sum(done / flops_peak > moved / bandwidth
+                                                        for moved, done in zip(step_bytes, step_flops))
         return summary
 
 
@@ -302,7 +381,8 @@ def run_engine(arguments: argparse.Namespace, device: torch.device, dtype: torch
                               / GIB, 2),
         "preemptions": engine.scheduler.num_preemptions,
         "peak_gpu_memory_gib": peak_memory_gib(device),
-        "steps": steps.summary(engine_weight_bytes(engine), kv_bytes_per_token, arguments.bandwidth),
+        "steps": steps.summary(engine_weight_bytes(engine), kv_bytes_per_token, arguments.bandwidth,
+                               decode_flops(engine), arguments.flops_peak),
         "weight_gib": round(sum(p.numel() * p.element_size() for p in engine.model.parameters()) / GIB, 2),
     }
     engine.shutdown()
@@ -314,6 +394,7 @@ def main() -> None:
     device = resolve_device(arguments.device)
     dtype = resolve_dtype(arguments.dtype, device)
     arguments.bandwidth = copy_bandwidth(device)
+    arguments.flops_peak = matmul_peak(device, fp8=arguments.quantization == "fp8")
     hf_config = model_config(arguments.model)
     prompts = chat_prompts(arguments) if arguments.chat_prompts else random_prompts(arguments, hf_config.vocab_size)
     output_tokens = arguments.num_prompts * arguments.max_tokens
@@ -332,6 +413,7 @@ def main() -> None:
         "engine_tensor_parallel_size": arguments.tensor_parallel_size,
         "engine_quantization": arguments.quantization,
         "measured_copy_bandwidth_tb_s": round(arguments.bandwidth / 1e12, 3) if arguments.bandwidth else None,
+        "measured_matmul_tflops": round(arguments.flops_peak / 1e12, 1) if arguments.flops_peak else None,
     }
     hf_outputs = float32_outputs = None
     if builtin_config(resolve_model(arguments.model)) is not None and has_fp8_weights(hf_config):
