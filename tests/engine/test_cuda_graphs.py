@@ -51,3 +51,23 @@ def test_graph_decode_logits_match_the_eager_step_in_bfloat16(model_name):
         replayed = runner._replay(sequences, runner._graph_size_for(decode)).float()
     assert replayed.shape == eager.shape == (3, model.config.vocab_size)
     torch.testing.assert_close(replayed, eager, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("model_name", ["tiny-qwen2", "tiny-deepseek-v3"])
+def test_overlapped_replayed_steps_give_the_tokens_of_steps_run_one_at_a_time(make_engine, model_name):
+    """Replayed decode steps launched ahead of their reads take their input tokens on the device (written into
+    the graph's captured inputs): the outputs equal those of steps waited for one at a time, with sequences
+    finishing mid-run so that the replayed graph's size changes between steps."""
+    engine = make_engine(model=model_name, device="cuda", dtype="bfloat16", max_batch_size=8, num_kv_blocks=256,
+                         enable_prefix_caching=False)
+    assert engine.runner.graphs, "no graphs were captured"
+    assert engine._overlap_steps, "the warm-up's check turned overlapped steps off"
+    prompts = random_prompts([5, 9, 3, 12, 7, 20, 4, 15])
+    samplings = [SamplingParams(max_tokens=length, ignore_eos=True) for length in (8, 3, 12, 1, 16, 6, 20, 10)]
+    launches = []
+    original_launch = engine.runner.launch
+    engine.runner.launch = lambda scheduled, previous: launches.append(previous) or original_launch(scheduled, previous)
+    overlapped = engine.generate(prompts, samplings)
+    assert sum(previous is not None for previous in launches) > 5
+    engine._overlap_steps = False
+    assert engine.generate(prompts, samplings) == overlapped
