@@ -1,16 +1,13 @@
 """Block-scaled FP8 matrix products for Hopper, as DeepSeek-V3 runs them: weights in float8_e4m3fn with one
 float32 scale per 128×128 block, activations quantized per token in groups of 128 columns.
 
-Two products serve a dense FP8 linear. torch 2.11's blockwise `_scaled_mm` (CUTLASS, Hopper) is 1.7–4×
-faster than this file's Triton kernel at decode's M of 256 (bench/results/fp8-gemm-torch-scaled-mm-*.json),
-but where K ends in a partial block (DeepSeek-V2-Lite's 10944 = 85.5 × 128) it returns wrong products (9%
-error) without complaint; it takes the weight's scales only padded to a multiple of four blocks of K, and
-cuBLAS refuses a row count that is not a multiple of four (the activations' scales' leading dimension). So
-`fp8_linear` takes torch's product for such shapes with bf16 out, once a probe on this device has matched the
-Triton kernel, and the Triton kernel everywhere else: it
-masks partial blocks in every dimension, so it serves every shape, including a tensor-parallel shard. The
-grouped variant runs the routed experts over rows sorted by expert with no host synchronisation, so a CUDA
-graph can hold a decode step.
+Why Triton rather than torch's scaled matmul: torch 2.11's blockwise `_scaled_mm` takes these scales
+on Hopper and is 1.3–2.4× faster than this kernel at M ≥ 256, but where K ends in a partial block
+(DeepSeek-V2-Lite's 10944 = 85.5 × 128) it returns wrong products (9% error) without complaint, and
+under a CUDA graph it is unmeasured (bench/fp8_gemm.py, bench/results/fp8-gemm-*-nvidia-h200.json). This
+kernel masks partial blocks in every dimension, so it serves every shape, including a tensor-parallel
+shard. The grouped variant runs the routed experts over rows sorted by expert with no host
+synchronisation, so a CUDA graph can hold a decode step.
 
 Layouts: x [M, K] → x_fp8 [M, K] and x_scale [M, ceil(K/128)] (x ≈ x_fp8 · x_scale per group);
 weight [N, K] with weight_scale_inv [ceil(N/128), ceil(K/128)] (weight ≈ weight_fp8 · scale per block);
@@ -20,7 +17,6 @@ stacked experts add a leading expert dimension to both. The kernels accumulate i
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -31,11 +27,9 @@ import triton.language as tl
 # The scale block of weights (rows and columns) is also the activation group.
 from worker.engine.kernels.fp8_blocks import BLOCK, FP8_DTYPE, FP8_MAX, SCALE_FLOOR, dequantize_blocks
 
-log = logging.getLogger(__name__)
-
 
 @triton.jit
-def _quantize_groups_kernel(x, x_fp8, x_scale, num_columns, stride_x, stride_fp8, stride_scale, stride_scale_group,
+def _quantize_groups_kernel(x, x_fp8, x_scale, num_columns, stride_x, stride_fp8, stride_scale,
                             fp8_max, scale_floor, GROUP: tl.constexpr, GROUPS: tl.constexpr):
     """One program per row, GROUPS groups at a time: each group's absolute maximum sets its scale. (A
     program per group and row, one warp each, spent 1.3 ms of a 14.6 ms V2-Lite FP8 decode step.)"""
@@ -49,25 +43,21 @@ def _quantize_groups_kernel(x, x_fp8, x_scale, num_columns, stride_x, stride_fp8
         scale = tl.maximum(tl.max(tl.abs(values), axis=1) / fp8_max, scale_floor)
         quantized = tl.clamp(values / scale[:, None], -fp8_max, fp8_max)
         tl.store(x_fp8 + row * stride_fp8 + columns, quantized.to(x_fp8.dtype.element_ty), mask=inside)
-        tl.store(x_scale + row * stride_scale + groups * stride_scale_group, scale, mask=groups * GROUP < num_columns)
+        tl.store(x_scale + row * stride_scale + groups, scale, mask=groups * GROUP < num_columns)
 
 
-def quantize_per_token_group(x: torch.Tensor, scales_column_major: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x_fp8 [M, K], x_scale [M, ceil(K/128)] float32) for x [M, K], as DeepSeek-V3 quantizes activations.
-    `scales_column_major`: x_scale laid out with stride (1, M), as torch's blockwise `_scaled_mm` takes it."""
+def quantize_per_token_group(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_fp8 [M, K], x_scale [M, ceil(K/128)] float32) for x [M, K], as DeepSeek-V3 quantizes activations."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     num_rows, num_columns = x.shape
     num_groups = triton.cdiv(num_columns, BLOCK)
     x_fp8 = torch.empty(num_rows, num_columns, dtype=FP8_DTYPE, device=x.device)
-    if scales_column_major:
-        x_scale = torch.empty(num_groups, num_rows, dtype=torch.float32, device=x.device).t()
-    else:
-        x_scale = torch.empty(num_rows, num_groups, dtype=torch.float32, device=x.device)
+    x_scale = torch.empty(num_rows, num_groups, dtype=torch.float32, device=x.device)
     if num_rows:
         _quantize_groups_kernel[(num_rows,)](
-            x, x_fp8, x_scale, num_columns, x.stride(0), x_fp8.stride(0), x_scale.stride(0), x_scale.stride(1),
-            FP8_MAX, SCALE_FLOOR, GROUP=BLOCK, GROUPS=min(16, triton.next_power_of_2(num_groups)), num_warps=4)
+            x, x_fp8, x_scale, num_columns, x.stride(0), x_fp8.stride(0), x_scale.stride(0), FP8_MAX, SCALE_FLOOR,
+            GROUP=BLOCK, GROUPS=min(16, triton.next_power_of_2(num_groups)), num_warps=4)
     return x_fp8, x_scale
 
 
@@ -214,58 +204,12 @@ def sum_splits(partial: torch.Tensor, output_dtype: torch.dtype) -> torch.Tensor
     return out
 
 
-def torch_block_scaled_matmul(x_fp8: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
-                              weight_scale_inv: torch.Tensor, output_dtype: torch.dtype) -> torch.Tensor:
-    """`block_scaled_matmul` by torch's blockwise `_scaled_mm` (x_scale column-major; K in fours of blocks)."""
-    return torch._scaled_mm(x_fp8, weight.t(), x_scale, weight_scale_inv.t(), out_dtype=output_dtype)
-
-
-@lru_cache(maxsize=None)
-def torch_blockwise_matches(device: torch.device) -> bool:
-    """Whether torch's blockwise `_scaled_mm` runs on this device and gives the Triton kernel's products, on
-    a probe with a partial block of N. Checked once per device, outside graph capture; any error means no."""
-    if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
-        return False
-    generator = torch.Generator(device=device).manual_seed(0)
-    try:
-        for num_rows in (4, 24):
-            x = torch.randn(num_rows, 4 * BLOCK, device=device, generator=generator).to(torch.bfloat16)
-            weight = torch.randn(BLOCK + BLOCK // 2, 4 * BLOCK, device=device, generator=generator).to(FP8_DTYPE)
-            weight_scale_inv = torch.rand(2, 4, device=device, generator=generator) + 0.5
-            expected = block_scaled_matmul(*quantize_per_token_group(x), weight, weight_scale_inv, torch.bfloat16)
-            output = torch_block_scaled_matmul(*quantize_per_token_group(x, scales_column_major=True), weight,
-                                               weight_scale_inv, torch.bfloat16)
-            if not torch.allclose(output.float(), expected.float(), rtol=1e-2,
-                                  atol=1e-2 * expected.abs().max().item()):
-                return False
-    except (RuntimeError, TypeError, ValueError) as error:
-        log.info("torch's blockwise _scaled_mm is unavailable on %s (%s); using Triton", device, error)
-        return False
-    return True
-
-
-def takes_torch_product(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """K a multiple of four whole blocks (torch's product is wrong past a partial block, and wants the scales
-    padded to four), rows a multiple of four, bf16 out, and the device's probe passed: decided before a CUDA
-    graph is captured (the engine's first forward is eager), so a probe never runs inside a capture."""
-    rows = x.numel() // x.shape[-1]
-    if weight.shape[1] % (4 * BLOCK) or rows % 4 or x.dtype != torch.bfloat16 or x.device.type != "cuda":
-        return False
-    if torch.cuda.is_current_stream_capturing() and torch_blockwise_matches.cache_info().currsize == 0:
-        return False
-    return torch_blockwise_matches(x.device)
-
-
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
                bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] · weight [N, K]ᵀ (+ bias) with x quantized per token group: the GPU path of an FP8 linear."""
-    leading, rows = x.shape[:-1], x.reshape(-1, x.shape[-1])
-    if takes_torch_product(x, weight):
-        x_fp8, x_scale = quantize_per_token_group(rows, scales_column_major=True)
-        out = torch_block_scaled_matmul(x_fp8, x_scale, weight, weight_scale_inv, x.dtype)
-    else:
-        x_fp8, x_scale = quantize_per_token_group(rows)
-        out = block_scaled_matmul(x_fp8, x_scale, weight, weight_scale_inv, x.dtype)
+    leading = x.shape[:-1]
+    x_fp8, x_scale = quantize_per_token_group(x.reshape(-1, x.shape[-1]))
+    out = block_scaled_matmul(x_fp8, x_scale, weight, weight_scale_inv, x.dtype)
     if bias is not None:
         out = out + bias
     return out.view(*leading, weight.shape[0])
