@@ -17,9 +17,11 @@ weights (all but the input embedding) once plus the KV cache of every context po
 those bytes over the decode steps' time, against a device-to-device copy measured in the same run.
 Beside it, the compute roofline: the matmul FLOPs a decode step must do (every linear weight once per token,
 a routed expert's weights top-k of n_routed_experts times, and attention over every context position)
-against a large GEMM in the weights' format measured in the same run. A step can be no faster than the
-larger of the two bounds; `decode_roofline_fraction` is that bound's share of the steps' time. (At large
-batches a dense model's decode is compute-bound: the HBM fraction alone cannot reach 1 there.)
+against a large GEMM in the weights' format measured in the same run. A step's three phases (dense linears,
+routed experts, attention) run one after the other, each no faster than the larger of its memory and
+compute times; `decode_roofline_fraction` is the sum of those bounds over the steps' time, and
+`decode_bandwidth_roofline_fraction_at_best` the HBM fraction a step at that bound would reach. (At large
+batches a dense model's linears are compute-bound, so the HBM fraction cannot reach 1 there.)
 
     python bench/engine.py                       # the tiny DeepSeek-V3 on the CPU
     python bench/engine.py --model shape-r1-distill-qwen-1.5b --device cuda --num-prompts 512 \\
@@ -206,38 +208,56 @@ def matmul_peak(device: torch.device, fp8: bool) -> float | None:
 
 
 @dataclass(frozen=True)
-class DecodeFlops:
-    """The matmul FLOPs of decoding one token: `per_token` in the linear layers, plus `per_context_position`
-    for each position of its context that attention reads."""
+class DecodeCosts:
+    """What decoding one token costs, by the three phases of a step that run one after the other: the dense
+    linears (attention projections, shared experts, dense MLPs, LM head), the routed experts, and attention
+    over the context. Bytes are read once per step (all of a phase's weights, KV per context position);
+    FLOPs are per token, or per context position for attention."""
 
-    per_token: int
-    per_context_position: int
+    dense_bytes: int
+    dense_flops: int
+    expert_bytes: int
+    expert_flops: int
+    attention_flops: int
+
+    def phase_bounds(self, sequences: int, context_positions: int, kv_bytes_per_token: int, bandwidth: float,
+                     flops_peak: float) -> list[tuple[float, float]]:
+        """(memory seconds, compute seconds) of each phase of one decode step."""
+        return [(self.dense_bytes / bandwidth, self.dense_flops * sequences / flops_peak),
+                (self.expert_bytes / bandwidth, self.expert_flops * sequences / flops_peak),
+                (kv_bytes_per_token * context_positions / bandwidth,
+                 self.attention_flops * context_positions / flops_peak)]
 
 
-def decode_flops(engine: LLMEngine) -> DecodeFlops:
-    """Counted from this rank's weights. Embedding rows are gathered, not multiplied; block scales are not
-    matmul operands; a stack of routed experts is multiplied by top-k of all n_routed_experts per token (under
+def decode_costs(engine: LLMEngine) -> DecodeCosts:
+    """Counted from this rank's weights. Embedding rows are gathered, not multiplied or read whole; block
+    scales are read but not multiplied; a stack of routed experts [experts, out, in] is read whole (at a
+    decode batch every expert is picked) and multiplied by top-k of all n_routed_experts per token (under
     expert parallelism this rank holds its share of the stack and gets that share of the pairs)."""
     config = engine.model.config
     embedding = engine.model.model.embed_tokens.weight
-    per_token = 0
+    tied = engine.model.lm_head.weight is embedding
+    dense_bytes = dense_flops = expert_bytes = expert_flops = 0
     for name, parameter in engine.model.named_parameters():
-        if parameter.dim() < 2 or "scale" in name or (parameter is embedding and engine.model.lm_head.weight
-                                                       is not embedding):
+        if parameter is embedding and not tied:
             continue
-        if parameter.dim() == 3:  # [experts, out, in]
-            per_token += 2 * parameter.numel() * config.num_experts_per_tok // config.n_routed_experts
+        size = parameter.numel() * parameter.element_size()
+        multiplied = parameter.dim() >= 2 and "scale" not in name
+        if parameter.dim() == 3:
+            expert_bytes += size
+            expert_flops += 2 * parameter.numel() * config.num_experts_per_tok // config.n_routed_experts * multiplied
         else:
-            per_token += 2 * parameter.numel()
-    per_context_position = 0
+            dense_bytes += size
+            dense_flops += 2 * parameter.numel() * multiplied
+    attention_flops = 0
     for layer in engine.model.model.layers:
         attention = layer.self_attn
         if hasattr(attention, "kv_lora_rank"):  # MLA, absorbed: scores over latent + rope, values over latent
             width = 2 * attention.kv_lora_rank + attention.qk_rope_head_dim
         else:
             width = 2 * attention.head_dim
-        per_context_position += 2 * attention.num_heads * width
-    return DecodeFlops(per_token, per_context_position)
+        attention_flops += 2 * attention.num_heads * width
+    return DecodeCosts(dense_bytes, dense_flops, expert_bytes, expert_flops, attention_flops)
 
 
 @torch.inference_mode()
@@ -315,13 +335,13 @@ class StepLog:
         engine.scheduler.schedule, engine.step = noted_schedule, timed_step
 
     def summary(self, weight_bytes: int, kv_bytes_per_token: int, bandwidth: float | None,
-                flops: DecodeFlops | None = None, flops_peak: float | None = None) -> dict:
+                costs: DecodeCosts | None = None, flops_peak: float | None = None) -> dict:
         decode = [index for index, only in enumerate(self.decode_only) if only]
         other = [index for index, only in enumerate(self.decode_only) if not only]
         decode_seconds = sum(self.seconds[index] for index in decode)
         step_bytes = [weight_bytes + kv_bytes_per_token * self.context_positions[index] for index in decode]
-        step_flops = [flops.per_token * self.sequences[index] + flops.per_context_position
-                      * self.context_positions[index] for index in decode] if flops else []
+        step_phases = [costs.phase_bounds(self.sequences[index], self.context_positions[index], kv_bytes_per_token,
+                                          bandwidth, flops_peak) for index in decode] if costs and flops_peak else []
         decode_bytes = sum(step_bytes)
         summary = {
             "steps": len(self.seconds),
@@ -337,13 +357,19 @@ class StepLog:
         if bandwidth and decode_seconds:
             summary["decode_bytes_per_s"] = round(decode_bytes / decode_seconds / 1e12, 3)
             summary["decode_bandwidth_roofline_fraction"] = round(decode_bytes / decode_seconds / bandwidth, 3)
-        if bandwidth and flops and flops_peak and decode_seconds:
-            summary["decode_tflops"] = round(sum(step_flops) / decode_seconds / 1e12, 1)
-            summary["decode_compute_roofline_fraction"] = round(sum(step_flops) / decode_seconds / flops_peak, 3)
-            bound = sum(max(moved / bandwidth, done / flops_peak) for moved, done in zip(step_bytes, step_flops))
+        if bandwidth and step_phases and decode_seconds:
+            compute_seconds = sum(compute for phases in step_phases for _, compute in phases)
+            summary["decode_tflops"] = round(compute_seconds * flops_peak / decode_seconds / 1e12, 1)
+            summary["decode_compute_roofline_fraction"] = round(compute_seconds / decode_seconds, 3)
+            # Each phase at the larger of its memory and compute times, the phases one after the other: the
+            # fastest this step could be with every kernel at the device's measured ceilings.
+            bound = sum(max(memory, compute) for phases in step_phases for memory, compute in phases)
             summary["decode_roofline_fraction"] = round(bound / decode_seconds, 3)
-            summary["decode_steps_compute_bound"] = sum(done / flops_peak > moved / bandwidth
-                                                        for moved, done in zip(step_bytes, step_flops))
+            summary["decode_bandwidth_roofline_fraction_at_best"] = round(
+                decode_bytes / bandwidth / bound, 3)
+            summary["decode_compute_bound_phases"] = {
+                name: sum(phases[position][1] > phases[position][0] for phases in step_phases)
+                for position, name in enumerate(("dense", "experts", "attention"))}
         return summary
 
 
@@ -382,7 +408,7 @@ def run_engine(arguments: argparse.Namespace, device: torch.device, dtype: torch
         "preemptions": engine.scheduler.num_preemptions,
         "peak_gpu_memory_gib": peak_memory_gib(device),
         "steps": steps.summary(engine_weight_bytes(engine), kv_bytes_per_token, arguments.bandwidth,
-                               decode_flops(engine), arguments.flops_peak),
+                               decode_costs(engine), arguments.flops_peak),
         "weight_gib": round(sum(p.numel() * p.element_size() for p in engine.model.parameters()) / GIB, 2),
     }
     engine.shutdown()
