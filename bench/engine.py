@@ -85,6 +85,10 @@ def parse_arguments() -> argparse.Namespace:
                         help="GPUs the engine splits the model over (bench/tensor_parallel.py compares against one)")
     parser.add_argument("--quantization", choices=["none", "fp8"], default="none",
                         help="fp8: the engine's linear weights FP8 in 128x128 blocks (the baseline stays in --dtype)")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="sample the engine's tokens (top-p --top-p, seeded by --seed) instead of greedy "
+                             "decoding; no transformers baseline then")
+    parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--skip-transformers", action="store_true",
                         help="engine figures only, no baseline and no ratio (quick looks while tuning)")
     parser.add_argument("--float32-check-prompts", type=int, default=64,
@@ -393,7 +397,8 @@ def run_engine(arguments: argparse.Namespace, device: torch.device, dtype: torch
     engine.generate(prompts[:4], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
     steps = StepLog()
     steps.attach(engine)
-    sampling = SamplingParams(max_tokens=arguments.max_tokens, ignore_eos=True)
+    sampling = SamplingParams(max_tokens=arguments.max_tokens, ignore_eos=True, temperature=arguments.temperature,
+                              top_p=arguments.top_p, seed=arguments.seed if arguments.temperature else None)
     synchronize(device)
     started = time.perf_counter()
     completions = engine.generate(prompts, sampling)
@@ -445,6 +450,10 @@ def main() -> None:
     if builtin_config(resolve_model(arguments.model)) is not None and has_fp8_weights(hf_config):
         arguments.skip_transformers = True  # its random weights are drawn in FP8: there is no bf16 model to run
         result["transformers_skipped"] = "random FP8 weights drawn by the engine's loader"
+    if arguments.temperature:
+        arguments.skip_transformers = True  # greedy agreement is the baseline's point; sampled tokens differ
+        result["transformers_skipped"] = f"sampled at temperature {arguments.temperature}, top_p {arguments.top_p}"
+    result.update(engine_temperature=arguments.temperature, engine_top_p=arguments.top_p)
     if not arguments.skip_transformers:
         # The baseline first, while the GPU is empty; its weights are drawn again by the engine's loader.
         reference = load_reference(arguments.model, arguments.seed, device, dtype)

@@ -209,9 +209,10 @@ def test_overlapped_decode_steps_give_the_tokens_of_steps_run_one_at_a_time(make
     """Decode steps are launched while the host reads the step before (their input tokens taken on the device);
     the outputs are those of steps each waited for, EOS and max_tokens ending sequences at the same token."""
     engine = make_engine(model="tiny-deepseek-v3")
-    prompts = random_prompts([5, 9, 3, 12, 7, 20])
+    prompts = random_prompts([5, 9, 3, 12, 7, 20, 6])
     samplings = [SamplingParams(max_tokens=length, ignore_eos=ignore) for length, ignore in
                  ((8, True), (3, True), (12, False), (1, True), (16, False), (6, True))]
+    samplings.append(SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, seed=7, ignore_eos=True))  # sampled
     launches = []
     original_launch = engine.runner.launch
     engine.runner.launch = lambda scheduled, previous: launches.append(previous) or original_launch(scheduled, previous)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from worker.engine.model_runner import SampledOnDevice, fill_pending_inputs
 from worker.engine.sampler import Sampler, apply_top_k_top_p, sample_by_inverse_transform
 from worker.engine.sequence import Sequence
 from worker.engine.types import SamplingParams
@@ -74,3 +76,26 @@ def test_sampled_frequencies_follow_the_distribution():
     tokens = Sampler().sample(target.log().expand(len(sequences), -1).clone(), sequences)
     frequencies = torch.bincount(torch.tensor(tokens), minlength=3).float() / len(tokens)
     torch.testing.assert_close(frequencies, target, atol=0.03, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a stream to wait for needs a GPU")
+def test_a_launched_step_samples_and_takes_its_inputs_without_waiting_for_the_stream():
+    """A decode step launched while the one before still runs samples its rows (temperature, top-k, top-p) and
+    takes its input tokens from that step without synchronizing the stream: a wait there holds the host until
+    the steps end, which undoes the overlap (torch's blocking copy of a list to the GPU does)."""
+    sequences = [sequence_with(temperature=0.8, top_k=20, top_p=0.9, seed=row) for row in range(3)]
+    sequences.append(sequence_with())
+    logits = torch.randn(4, 1000, device="cuda")
+    previous = SampledOnDevice(sequences, torch.arange(4, device="cuda"))
+    for sequence in sequences:
+        sequence.num_pending_tokens = 1
+    input_ids = torch.zeros(8, dtype=torch.long, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        token_ids = Sampler().choose_on_device(logits, sequences)
+        fill_pending_inputs(input_ids, sequences[::-1], previous)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert token_ids[3].item() == logits[3].argmax().item()
+    assert input_ids.tolist() == [3, 2, 1, 0, 0, 0, 0, 0]

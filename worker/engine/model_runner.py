@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from worker.engine.device import host_values_on
 from worker.engine.layers.attention import AttentionGroup, AttentionMetadata
 from worker.engine.sampler import Sampler
 from worker.engine.scheduler import ScheduledSequence
@@ -53,8 +54,7 @@ def fill_pending_inputs(input_ids: torch.Tensor, sequences: list[Sequence], prev
         return
     sources = [previous.row_of[id(sequences[row])] for row in rows]
     device = input_ids.device
-    input_ids[torch.tensor(rows, device=device)] = previous.token_ids[torch.tensor(sources, device=device)].to(
-        input_ids.dtype)
+    input_ids[host_values_on(device, rows)] = previous.token_ids[host_values_on(device, sources)].to(input_ids.dtype)
 
 
 @dataclass

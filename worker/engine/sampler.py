@@ -20,6 +20,7 @@ import random
 
 import torch
 
+from worker.engine.device import host_values_on
 from worker.engine.grammar import GrammarMasks
 from worker.engine.sequence import Sequence
 from worker.engine.types import MAX_LOGIT_BIAS
@@ -160,22 +161,22 @@ class Sampler:
         sampled_rows = [row for row, sequence in enumerate(sequences) if not sequence.sampling.greedy]
         if sampled_rows:
             row_sequences = [sequences[row] for row in sampled_rows]
-            rows = torch.tensor(sampled_rows, device=logits.device)
+            rows = host_values_on(logits.device, sampled_rows)
             probabilities = self.probabilities(logits[rows].float(), row_sequences)
-            uniforms = torch.tensor([self.generator_of(sequence).random() for sequence in row_sequences],
-                                    device=logits.device)
+            draws = [self.generator_of(sequence).random() for sequence in row_sequences]
+            uniforms = host_values_on(logits.device, draws)
             token_ids[rows] = sample_by_inverse_transform(probabilities, uniforms)
         return token_ids
 
     @staticmethod
     def probabilities(logits: torch.Tensor, sequences: list[Sequence]) -> torch.Tensor:
         device = logits.device
-        temperatures = torch.tensor([s.sampling.temperature for s in sequences], device=device)
+        temperatures = host_values_on(device, [s.sampling.temperature for s in sequences])
         logits = logits / temperatures[:, None]
         top_k = [s.sampling.top_k for s in sequences]
         top_p = [s.sampling.top_p for s in sequences]
         if any(k > 0 for k in top_k) or any(p < 1 for p in top_p):
-            logits = apply_top_k_top_p(logits, torch.tensor(top_k, device=device), torch.tensor(top_p, device=device))
+            logits = apply_top_k_top_p(logits, host_values_on(device, top_k), host_values_on(device, top_p))
         return logits.softmax(dim=-1)
 
     @staticmethod
