@@ -10,14 +10,19 @@ between the two leaves queued rows that `reconcile` re-publishes (Postgres is th
 Two threads share the work: a helper reads, validates and encodes the next chunk (`read_ahead`) while
 the calling thread writes this one (COPY, one statement, commit, publish). Each half costs about the
 same per line, Python's in this process and Postgres's in its backend, so on two cores they overlap
-(bench/submit.py measures the whole against the Python half alone).
+(bench/submit.py measures the whole against the Python half alone). But the two threads share one GIL:
+with the writer's Python (psycopg, publishing) and the reader's taking turns on one core, two cores sat
+40% idle. So a big file (DEEPBATCH_SUBMIT_PROCESS_MIN_BYTES) is read and encoded in a process of its own
+(`staged_in_process`), and the helper thread only receives its chunks and hashes the file's prefix.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import multiprocessing
 import re
+import signal
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -91,13 +96,71 @@ class LineRouter:
         return line, queries.StagedRoute(route.model, route.queue)
 
 
-def staged_chunks(lines: Iterator[ReadLine], size: int, cache_scope: CacheScope | None, path: Path,
-                  prefix: FilePrefix, router: LineRouter | None = None) -> Iterator[queries.StagedChunk]:
-    """`lines` in chunks of `size`, each encoded for COPY and carrying the sha256 of the file up to its end."""
+def staged_chunks(lines: Iterator[ReadLine], size: int, cache_scope: CacheScope | None,
+                  router: LineRouter | None = None) -> Iterator[queries.StagedChunk]:
+    """`lines` in chunks of `size`, each encoded for COPY."""
+    while (chunk := queries.stage_chunk(islice(lines, size), cache_scope, router)).lines:
+        yield chunk
+
+
+def with_file_prefix(chunks: Iterable[queries.StagedChunk], path: Path,
+                     prefix: FilePrefix) -> Iterator[queries.StagedChunk]:
+    """Each chunk carrying the sha256 of the file up to its end."""
     with path.open("rb") as stream:
-        while (chunk := queries.stage_chunk(islice(lines, size), cache_scope, router)).lines:
+        for chunk in chunks:
             chunk.prefix_sha256 = prefix.extend(stream, chunk.end_offset)
             yield chunk
+
+
+def stage_in_child(sending: Any, path: Path, max_line_bytes: int, first_line_no: int, offset: int, size: int,
+                   cache_scope: CacheScope | None, routes: Routes) -> None:
+    """The child of `staged_in_process`: sends (chunk, models routed to so far) per chunk, then None; or
+    the error it stopped at. Ctrl-C is the parent's to handle (it ends after the chunk in hand)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    router = LineRouter(routes)
+    try:
+        lines = read_file(path, max_line_bytes, None, first_line_no, offset)
+        for chunk in staged_chunks(lines, size, cache_scope, router):
+            sending.send((chunk, sorted(router.models)))
+        sending.send(None)
+    except Exception as error:  # noqa: BLE001 - raised again in the parent, at the chunk it stopped
+        sending.send(error)
+    finally:
+        sending.close()
+
+
+def staged_in_process(path: Path, max_line_bytes: int, first_line_no: int, offset: int, size: int,
+                      cache_scope: CacheScope | None, router: LineRouter) -> Iterator[queries.StagedChunk]:
+    """`staged_chunks` of the file from byte `offset` computed in a spawned process (not forked: this one
+    has threads), at most about a chunk ahead (the pipe blocks); the models it routed to are added to
+    `router.models`. The child is killed when this generator ends, however it ends."""
+    context = multiprocessing.get_context("spawn")
+    receiving, sending = context.Pipe(duplex=False)
+    child = context.Process(target=stage_in_child, name="deepbatch-submit-reader", daemon=True,
+                            args=(sending, path, max_line_bytes, first_line_no, offset, size, cache_scope,
+                                  router.routes))
+    child.start()
+    sending.close()
+    try:
+        while True:
+            try:
+                message = receiving.recv()
+            except EOFError:
+                child.join(5)
+                raise SubmitError(f"the process reading {path} ended without finishing it (exit code "
+                                  f"{child.exitcode})") from None
+            if message is None:
+                return
+            if isinstance(message, Exception):
+                raise message
+            chunk, models = message
+            router.models.update(models)
+            yield chunk
+    finally:
+        if child.is_alive():
+            child.kill()
+        child.join()
+        receiving.close()
 
 
 class FilePrefix:
@@ -272,8 +335,13 @@ def submit_lines(path: Path, job_id: str, options: queries.JobOptions, settings:
     with sessions() as session:
         router = LineRouter(routes(session, settings))
     # The router checks each line's model (against the registry), not the reader.
-    lines = read_file(path, settings.max_line_bytes, None, stored_lines + 1, prefix.length)
-    chunks = read_ahead(staged_chunks(lines, settings.insert_chunk_size, options.cache_scope, path, prefix, router))
+    if path.stat().st_size - prefix.length >= settings.submit_process_min_bytes:
+        staged = staged_in_process(path, settings.max_line_bytes, stored_lines + 1, prefix.length,
+                                   settings.insert_chunk_size, options.cache_scope, router)
+    else:
+        lines = read_file(path, settings.max_line_bytes, None, stored_lines + 1, prefix.length)
+        staged = staged_chunks(lines, settings.insert_chunk_size, options.cache_scope, router)
+    chunks = read_ahead(with_file_prefix(staged, path, prefix))
     try:
         with prompt_thread_switches():
             total_lines = write_chunks(chunks, job_id, options, sessions, SlicePublisher(app, settings.slice_size),

@@ -13,7 +13,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal, Self
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt,
+                      model_validator)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # worker/engine/sizing.py's MAX_GPU_BATCH (schema cannot import the engine; a test keeps them equal).
@@ -102,6 +103,9 @@ class Settings(BaseSettings):
     # the CLI's — or, shared, the whole deployment's.
     result_cache_scope: Literal["owner", "deployment"] = "owner"
     max_line_bytes: PositiveInt = 4 * 1024 * 1024  # far above any context window; a longer line is an error
+    # A file this big (what is left of it) is read and encoded in a process of its own (producer/submit.py);
+    # starting one costs about a second of imports, which a smaller file would not win back.
+    submit_process_min_bytes: NonNegativeInt = 32 * 1024 * 1024
 
     @model_validator(mode="after")
     def _derived_defaults(self) -> Settings:

@@ -114,9 +114,11 @@ def drain(app, settings: Settings) -> list[list[int]]:
     return slices
 
 
-def submit(path: Path, env: dict, chunk_size: int) -> str:
+def submit(path: Path, env: dict, chunk_size: int, process_min_bytes: int | None = None) -> str:
     env = {**env, "DEEPBATCH_INSERT_CHUNK_SIZE": str(chunk_size), "DEEPBATCH_SLICE_SIZE": str(SLICE_SIZE),
            "DEEPBATCH_MAX_ATTEMPTS": "5"}
+    if process_min_bytes is not None:
+        env["DEEPBATCH_SUBMIT_PROCESS_MIN_BYTES"] = str(process_min_bytes)
     return deepbatch("submit", str(path), "--priority", "3", env=env).stdout.strip()
 
 
@@ -173,3 +175,23 @@ def test_the_rows_do_not_depend_on_the_chunk_size(tmp_path: Path, service_env: d
         by_chunk_size[chunk_size] = {line_no: {key: value for key, value in row.items() if key != "id"}
                                      for line_no, row in rows.items()}
     assert by_chunk_size[1] == by_chunk_size[CHUNK_SIZE] == by_chunk_size[1000]
+
+
+@pytest.mark.parametrize("broker_url", ["redis"], indirect=True)
+def test_a_file_read_in_a_process_of_its_own_stores_the_same_rows(tmp_path: Path, service_env: dict,
+                                                                   db_engine: Engine) -> None:
+    """DEEPBATCH_SUBMIT_PROCESS_MIN_BYTES=0 reads and encodes the file in a child process: the rows, the
+    job's model label and the stored file prefix's sha256 are those of the helper-thread path."""
+    path = tmp_path / "bulk.jsonl"
+    path.write_bytes(b"\n".join(LINES) + b"\n")
+    by_path = {}
+    for process_min_bytes in (0, 1 << 40):
+        job_id = submit(path, service_env, CHUNK_SIZE, process_min_bytes)
+        rows = stored_rows(db_engine, job_id)
+        with db_engine.connect() as connection:
+            job = connection.execute(text("SELECT model, submitted_sha256, submitted_bytes, total_lines FROM jobs "
+                                          "WHERE id = :j"), {"j": job_id}).one()
+        by_path[process_min_bytes] = ({line_no: {key: value for key, value in row.items() if key != "id"}
+                                       for line_no, row in rows.items()}, tuple(job))
+    assert by_path[0] == by_path[1 << 40]
+    assert by_path[0][1][2:] == (path.stat().st_size, len(LINES))

@@ -72,10 +72,14 @@ def assert_every_line_once(db_engine: Engine, job_id: str) -> None:
                          "bad": LINES // 1000, "results": LINES - LINES // 1000, "started_twice": 0}, dict(row)
 
 
+# The file is read in a process of its own (DEEPBATCH_SUBMIT_PROCESS_MIN_BYTES=0) on RabbitMQ, in the
+# submitting process's helper thread on Redis: both resume at the stored line's byte.
 @pytest.mark.parametrize("broker_url", ["redis", "rabbitmq"], indirect=True)
 def test_sigkilled_submit_resumes_with_every_line_once(tmp_path: Path, service_env: dict, start_worker,
-                                                       db_engine: Engine) -> None:
+                                                       db_engine: Engine, broker_url: str) -> None:
     env = {**service_env, "DEEPBATCH_INSERT_CHUNK_SIZE": CHUNK, "DEEPBATCH_ENGINE": "null"}
+    if broker_url.startswith("amqp"):
+        env["DEEPBATCH_SUBMIT_PROCESS_MIN_BYTES"] = "0"
     path = write_file(tmp_path / "big.jsonl")
     job_id, killed = interrupt_submit(path, env, db_engine, signal.SIGKILL)
     assert killed.returncode == -signal.SIGKILL
@@ -117,8 +121,12 @@ def test_resume_refuses_a_changed_file_and_cancel_ends_an_interrupted_job(tmp_pa
 
 
 @pytest.mark.parametrize("broker_url", ["redis"], indirect=True)
-def test_ctrl_c_during_submit_says_how_to_resume(tmp_path: Path, service_env: dict, db_engine: Engine) -> None:
+@pytest.mark.parametrize("process_min_bytes", ["0", None], ids=["reader-process", "reader-thread"])
+def test_ctrl_c_during_submit_says_how_to_resume(tmp_path: Path, service_env: dict, db_engine: Engine,
+                                                 process_min_bytes: str | None) -> None:
     env = {**service_env, "DEEPBATCH_INSERT_CHUNK_SIZE": CHUNK}
+    if process_min_bytes is not None:
+        env["DEEPBATCH_SUBMIT_PROCESS_MIN_BYTES"] = process_min_bytes
     path = write_file(tmp_path / "big.jsonl")
     job_id, interrupted = interrupt_submit(path, env, db_engine, signal.SIGINT)
     assert interrupted.returncode == 130, interrupted.stderr
