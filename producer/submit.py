@@ -13,7 +13,7 @@ same per line, Python's in this process and Postgres's in its backend, so on two
 (bench/submit.py measures the whole against the Python half alone). But the two threads share one GIL:
 with the writer's Python (psycopg, publishing) and the reader's taking turns on one core, two cores sat
 40% idle. So a big file (DEEPBATCH_SUBMIT_PROCESS_MIN_BYTES) is read and encoded in a process of its own
-(`staged_in_process`), and the helper thread only receives its chunks and hashes the file's prefix.
+(`ReaderProcess`), and the helper thread only receives its chunks and hashes the file's prefix.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from datetime import timedelta
 from itertools import islice
 from pathlib import Path
@@ -114,53 +114,78 @@ def with_file_prefix(chunks: Iterable[queries.StagedChunk], path: Path,
 
 def stage_in_child(sending: Any, path: Path, max_line_bytes: int, first_line_no: int, offset: int, size: int,
                    cache_scope: CacheScope | None, routes: Routes) -> None:
-    """The child of `staged_in_process`: sends (chunk, models routed to so far) per chunk, then None; or
-    the error it stopped at. Ctrl-C is the parent's to handle (it ends after the chunk in hand)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """The child of `ReaderProcess`: sends ("chunk", (chunk, models routed to so far)) per chunk, then None;
+    or ("error", what stopped it), as text: an exception object might not unpickle in the parent."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the parent's: it stops after the chunk in hand
     router = LineRouter(routes)
     try:
         lines = read_file(path, max_line_bytes, None, first_line_no, offset)
         for chunk in staged_chunks(lines, size, cache_scope, router):
-            sending.send((chunk, sorted(router.models)))
+            sending.send(("chunk", (chunk, sorted(router.models))))
         sending.send(None)
-    except Exception as error:  # noqa: BLE001 - raised again in the parent, at the chunk it stopped
-        sending.send(error)
+    except BrokenPipeError:
+        return  # the submitting process is gone
+    except Exception as error:  # noqa: BLE001 - reported in the parent, at the chunk it stopped
+        sending.send(("error", f"{type(error).__name__}: {error}"))
     finally:
         sending.close()
 
 
-def staged_in_process(path: Path, max_line_bytes: int, first_line_no: int, offset: int, size: int,
-                      cache_scope: CacheScope | None, router: LineRouter) -> Iterator[queries.StagedChunk]:
-    """`staged_chunks` of the file from byte `offset` computed in a spawned process (not forked: this one
-    has threads), at most about a chunk ahead (the pipe blocks); the models it routed to are added to
-    `router.models`. The child is killed when this generator ends, however it ends."""
-    context = multiprocessing.get_context("spawn")
-    receiving, sending = context.Pipe(duplex=False)
-    child = context.Process(target=stage_in_child, name="deepbatch-submit-reader", daemon=True,
-                            args=(sending, path, max_line_bytes, first_line_no, offset, size, cache_scope,
-                                  router.routes))
-    child.start()
-    sending.close()
+@contextmanager
+def sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored while a child is spawned: an ignored disposition survives exec and Python keeps it, so
+    a terminal's Ctrl-C (sent to the whole process group) cannot kill the child during its imports, before
+    `stage_in_child` ignores it itself. Only the main thread may change it; elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class ReaderProcess:
+    """`staged_chunks` of the file from byte `offset`, computed in a spawned process (not forked: this one
+    has threads) started at once, at most about a chunk ahead (the pipe blocks; with the one being written
+    and the one received, three chunks are in flight); the models it routed to are added to
+    `router.models`. `close()` kills the child, however the submission ends."""
+
+    def __init__(self, path: Path, max_line_bytes: int, first_line_no: int, offset: int, size: int,
+                 cache_scope: CacheScope | None, router: LineRouter):
+        context = multiprocessing.get_context("spawn")
+        self.receiving, sending = context.Pipe(duplex=False)
+        self.child = context.Process(target=stage_in_child, name="deepbatch-submit-reader", daemon=True,
+                                     args=(sending, path, max_line_bytes, first_line_no, offset, size, cache_scope,
+                                           router.routes))
+        with sigint_ignored():
+            self.child.start()
+        sending.close()
+        self.path, self.router = path, router
+
+    def __iter__(self) -> Iterator[queries.StagedChunk]:
         while True:
             try:
-                message = receiving.recv()
-            except EOFError:
-                child.join(5)
-                raise SubmitError(f"the process reading {path} ended without finishing it (exit code "
-                                  f"{child.exitcode})") from None
+                message = self.receiving.recv()
+            except (EOFError, OSError):  # OSError: the child died in the middle of a message
+                self.child.join(5)
+                raise SubmitError(f"the process reading {self.path} ended without finishing it (exit code "
+                                  f"{self.child.exitcode})") from None
             if message is None:
                 return
-            if isinstance(message, Exception):
-                raise message
-            chunk, models = message
-            router.models.update(models)
+            kind, payload = message
+            if kind == "error":
+                raise SubmitError(f"reading {self.path} failed: {payload}")
+            chunk, models = payload
+            self.router.models.update(models)
             yield chunk
-    finally:
-        if child.is_alive():
-            child.kill()
-        child.join()
-        receiving.close()
+
+    def close(self) -> None:
+        if self.child.is_alive():
+            self.child.kill()
+        self.child.join()
+        self.receiving.close()
 
 
 class FilePrefix:
@@ -336,18 +361,22 @@ def submit_lines(path: Path, job_id: str, options: queries.JobOptions, settings:
         router = LineRouter(routes(session, settings))
     # The router checks each line's model (against the registry), not the reader.
     if path.stat().st_size - prefix.length >= settings.submit_process_min_bytes:
-        staged = staged_in_process(path, settings.max_line_bytes, stored_lines + 1, prefix.length,
-                                   settings.insert_chunk_size, options.cache_scope, router)
+        staged: Iterator[queries.StagedChunk] | ReaderProcess = ReaderProcess(
+            path, settings.max_line_bytes, stored_lines + 1, prefix.length, settings.insert_chunk_size,
+            options.cache_scope, router)
     else:
         lines = read_file(path, settings.max_line_bytes, None, stored_lines + 1, prefix.length)
         staged = staged_chunks(lines, settings.insert_chunk_size, options.cache_scope, router)
-    chunks = read_ahead(with_file_prefix(staged, path, prefix))
-    try:
-        with prompt_thread_switches():
-            total_lines = write_chunks(chunks, job_id, options, sessions, SlicePublisher(app, settings.slice_size),
-                                       on_chunk, stored_lines, stop)
-    finally:
-        label_job(sessions, job_id, router.models, resumed=stored_lines > 0)
+    prefixed = with_file_prefix(staged, path, prefix)
+    # Closed innermost first, whatever ends the submission: the helper thread's pending chunk, the file, then
+    # the reader (a child process is killed rather than left to the garbage collector).
+    with closing(staged), closing(prefixed), closing(read_ahead(prefixed)) as chunks:
+        try:
+            with prompt_thread_switches():
+                total_lines = write_chunks(chunks, job_id, options, sessions,
+                                           SlicePublisher(app, settings.slice_size), on_chunk, stored_lines, stop)
+        finally:
+            label_job(sessions, job_id, router.models, resumed=stored_lines > 0)
     if total_lines is not None:
         with sessions.begin() as session:
             queries.finish_submission(session, job_id, total_lines)

@@ -82,7 +82,8 @@ def test_sampled_frequencies_follow_the_distribution():
 def test_a_launched_step_samples_and_takes_its_inputs_without_waiting_for_the_stream():
     """A decode step launched while the one before still runs samples its rows (temperature, top-k, top-p) and
     takes its input tokens from that step without synchronizing the stream: a wait there holds the host until
-    the steps end, which undoes the overlap (torch's blocking copy of a list to the GPU does)."""
+    the steps end, which undoes the overlap (torch's blocking copy of a list to the GPU does). Torch's own
+    synchronizations raise under the sync debug mode; a wait anywhere shows as the sleeping kernel done."""
     sequences = [sequence_with(temperature=0.8, top_k=20, top_p=0.9, seed=row) for row in range(3)]
     sequences.append(sequence_with())
     logits = torch.randn(4, 1000, device="cuda")
@@ -91,11 +92,16 @@ def test_a_launched_step_samples_and_takes_its_inputs_without_waiting_for_the_st
         sequence.num_pending_tokens = 1
     input_ids = torch.zeros(8, dtype=torch.long, device="cuda")
     torch.cuda.synchronize()
+    torch.cuda._sleep(1_000_000_000)  # about half a second of GPU clock: the step still running
+    still_running = torch.cuda.Event()
+    still_running.record()
     torch.cuda.set_sync_debug_mode("error")
     try:
         token_ids = Sampler().choose_on_device(logits, sequences)
         fill_pending_inputs(input_ids, sequences[::-1], previous)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    assert not still_running.query(), "the host waited for the stream (the driver's copy from pageable memory?)"
+    torch.cuda.synchronize()
     assert token_ids[3].item() == logits[3].argmax().item()
     assert input_ids.tolist() == [3, 2, 1, 0, 0, 0, 0, 0]

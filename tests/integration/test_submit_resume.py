@@ -4,6 +4,7 @@ Ctrl-C says how to resume; and every command that takes a job id refuses an unkn
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -45,13 +46,18 @@ def newest_job(db_engine: Engine, path: Path) -> str | None:
                                   {"f": str(path)}).scalar()
 
 
-def interrupt_submit(path: Path, env: dict, db_engine: Engine, sig: int) -> tuple[str, subprocess.CompletedProcess]:
-    """Start a real `deepbatch submit`, and send it `sig` once some chunks are stored (not all)."""
+def interrupt_submit(path: Path, env: dict, db_engine: Engine, sig: int,
+                     to_group: bool = False) -> tuple[str, subprocess.CompletedProcess]:
+    """Start a real `deepbatch submit`, and send it `sig` once some chunks are stored (not all); `to_group`:
+    to its whole process group, as a terminal sends Ctrl-C (its reader process gets it too)."""
     process = subprocess.Popen([sys.executable, "-m", "producer.cli", "submit", str(path)], env=env, cwd=REPO_ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     wait_until(lambda: (job := newest_job(db_engine, path)) is not None and stored_lines(db_engine, job) >= 2000,
                timeout=120, interval=0.02, message="some chunks to be stored")
-    process.send_signal(sig)
+    if to_group:
+        os.killpg(process.pid, sig)
+    else:
+        process.send_signal(sig)
     stdout, stderr = process.communicate(timeout=60)
     job_id = newest_job(db_engine, path)
     assert stored_lines(db_engine, job_id) < LINES, "the submit finished before the signal: make the file longer"
@@ -128,7 +134,7 @@ def test_ctrl_c_during_submit_says_how_to_resume(tmp_path: Path, service_env: di
     if process_min_bytes is not None:
         env["DEEPBATCH_SUBMIT_PROCESS_MIN_BYTES"] = process_min_bytes
     path = write_file(tmp_path / "big.jsonl")
-    job_id, interrupted = interrupt_submit(path, env, db_engine, signal.SIGINT)
+    job_id, interrupted = interrupt_submit(path, env, db_engine, signal.SIGINT, to_group=True)
     assert interrupted.returncode == 130, interrupted.stderr
     assert f"deepbatch submit {path} --resume {job_id}" in interrupted.stderr
     assert f"holds lines 1-{stored_lines(db_engine, job_id)}" in interrupted.stderr

@@ -20,7 +20,8 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 def host_values_on(device: torch.device, values: list, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A tensor of host values (a list) on `device`, queued on the stream rather than waited for: torch's
     blocking copy to a GPU synchronizes the stream first, which would wait for a decode step launched ahead of
-    this one and undo the overlap. The driver stages a pageable source at the call, so the list's tensor may
-    go at once."""
-    tensor = torch.tensor(values, dtype=dtype)
-    return tensor.to(device, non_blocking=True) if device.type == "cuda" else tensor
+    this one and undo the overlap. From pinned memory the copy is asynchronous for the driver too (from
+    pageable memory it may wait); torch's pinned-memory cache keeps the buffer until the copy has run."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
