@@ -25,7 +25,7 @@ from pathlib import Path
 from sqlalchemy.orm import Session, sessionmaker
 
 from producer import queries
-from producer.submit import FilePrefix, SubmitError
+from producer.staging import FilePrefix, SubmitError
 from schema.settings import Settings
 
 

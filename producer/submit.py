@@ -7,48 +7,39 @@ served. One job may mix models: its slices go to each model's queue, and the job
 Rows are committed before their messages are published, so a message always finds its row; a crash
 between the two leaves queued rows that `reconcile` re-publishes (Postgres is the source of truth).
 
-Two threads share the work: a helper reads, validates and encodes the next chunk (`read_ahead`) while
-the calling thread writes this one (COPY, one statement, commit, publish). Each half costs about the
-same per line, Python's in this process and Postgres's in its backend, so on two cores they overlap
-(bench/submit.py measures the whole against the Python half alone). But the two threads share one GIL:
-with the writer's Python (psycopg, publishing) and the reader's taking turns on one core, two cores sat
-40% idle. So a big file (DEEPBATCH_SUBMIT_PROCESS_MIN_BYTES) is read and encoded in a process of its own
-(`ReaderProcess`), and the helper thread only receives its chunks and hashes the file's prefix.
+The next chunk is read, validated and encoded (producer/staging.py: in a helper thread, or for a big
+file in a process of its own) while the calling thread writes this one (COPY, one statement, commit,
+publish). Each half costs about the same per line, Python's and Postgres's in its backend, so on two
+cores they overlap (bench/submit.py measures the whole against the Python half alone).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import multiprocessing
 import re
-import signal
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, contextmanager
 from datetime import timedelta
-from itertools import islice
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import Any
 
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
 from producer import queries
-from producer.reader import ReadLine, read_file
+from producer.reader import read_file
+from producer.staging import (FilePrefix, LineRouter, ReaderProcess, SubmitError, read_ahead, staged_chunks,
+                              with_file_prefix)
 from schema.cache import CacheScope, cache_owner
-from schema.lines import LineError
 from schema.settings import Settings
 from schema.tables import Job
 from worker.app import publish_groups, publish_slices
-from worker.registry import Routes, RoutingError, routes
+from worker.registry import routes
 from worker.transitions import queued_request_ids
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -68,157 +59,8 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(seconds=int(match[1]) * DURATION_UNITS[match[2]])
 
 
-class SubmitError(Exception):
-    """A submission that cannot start or go on; the message says why and what to do."""
-
-
 class SubmissionStopped(Exception):
     """The submission stopped, on request, after a committed chunk: what is stored stays, and runs."""
-
-
-class LineRouter:
-    """Gives each valid line the route of its model, or turns it into the error that no worker serves it;
-    keeps the models it routed to, to label the job with."""
-
-    def __init__(self, routes: Routes):
-        self.routes = routes
-        self.models: set[str] = set()
-
-    def __call__(self, line: ReadLine) -> tuple[ReadLine, queries.StagedRoute | None]:
-        if line.request is None:
-            return line, None
-        try:
-            route = self.routes.route(line.request.body.model)
-        except RoutingError as error:
-            return ReadLine(line.line_no, error=LineError(error.code, str(error), line.request.custom_id),
-                            end_offset=line.end_offset), None
-        self.models.add(route.model)
-        return line, queries.StagedRoute(route.model, route.queue)
-
-
-def staged_chunks(lines: Iterator[ReadLine], size: int, cache_scope: CacheScope | None,
-                  router: LineRouter | None = None) -> Iterator[queries.StagedChunk]:
-    """`lines` in chunks of `size`, each encoded for COPY."""
-    while (chunk := queries.stage_chunk(islice(lines, size), cache_scope, router)).lines:
-        yield chunk
-
-
-def with_file_prefix(chunks: Iterable[queries.StagedChunk], path: Path,
-                     prefix: FilePrefix) -> Iterator[queries.StagedChunk]:
-    """Each chunk carrying the sha256 of the file up to its end."""
-    with path.open("rb") as stream:
-        for chunk in chunks:
-            chunk.prefix_sha256 = prefix.extend(stream, chunk.end_offset)
-            yield chunk
-
-
-def stage_in_child(sending: Any, path: Path, max_line_bytes: int, first_line_no: int, offset: int, size: int,
-                   cache_scope: CacheScope | None, routes: Routes) -> None:
-    """The child of `ReaderProcess`: sends ("chunk", (chunk, models routed to so far)) per chunk, then None;
-    or ("error", what stopped it), as text: an exception object might not unpickle in the parent."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the parent's: it stops after the chunk in hand
-    router = LineRouter(routes)
-    try:
-        lines = read_file(path, max_line_bytes, None, first_line_no, offset)
-        for chunk in staged_chunks(lines, size, cache_scope, router):
-            sending.send(("chunk", (chunk, sorted(router.models))))
-        sending.send(None)
-    except BrokenPipeError:
-        return  # the submitting process is gone
-    except Exception as error:  # noqa: BLE001 - reported in the parent, at the chunk it stopped
-        sending.send(("error", f"{type(error).__name__}: {error}"))
-    finally:
-        sending.close()
-
-
-@contextmanager
-def sigint_ignored() -> Iterator[None]:
-    """SIGINT ignored while a child is spawned: an ignored disposition survives exec and Python keeps it, so
-    a terminal's Ctrl-C (sent to the whole process group) cannot kill the child during its imports, before
-    `stage_in_child` ignores it itself. Only the main thread may change it; elsewhere nothing changes."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-class ReaderProcess:
-    """`staged_chunks` of the file from byte `offset`, computed in a spawned process (not forked: this one
-    has threads) started at once, at most about a chunk ahead (the pipe blocks; with the one being written
-    and the one received, three chunks are in flight); the models it routed to are added to
-    `router.models`. `close()` kills the child, however the submission ends."""
-
-    def __init__(self, path: Path, max_line_bytes: int, first_line_no: int, offset: int, size: int,
-                 cache_scope: CacheScope | None, router: LineRouter):
-        context = multiprocessing.get_context("spawn")
-        self.receiving, sending = context.Pipe(duplex=False)
-        self.child = context.Process(target=stage_in_child, name="deepbatch-submit-reader", daemon=True,
-                                     args=(sending, path, max_line_bytes, first_line_no, offset, size, cache_scope,
-                                           router.routes))
-        with sigint_ignored():
-            self.child.start()
-        sending.close()
-        self.path, self.router = path, router
-
-    def __iter__(self) -> Iterator[queries.StagedChunk]:
-        while True:
-            try:
-                message = self.receiving.recv()
-            except (EOFError, OSError):  # OSError: the child died in the middle of a message
-                self.child.join(5)
-                raise SubmitError(f"the process reading {self.path} ended without finishing it (exit code "
-                                  f"{self.child.exitcode})") from None
-            if message is None:
-                return
-            kind, payload = message
-            if kind == "error":
-                raise SubmitError(f"reading {self.path} failed: {payload}")
-            chunk, models = payload
-            self.router.models.update(models)
-            yield chunk
-
-    def close(self) -> None:
-        if self.child.is_alive():
-            self.child.kill()
-        self.child.join()
-        self.receiving.close()
-
-
-class FilePrefix:
-    """The sha256 of a file's first bytes, extended chunk by chunk as they are stored (read again from the
-    page cache, in the read-ahead thread: about 2 s for the benchmark's 750 MB file), so a resumed submit
-    can check it is the same file."""
-
-    def __init__(self) -> None:
-        self.hasher = hashlib.sha256()
-        self.length = 0
-
-    def extend(self, stream: BinaryIO, end: int) -> str:
-        stream.seek(self.length)
-        while self.length < end:
-            block = stream.read(min(1 << 20, end - self.length))
-            if not block:
-                raise SubmitError(f"the file ended at byte {self.length} while being submitted")
-            self.hasher.update(block)
-            self.length += len(block)
-        return self.hasher.hexdigest()
-
-
-def read_ahead(chunks: Iterator[T]) -> Iterator[T]:
-    """Yield `chunks`, computing the next one in a helper thread while the caller works on this one.
-
-    One chunk ahead, no more, so memory stays two chunks whatever the file's length. An error in the
-    helper is raised here, at the chunk it stopped.
-    """
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="deepbatch-read-ahead") as executor:
-        upcoming = executor.submit(next, chunks, None)
-        while (chunk := upcoming.result()) is not None:
-            upcoming = executor.submit(next, chunks, None)
-            yield chunk
 
 
 class SlicePublisher:

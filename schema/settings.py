@@ -103,7 +103,7 @@ class Settings(BaseSettings):
     # the CLI's — or, shared, the whole deployment's.
     result_cache_scope: Literal["owner", "deployment"] = "owner"
     max_line_bytes: PositiveInt = 4 * 1024 * 1024  # far above any context window; a longer line is an error
-    # A file this big (what is left of it) is read and encoded in a process of its own (producer/submit.py);
+    # A file this big (what is left of it) is read and encoded in a process of its own (producer/staging.py);
     # starting one costs about a second of imports, which a smaller file would not win back.
     submit_process_min_bytes: NonNegativeInt = 32 * 1024 * 1024
 

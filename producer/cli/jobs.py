@@ -38,7 +38,8 @@ def submit_with_progress(path: Path, settings: Settings, completion_window: time
     stops at once, and says how far the file got and how to resume (`go_on_with`: the command that does,
     when it is not `deepbatch submit --resume`)."""
     from producer import queries
-    from producer.submit import SubmissionStopped, SubmitError, resume_file, submit_file
+    from producer.staging import SubmitError
+    from producer.submit import SubmissionStopped, resume_file, submit_file
     from worker.app import make_celery_app
 
     if not path.is_file():

@@ -1,4 +1,4 @@
-"""The submit's reader process (producer/submit.py, `ReaderProcess`): its chunks are the helper thread's,
+"""The submit's reader process (producer/staging.py, `ReaderProcess`): its chunks are the helper thread's,
 the models it routed to reach the submitting process, an error in it is reported there, a reader that dies
 is named rather than waited for, and closing it leaves no child behind. No database: staging is pure."""
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from producer.reader import read_file
-from producer.submit import LineRouter, ReaderProcess, SubmitError, staged_chunks
+from producer.staging import LineRouter, ReaderProcess, SubmitError, staged_chunks
 from schema.cache import CacheScope
 from worker.registry import Route, Routes
 
