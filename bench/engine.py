@@ -379,9 +379,8 @@ class StepLog:
 
 def engine_weight_bytes(engine: LLMEngine) -> int:
     """Bytes a decode step reads of the weights: all but the input embedding (only a row per token)."""
-    embedding = engine.model.model.embed_tokens.weight
-    return sum(parameter.numel() * parameter.element_size() for parameter in engine.model.parameters()
-               if parameter is not embedding or engine.model.lm_head.weight is embedding)
+    costs = decode_costs(engine)
+    return costs.dense_bytes + costs.expert_bytes
 
 
 def run_engine(arguments: argparse.Namespace, device: torch.device, dtype: torch.dtype,

@@ -61,6 +61,13 @@ def staged_chunks(lines: Iterator[ReadLine], size: int, cache_scope: CacheScope 
         yield chunk
 
 
+def staged_file_chunks(path: Path, max_line_bytes: int, first_line_no: int, offset: int, size: int,
+                       cache_scope: CacheScope | None, router: LineRouter) -> Iterator[queries.StagedChunk]:
+    """`staged_chunks` of the file's lines from byte `offset`, where line `first_line_no` starts. The router
+    checks each line's model (against the registry), not the reader."""
+    return staged_chunks(read_file(path, max_line_bytes, None, first_line_no, offset), size, cache_scope, router)
+
+
 def with_file_prefix(chunks: Iterable[queries.StagedChunk], path: Path,
                      prefix: FilePrefix) -> Iterator[queries.StagedChunk]:
     """Each chunk carrying the sha256 of the file up to its end."""
@@ -77,8 +84,7 @@ def stage_in_child(sending: Any, path: Path, max_line_bytes: int, first_line_no:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the parent's: it stops after the chunk in hand
     router = LineRouter(routes)
     try:
-        lines = read_file(path, max_line_bytes, None, first_line_no, offset)
-        for chunk in staged_chunks(lines, size, cache_scope, router):
+        for chunk in staged_file_chunks(path, max_line_bytes, first_line_no, offset, size, cache_scope, router):
             sending.send(("chunk", (chunk, sorted(router.models))))
         sending.send(None)
     except BrokenPipeError:
@@ -105,7 +111,7 @@ def sigint_ignored() -> Iterator[None]:
 
 
 class ReaderProcess:
-    """`staged_chunks` of the file from byte `offset`, computed in a spawned process (not forked: this one
+    """`staged_file_chunks`, computed in a spawned process (not forked: this one
     has threads) started at once, at most about a chunk ahead (the pipe blocks; with the one being written
     and the one received, three chunks are in flight); the models it routed to are added to
     `router.models`. `close()` kills the child, however the submission ends."""

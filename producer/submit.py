@@ -29,8 +29,7 @@ from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
 from producer import queries
-from producer.reader import read_file
-from producer.staging import (FilePrefix, LineRouter, ReaderProcess, SubmitError, read_ahead, staged_chunks,
+from producer.staging import (FilePrefix, LineRouter, ReaderProcess, SubmitError, read_ahead, staged_file_chunks,
                               with_file_prefix)
 from schema.cache import CacheScope, cache_owner
 from schema.settings import Settings
@@ -201,14 +200,13 @@ def submit_lines(path: Path, job_id: str, options: queries.JobOptions, settings:
     submitted; stops early, leaving it as it is, if the job is cancelled meanwhile."""
     with sessions() as session:
         router = LineRouter(routes(session, settings))
-    # The router checks each line's model (against the registry), not the reader.
+    reading = (path, settings.max_line_bytes, stored_lines + 1, prefix.length, settings.insert_chunk_size,
+               options.cache_scope, router)
+    staged: Iterator[queries.StagedChunk] | ReaderProcess
     if path.stat().st_size - prefix.length >= settings.submit_process_min_bytes:
-        staged: Iterator[queries.StagedChunk] | ReaderProcess = ReaderProcess(
-            path, settings.max_line_bytes, stored_lines + 1, prefix.length, settings.insert_chunk_size,
-            options.cache_scope, router)
+        staged = ReaderProcess(*reading)
     else:
-        lines = read_file(path, settings.max_line_bytes, None, stored_lines + 1, prefix.length)
-        staged = staged_chunks(lines, settings.insert_chunk_size, options.cache_scope, router)
+        staged = staged_file_chunks(*reading)
     prefixed = with_file_prefix(staged, path, prefix)
     # Closed innermost first, whatever ends the submission: the helper thread's pending chunk, the file, then
     # the reader (a child process is killed rather than left to the garbage collector).
