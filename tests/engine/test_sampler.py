@@ -91,6 +91,10 @@ def test_a_launched_step_samples_and_takes_its_inputs_without_waiting_for_the_st
     for sequence in sequences:
         sequence.num_pending_tokens = 1
     input_ids = torch.zeros(8, dtype=torch.long, device="cuda")
+    # Once before: a first call allocates (pinned host blocks, device memory), which may synchronize; a
+    # running engine's steps find those allocations in torch's caches.
+    Sampler().choose_on_device(logits, sequences)
+    fill_pending_inputs(input_ids, sequences[::-1], previous)
     torch.cuda.synchronize()
     torch.cuda._sleep(1_000_000_000)  # about half a second of GPU clock: the step still running
     still_running = torch.cuda.Event()
