@@ -10,8 +10,10 @@ Sampling draws by inverse transform: each sampled row needs one uniform number, 
 sequence's own `random.Random` (seeded from `seed`, or at random when none is given), and the token is
 where that number falls in the row's cumulative distribution. So a seeded request produces the same
 tokens whatever else shares its batch, and the whole batch is sampled with a handful of tensor ops
-rather than a random-generator call per row. Greedy rows are one batched argmax; only rows that ask
-for top-k/top-p pay for the sort those need.
+rather than a random-generator call per row. Greedy rows are one batched argmax. On a GPU a Triton
+program per sampled row applies temperature, top-k and top-p and draws, finding the cuts by bisection
+rather than by sorting the vocabulary (worker/engine/kernels/sampling.py); on a CPU the torch ops below
+do, and only rows that ask for top-k/top-p pay for the sort those need.
 """
 
 from __future__ import annotations
@@ -156,27 +158,37 @@ class Sampler:
 
     def choose_on_device(self, logits: torch.Tensor, sequences: list[Sequence]) -> torch.Tensor:
         """The tokens [rows] where the logits are, not read back: a sampled row's uniform number comes from its
-        own generator on the host, which its earlier tokens do not move."""
+        own generator on the host, which its earlier tokens do not move. On a GPU one Triton program per
+        sampled row draws it (kernels/sampling.py: no sort of the vocabulary); elsewhere the torch ops do."""
         token_ids = logits.argmax(dim=-1)
         sampled_rows = [row for row, sequence in enumerate(sequences) if not sequence.sampling.greedy]
-        if sampled_rows:
-            row_sequences = [sequences[row] for row in sampled_rows]
-            rows = host_values_on(logits.device, sampled_rows)
-            probabilities = self.probabilities(logits[rows].float(), row_sequences)
-            draws = [self.generator_of(sequence).random() for sequence in row_sequences]
-            uniforms = host_values_on(logits.device, draws)
+        if not sampled_rows:
+            return token_ids
+        row_sequences = [sequences[row] for row in sampled_rows]
+        device = logits.device
+        rows = host_values_on(device, sampled_rows)
+        temperatures = host_values_on(device, [s.sampling.temperature for s in row_sequences])
+        top_k = host_values_on(device, [s.sampling.top_k for s in row_sequences])
+        top_p = host_values_on(device, [s.sampling.top_p for s in row_sequences])
+        uniforms = host_values_on(device, [self.generator_of(s).random() for s in row_sequences])
+        if device.type == "cuda":
+            from worker.engine.kernels.sampling import sample_rows  # Triton: a GPU's dependency only
+
+            sample_rows(logits if logits.stride(-1) == 1 else logits.contiguous(), rows, temperatures, top_k, top_p,
+                        uniforms, token_ids)
+        else:
+            cut = any(s.sampling.top_k > 0 or s.sampling.top_p < 1 for s in row_sequences)
+            probabilities = self.probabilities(logits[rows].float(), temperatures, top_k if cut else None, top_p)
             token_ids[rows] = sample_by_inverse_transform(probabilities, uniforms)
         return token_ids
 
     @staticmethod
-    def probabilities(logits: torch.Tensor, sequences: list[Sequence]) -> torch.Tensor:
-        device = logits.device
-        temperatures = host_values_on(device, [s.sampling.temperature for s in sequences])
+    def probabilities(logits: torch.Tensor, temperatures: torch.Tensor, top_k: torch.Tensor | None,
+                      top_p: torch.Tensor) -> torch.Tensor:
+        """Each row's distribution at its temperature, cut to its top-k and top-p (top_k None: no row cuts)."""
         logits = logits / temperatures[:, None]
-        top_k = [s.sampling.top_k for s in sequences]
-        top_p = [s.sampling.top_p for s in sequences]
-        if any(k > 0 for k in top_k) or any(p < 1 for p in top_p):
-            logits = apply_top_k_top_p(logits, host_values_on(device, top_k), host_values_on(device, top_p))
+        if top_k is not None:
+            logits = apply_top_k_top_p(logits, top_k, top_p)
         return logits.softmax(dim=-1)
 
     @staticmethod
