@@ -78,9 +78,9 @@ def test_ties_at_a_cut_are_kept_by_token_order_and_16_bit_logits_bisect_their_ow
 
 def test_banned_tokens_are_never_drawn_even_a_whole_block_of_them():
     generator = torch.Generator().manual_seed(4)
-    logits = torch.randn(3, 300, generator=generator)
+    logits = torch.randn(3, 2 * BLOCK + 44, generator=generator)
     logits[:, : BLOCK + 5] = float("-inf")  # the first block and more: nothing to scale the sum by yet
-    logits[1, 200:] = float("-inf")  # a row whose few allowed tokens sit in one block
+    logits[1, BLOCK + 70:] = float("-inf")  # a row whose few allowed tokens sit in one block
     logits[2] = 0.0  # every token ties with the lowest: temperature alone keeps them all
     settings = [(1.0, 0, 0.9), (0.8, 3, 1.0), (1.0, 0, 1.0)]
     for uniform in (0.0, 0.5, 0.999999):
