@@ -11,8 +11,8 @@ sequence's own `random.Random` (seeded from `seed`, or at random when none is gi
 where that number falls in the row's cumulative distribution. So a seeded request produces the same
 tokens whatever else shares its batch, and the whole batch is sampled with a handful of tensor ops
 rather than a random-generator call per row. Greedy rows are one batched argmax. On a GPU a Triton
-program per sampled row applies temperature, top-k and top-p and draws, finding the cuts by bisection
-rather than by sorting the vocabulary (worker/engine/kernels/sampling.py); on a CPU the torch ops below
+program per sampled row applies temperature, top-k and top-p and draws, finding the cuts by searching the
+logits' bit patterns rather than by sorting the vocabulary (worker/engine/kernels/sampling.py); on a CPU the torch ops below
 do, and only rows that ask for top-k/top-p pay for the sort those need.
 """
 
