@@ -58,13 +58,19 @@ STEPS = {
 
 # A group split across programs, as DeepSeek-V3's 128 MLA heads are: 16 heads in slices of 6 (6, 6, 4).
 SPLIT_GROUP = LaunchShape(tokens=2, block_n=16, warps=4, stages=1, heads=6)
+# Decode contexts split into 3 runs of 16-position tiles: the 5-position context leaves two runs empty, the
+# 100-position one ends in a short run. (Prefill steps are never split: the same launch reads them whole.)
+KV_SPLIT_LAUNCHES = {
+    "mla-kv-split": ("mla", LaunchShape(tokens=1, block_n=16, warps=4, stages=1, kv_splits=3)),
+    "gqa-kv-split": ("gqa", LaunchShape(tokens=2, block_n=16, warps=4, stages=1, kv_splits=3)),
+}
 
 
 @pytest.mark.parametrize("step", sorted(STEPS))
-@pytest.mark.parametrize("layout", sorted(LAYOUTS) + ["mla-split-group"])
+@pytest.mark.parametrize("layout", sorted(LAYOUTS) + ["mla-split-group"] + sorted(KV_SPLIT_LAUNCHES))
 def test_kernel_matches_dense_attention(layout, step):
     launch = SPLIT_GROUP if layout == "mla-split-group" else None
-    layout = "mla" if launch else layout
+    layout, launch = KV_SPLIT_LAUNCHES.get(layout, ("mla" if launch else layout, launch))
     heads, kv_heads, (dim_a, dim_b), value_dim, mla = LAYOUTS[layout]
     query_lens_list, context_lens_list = STEPS[step]
     generator = torch.Generator().manual_seed(zlib.crc32(f"{layout}/{step}".encode()))

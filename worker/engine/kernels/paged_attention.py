@@ -14,6 +14,10 @@ recurrence). The query dimension may come in two parts (`DIM_A` + `DIM_B`): MLA'
 512 latent + 64 rope dimensions, and Triton tiles must be powers of two. With `VALUE_IS_KEY_PREFIX`
 the values are the first `DIM_V` dimensions of the keys (MLA's latent), so they are not loaded twice.
 
+A decode step with few programs for the GPU's SMs splits each context into runs of whole key tiles, taken
+by programs of their own (`KV_SPLITS`); each writes its unnormalised output, running maximum and sum, and a
+second kernel combines them (FlashDecoding's split-KV).
+
 Queries are causal over the whole context: token t of a sequence whose context after this step holds
 `context_len` positions (cached prefix + new tokens) sees positions up to `context_len - query_len + t`.
 That one rule serves decode (one new token), chunked prefill and prefix-cache hits alike.
@@ -21,6 +25,7 @@ That one rule serves decode (one new token), chunked prefill and prefix-cache hi
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -37,10 +42,12 @@ def _paged_attention_kernel(
     key_cache, stride_key_block, stride_key_slot, stride_key_head,
     value_cache, stride_value_block, stride_value_slot, stride_value_head,
     output, stride_output_token, stride_output_head,
+    partial_values, partial_max, partial_sum,
     block_tables, stride_block_table,
     query_starts, query_lens, context_lens,
     scale_log2,
     GROUP: tl.constexpr, SUB: tl.constexpr, SUB_PAD: tl.constexpr, SPLITS: tl.constexpr,
+    KV_SPLITS: tl.constexpr, NUM_HEADS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE_SIZE: tl.constexpr, DIM_A: tl.constexpr, DIM_B: tl.constexpr, DIM_V: tl.constexpr,
     PAD_A: tl.constexpr, PAD_B: tl.constexpr, PAD_V: tl.constexpr,
@@ -49,7 +56,8 @@ def _paged_attention_kernel(
     sequence = tl.program_id(0)
     kv_head = tl.program_id(1) // SPLITS
     first_head = (tl.program_id(1) % SPLITS) * SUB  # of the group's heads, the first this program takes
-    first_token = tl.program_id(2) * BLOCK_T
+    first_token = (tl.program_id(2) // KV_SPLITS) * BLOCK_T
+    kv_split = tl.program_id(2) % KV_SPLITS
     query_len = tl.load(query_lens + sequence)
     if first_token >= query_len:
         return
@@ -80,8 +88,12 @@ def _paged_attention_kernel(
     # Keys past the last real query's position are masked for every row: stop there.
     last_token = tl.minimum(first_token + BLOCK_T, query_len) - 1
     key_end = context_len - query_len + last_token + 1
+    # With KV_SPLITS, this program takes one of that many runs of whole key tiles (the last ones may be empty).
+    split_len = tl.cdiv(tl.cdiv(key_end, KV_SPLITS), BLOCK_N) * BLOCK_N
+    key_begin = kv_split * split_len
+    key_end = tl.minimum(key_begin + split_len, key_end)
     block_table = block_tables + sequence * stride_block_table
-    for key_start in range(0, key_end, BLOCK_N):
+    for key_start in range(key_begin, key_end, BLOCK_N):
         positions = key_start + tl.arange(0, BLOCK_N)
         position_is_real = positions < key_end
         # int64: a cache of tens of GB holds more elements than int32 offsets reach
@@ -113,10 +125,45 @@ def _paged_attention_kernel(
             probabilities.to(values.dtype), values, input_precision=PRECISION)
         row_max = new_max
 
-    accumulator = accumulator / row_sum[:, None]
-    output_rows = output + (query_start + token)[:, None] * stride_output_token + head[:, None] * stride_output_head
-    tl.store(output_rows + dims_v[None, :], accumulator.to(output.dtype.element_ty),
-             mask=row_is_real[:, None] & (dims_v[None, :] < DIM_V))
+    if KV_SPLITS == 1:
+        accumulator = accumulator / row_sum[:, None]
+        output_rows = output + (query_start + token)[:, None] * stride_output_token + head[:, None] * stride_output_head
+        tl.store(output_rows + dims_v[None, :], accumulator.to(output.dtype.element_ty),
+                 mask=row_is_real[:, None] & (dims_v[None, :] < DIM_V))
+    else:  # the split's running state, for _combine_splits_kernel: [sequences, heads, KV_SPLITS (, DIM_V)], one
+        # query token per sequence (splits are for decode)
+        partial_row = (sequence * NUM_HEADS + head) * KV_SPLITS + kv_split
+        tl.store(partial_values + partial_row[:, None] * DIM_V + dims_v[None, :], accumulator,
+                 mask=row_is_real[:, None] & (dims_v[None, :] < DIM_V))
+        tl.store(partial_max + partial_row, row_max, mask=row_is_real)
+        tl.store(partial_sum + partial_row, row_sum, mask=row_is_real)
+
+
+@triton.jit
+def _combine_splits_kernel(partial_values, partial_max, partial_sum, output, stride_output_token,
+                           stride_output_head, query_starts, query_lens, NUM_HEADS: tl.constexpr,
+                           KV_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, DIM_V: tl.constexpr,
+                           PAD_V: tl.constexpr):
+    """One (sequence, head) of a decode step: the softmax-weighted sum of its KV_SPLITS partial results (an
+    empty split's maximum is -inf, its weight 0)."""
+    sequence = tl.program_id(0)
+    head = tl.program_id(1)
+    if tl.load(query_lens + sequence) == 0:
+        return
+    token = tl.load(query_starts + sequence)
+    splits = tl.arange(0, SPLITS_PAD)
+    dims = tl.arange(0, PAD_V)
+    row = (sequence * NUM_HEADS + head) * KV_SPLITS
+    real = splits < KV_SPLITS
+    maxima = tl.load(partial_max + row + splits, mask=real, other=float("-inf"))
+    overall = tl.max(maxima, axis=0)
+    weights = tl.where(maxima > float("-inf"), tl.exp2(maxima - overall), 0.0)
+    total = tl.sum(weights * tl.load(partial_sum + row + splits, mask=real, other=0.0), axis=0)
+    values = tl.load(partial_values + (row + splits)[:, None] * DIM_V + dims[None, :],
+                     mask=(weights > 0)[:, None] & (dims[None, :] < DIM_V), other=0.0)
+    result = tl.sum(weights[:, None] * values, axis=0) / total
+    tl.store(output + token * stride_output_token + head * stride_output_head + dims,
+             result.to(output.dtype.element_ty), mask=dims < DIM_V)
 
 
 def next_power_of_two(value: int) -> int:
@@ -136,6 +183,7 @@ class LaunchShape:
     warps: int
     stages: int  # software-pipelining depth of the key loop
     heads: int | None = None  # of a key/value head's group, the query heads per program; None: the whole group
+    kv_splits: int | None = None  # decode: runs of each context taken by programs of their own; None: by the SMs
 
 
 def launch_shape(group: int, value_dim: int, is_decode: bool) -> LaunchShape:
@@ -190,16 +238,27 @@ def paged_attention(
     values = key_cache if value_cache is None else value_cache
     heads = min(launch.heads or group, group)
     splits = triton.cdiv(group, heads)
-    grid = (num_sequences, num_kv_heads * splits, triton.cdiv(max_query_len, launch.tokens))
+    kv_splits = 1
+    if max_query_len == 1:
+        kv_splits = launch.kv_splits or decode_kv_splits(num_sequences * num_kv_heads * splits, query.device)
+    num_heads = query.shape[1]
+    partial_values = partial_max = partial_sum = output  # unused unless the context is split
+    if kv_splits > 1:
+        partial_values = query.new_empty(num_sequences, num_heads, kv_splits, value_dim, dtype=torch.float32)
+        partial_max = query.new_empty(num_sequences, num_heads, kv_splits, dtype=torch.float32)
+        partial_sum = torch.empty_like(partial_max)
+    grid = (num_sequences, num_kv_heads * splits, triton.cdiv(max_query_len, launch.tokens) * kv_splits)
     _paged_attention_kernel[grid](
         query, query.stride(0), query.stride(1),
         key_cache, key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         values, values.stride(0), values.stride(1), values.stride(2),
         output, output.stride(0), output.stride(1),
+        partial_values, partial_max, partial_sum,
         block_tables, block_tables.stride(0),
         query_starts, query_lens, context_lens,
         scale * LOG2_E,
         GROUP=group, SUB=heads, SUB_PAD=next_power_of_two(heads), SPLITS=splits,
+        KV_SPLITS=kv_splits, NUM_HEADS=num_heads,
         BLOCK_T=launch.tokens, BLOCK_N=launch.block_n,
         PAGE_SIZE=page_size, DIM_A=dim_a, DIM_B=dim_b, DIM_V=value_dim,
         PAD_A=max(16, next_power_of_two(dim_a)), PAD_B=max(16, next_power_of_two(dim_b)) if dim_b else 0,
@@ -209,3 +268,31 @@ def paged_attention(
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         num_warps=launch.warps, num_stages=launch.stages,
     )
+    if kv_splits > 1:
+        _combine_splits_kernel[(num_sequences, num_heads)](
+            partial_values, partial_max, partial_sum, output, output.stride(0), output.stride(1), query_starts,
+            query_lens, NUM_HEADS=num_heads, KV_SPLITS=kv_splits, SPLITS_PAD=max(2, next_power_of_two(kv_splits)),
+            DIM_V=value_dim, PAD_V=max(16, next_power_of_two(value_dim)), num_warps=4,
+        )
+
+
+# A decode step's programs (sequences × key/value heads × head slices) are few at small batches: 64 of the
+# 1.5B shape's sequences make 128 programs for an H200's 132 SMs, each walking its whole context alone, and
+# the kernel read the cache at a quarter of the bandwidth. Below PROGRAMS_PER_SM programs an SM, each context
+# is split into runs of whole key tiles, taken by programs of their own and combined after (FlashDecoding).
+PROGRAMS_PER_SM = 4
+MAX_KV_SPLITS = 8
+
+
+@functools.cache
+def multiprocessor_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def decode_kv_splits(programs: int, device: torch.device) -> int:
+    """How many runs to split each context of a decode step into: none off a GPU (the interpreter's tests
+    choose theirs), else enough for PROGRAMS_PER_SM programs an SM. A function of the batch, not of the
+    context lengths, so a CUDA graph captured at one batch size replays any contexts."""
+    if device.type != "cuda":
+        return 1
+    return max(1, min(MAX_KV_SPLITS, -(-PROGRAMS_PER_SM * multiprocessor_count(device) // programs)))
