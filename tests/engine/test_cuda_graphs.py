@@ -48,7 +48,7 @@ def test_graph_decode_logits_match_the_eager_step_in_bfloat16(model_name):
     decode = [ScheduledSequence(sequence, 1) for sequence in sequences]
     with torch.inference_mode():
         eager = runner.sampled_logits(runner.prepare_batch(decode)).float()
-        replayed = runner._replay(sequences, runner._graph_size_for(decode)).float()
+        replayed = runner._replay(sequences, runner._graph_size_for(decode), None).float()
     assert replayed.shape == eager.shape == (3, model.config.vocab_size)
     torch.testing.assert_close(replayed, eager, rtol=2e-2, atol=2e-2)
 
