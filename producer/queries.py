@@ -408,20 +408,31 @@ def recent_jobs(session: Session, limit: int = 20) -> list[JobProgress]:
 # stored_text's escape — comes as a JSON array of its columns instead (PYTHON_COLUMNS), for
 # producer/export.py to write in its place: a line starts with `{`, such a row with `[`.
 JSON_TEXT = "coalesce(to_json({})::text, 'null')"
-CREATED = "floor(extract(epoch FROM s.created_at))::bigint"  # the line's `created`: whole seconds, as int() cuts
-RESULT_LINE = f"""
-    '{{"id": "batch_req_' || r.id || '", "custom_id": ' || {JSON_TEXT.format("r.custom_id")}
-    || ', "response": {{"status_code": 200, "request_id": "req_' || r.id || '", "body": {{"id": "'
-    || CASE WHEN r.url = :chat_url THEN 'chatcmpl-' || r.id || '", "object": "chat.completion"'
-            ELSE 'cmpl-' || r.id || '", "object": "text_completion"' END
-    || ', "created": ' || {CREATED} || ', "model": ' || {JSON_TEXT.format("s.model")}
-    || ', "choices": [{{"index": 0, '
-    || CASE WHEN r.url = :chat_url THEN '"message": {{"role": "assistant", "content": ' || {JSON_TEXT.format("s.text")} || '}}'
-            ELSE '"text": ' || {JSON_TEXT.format("s.text")} END
-    || ', "logprobs": null, "finish_reason": ' || {JSON_TEXT.format("s.finish_reason")}
-    || '}}], "usage": {{"prompt_tokens": ' || s.prompt_tokens || ', "completion_tokens": ' || s.completion_tokens
-    || ', "total_tokens": ' || (s.prompt_tokens + s.completion_tokens) || '}}}}}}, "error": null}}'
-"""
+# The line's `created`: whole seconds, as int() cuts. date_part is a float; extract's numeric costs more.
+CREATED = "floor(date_part('epoch', s.created_at))::bigint"
+CHAT = "r.url = :chat_url"
+
+
+def concatenated(*pieces: str) -> str:
+    """One concat() of SQL pieces: a chain of `||` copies the line built so far at every step, the result's
+    whole text again for each piece after it; concat() writes each piece once."""
+    return "concat(" + ", ".join(pieces) + ")"
+
+
+RESULT_LINE = concatenated(
+    """'{"id": "batch_req_'""", "r.id", """'", "custom_id": '""", JSON_TEXT.format("r.custom_id"),
+    """', "response": {"status_code": 200, "request_id": "req_'""", "r.id", """'", "body": {"id": "'""",
+    f"""CASE WHEN {CHAT} THEN 'chatcmpl-' ELSE 'cmpl-' END""", "r.id",
+    f"""CASE WHEN {CHAT} THEN '", "object": "chat.completion"' ELSE '", "object": "text_completion"' END""",
+    """', "created": '""", CREATED, """', "model": '""", JSON_TEXT.format("s.model"),
+    """', "choices": [{"index": 0, '""",
+    f"""CASE WHEN {CHAT} THEN '"message": {{"role": "assistant", "content": ' ELSE '"text": ' END""",
+    JSON_TEXT.format("s.text"), f"CASE WHEN {CHAT} THEN '}}' END",
+    """', "logprobs": null, "finish_reason": '""", JSON_TEXT.format("s.finish_reason"),
+    """'}], "usage": {"prompt_tokens": '""", "s.prompt_tokens", """', "completion_tokens": '""",
+    "s.completion_tokens", """', "total_tokens": '""", "s.prompt_tokens + s.completion_tokens",
+    """'}}}, "error": null}'""",
+)
 # The arguments of producer/export.py's python_result_line, in order.
 PYTHON_COLUMNS = f"""json_build_array(r.id, r.custom_id, r.url, s.model, {CREATED}, s.text, s.finish_reason,
                                      s.prompt_tokens, s.completion_tokens, s.logprobs, s.choices)::text"""
@@ -435,14 +446,14 @@ EXPORT_RESULTS = f"""
 # OpenAI Batch's codes for requests a job never ran; else the request's error code, else its state.
 UNRUN_CODES = {RequestState.cancelled: "batch_cancelled", RequestState.expired: "batch_expired"}
 UNRUN_CODE_SQL = "CASE r.state " + " ".join(f"WHEN '{state.value}' THEN '{code}'" for state, code in UNRUN_CODES.items())
-ERROR_LINE = f"""
-    '{{"id": "batch_req_' || r.id || '", "custom_id": ' || {JSON_TEXT.format("r.custom_id")}
-    || ', "response": null, "error": {{"code": ' || {JSON_TEXT.format(
-        UNRUN_CODE_SQL + " ELSE coalesce(nullif(r.error_code, ''), r.state::text) END")}
-    || ', "message": ' || {JSON_TEXT.format(
-        "coalesce(nullif(r.error_message, ''), 'the job was ' || r.state || ' before this request ran')")}
-    || ', "line": ' || r.line_no || '}}}}'
-"""
+ERROR_LINE = concatenated(
+    """'{"id": "batch_req_'""", "r.id", """'", "custom_id": '""", JSON_TEXT.format("r.custom_id"),
+    """', "response": null, "error": {"code": '""",
+    JSON_TEXT.format(UNRUN_CODE_SQL + " ELSE coalesce(nullif(r.error_code, ''), r.state::text) END"),
+    """', "message": '""",
+    JSON_TEXT.format("coalesce(nullif(r.error_message, ''), 'the job was ' || r.state || ' before this request ran')"),
+    """', "line": '""", "r.line_no", """'}}'""",
+)
 # What the error file holds: every request that ended without a result.
 ERROR_STATES = (RequestState.failed, RequestState.dead, RequestState.cancelled, RequestState.expired)
 EXPORT_ERRORS = f"""
