@@ -98,3 +98,12 @@ def test_a_batch_of_real_width_bf16_rows_matches_the_sort():
     tokens = drawn(logits, list(range(64)), settings, uniforms)
     expected = [reference_token(logits[row], *settings[row], uniforms[row]) for row in range(64)]
     assert sum(a == b for a, b in zip(tokens, expected)) >= 63  # a draw at a boundary may round the other way
+
+
+def test_float16_logits_that_differ_below_bfloat16s_precision_do_not_tie():
+    """float16's mantissa reaches below the top 16 bits of a float32, which bfloat16 keys keep alone: 1 and
+    1 + 2**-10 would tie there, and top-k of 1 would keep the first in token order, not the larger."""
+    logits = torch.full((1, 300), -5.0)
+    logits[0, 10], logits[0, 20] = 1.0, 1.0 + 2**-10
+    for uniform in (0.0, 0.99):
+        assert drawn(logits.to(torch.float16), [0], [(1.0, 1, 1.0)], [uniform]) == [20]

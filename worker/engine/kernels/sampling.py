@@ -7,7 +7,7 @@ batch of the 1.5B shape 2.7 times slower than a greedy one; temperature alone (n
 
 How: a cut keeps the tokens whose logit is above a threshold, plus the first few (in token order) of those
 whose logit equals it — a sort ranks ties in some order too. The threshold is found by bisection over the
-logits' bit patterns, mapped to integers in the order of their values (16 bits for 16-bit logits, so at
+logits' bit patterns, mapped to integers in the order of their values (16 bits for bfloat16 logits, so at
 most 16 passes; 32 for float32): top-k's is the smallest value with fewer than k logits above it, top-p's
 the smallest with less than top_p of the (top-k) mass above it. Each pass re-reads the row, which the
 programs running at once keep in L2. The token is then drawn by inverse transform over the kept tokens in
@@ -25,7 +25,7 @@ BLOCK = 4096  # logits a program reads at a time
 
 @triton.jit
 def _keys(raw, KEY_SHIFT: tl.constexpr):
-    """Integers ordered as the float values (negative floats' magnitude bits flipped); 16-bit values' low
+    """Integers ordered as the float values (negative floats' magnitude bits flipped); bfloat16 values' low
     half of a float32 is zero, shifted away so that bisection takes 16 steps."""
     bits = raw.to(tl.float32).to(tl.int32, bitcast=True)
     return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF) >> KEY_SHIFT
@@ -160,7 +160,7 @@ def sample_rows(logits: torch.Tensor, rows: torch.Tensor, temperatures: torch.Te
     must be contiguous; `block` (a power of two) is how many a program reads at a time."""
     if rows.numel() == 0:
         return
-    key_shift = 16 if logits.element_size() == 2 else 0
+    key_shift = 16 if logits.dtype == torch.bfloat16 else 0  # a float16 as float32 keeps bits below the top 16
     _sample_kernel[(rows.numel(),)](
         logits, logits.stride(0), rows, temperatures, top_k, top_p, uniforms, token_ids, logits.shape[-1],
         KEY_SHIFT=key_shift, BLOCK=block, num_warps=8,
