@@ -20,6 +20,11 @@ def test_greedy_takes_the_argmax():
     assert Sampler().sample(logits, [sequence_with(), sequence_with(top_k=1, temperature=1.0)]) == [1, 0]
 
 
+def test_a_top_k_past_the_vocabulary_cuts_nothing_however_large():
+    logits = torch.tensor([[0.0, 1.0, 2.0]])
+    assert Sampler().sample(logits, [sequence_with(temperature=1.0, top_k=2**70, seed=1)])[0] in (0, 1, 2)
+
+
 def test_top_k_keeps_the_k_largest():
     logits = torch.tensor([[1.0, 4.0, 3.0, 2.0]])
     masked = apply_top_k_top_p(logits, torch.tensor([2]), torch.tensor([1.0]))

@@ -82,7 +82,8 @@ def test_banned_tokens_are_never_drawn_even_a_whole_block_of_them():
     logits[:, : BLOCK + 5] = float("-inf")  # the first block and more: nothing to scale the sum by yet
     logits[1, BLOCK + 70:] = float("-inf")  # a row whose few allowed tokens sit in one block
     logits[2] = 0.0  # every token ties with the lowest: temperature alone keeps them all
-    settings = [(1.0, 0, 0.9), (0.8, 3, 1.0), (1.0, 0, 1.0)]
+    logits[2, ::2] = -0.0  # and -0.0 ties with 0.0
+    settings = [(1.0, 0, 0.9), (0.8, 3, 1.0), (1.0, 5, 1.0)]  # the last keeps the first five zeros
     for uniform in (0.0, 0.5, 0.999999):
         tokens = drawn(logits, [0, 1, 2], settings, [uniform] * 3)
         assert tokens == [reference_token(logits[row], *setting, uniform) for row, setting in enumerate(settings)]

@@ -168,7 +168,8 @@ class Sampler:
         device = logits.device
         rows = host_values_on(device, sampled_rows)
         temperatures = host_values_on(device, [s.sampling.temperature for s in row_sequences])
-        top_k = host_values_on(device, [s.sampling.top_k for s in row_sequences])
+        # A top_k past the vocabulary cuts nothing; clamped, it fits the kernel's int32 (and torch's int64).
+        top_k = host_values_on(device, [min(s.sampling.top_k, logits.shape[-1]) for s in row_sequences])
         top_p = host_values_on(device, [s.sampling.top_p for s in row_sequences])
         uniforms = host_values_on(device, [self.generator_of(s).random() for s in row_sequences])
         if device.type == "cuda":

@@ -28,6 +28,7 @@ def _keys(raw, KEY_SHIFT: tl.constexpr):
     """Integers ordered as the float values (negative floats' magnitude bits flipped); bfloat16 values' low
     half of a float32 is zero, shifted away so that bisection takes 16 steps."""
     bits = raw.to(tl.float32).to(tl.int32, bitcast=True)
+    bits = tl.where(bits == -2147483647 - 1, 0, bits)  # -0.0 ties with 0.0, as a sort ranks them
     return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF) >> KEY_SHIFT
 
 
@@ -156,7 +157,8 @@ def _sample_kernel(logits, stride_row, rows, temperatures, top_ks, top_ps, unifo
 def sample_rows(logits: torch.Tensor, rows: torch.Tensor, temperatures: torch.Tensor, top_k: torch.Tensor,
                 top_p: torch.Tensor, uniforms: torch.Tensor, token_ids: torch.Tensor, block: int = BLOCK) -> None:
     """For each i, writes into token_ids[rows[i]] a token drawn from logits[rows[i]] / temperatures[i], cut to
-    its top_k[i] (0: no cut) and then its top_p[i] nucleus, at the uniform number uniforms[i]. Logits' rows
+    its top_k[i] (0: no cut; at most the vocabulary, an int32) and then its top_p[i] nucleus, at the uniform
+    number uniforms[i]. Ties are ranked by the logits before the division by the temperature. Logits' rows
     must be contiguous; `block` (a power of two) is how many a program reads at a time."""
     if rows.numel() == 0:
         return
