@@ -56,6 +56,25 @@ def _above(row_logits, vocab_size, threshold, row_max, temperature, KEY_SHIFT: t
 
 
 @triton.jit
+def _bisect(row_logits, vocab_size, low, high, limit, row_max, temperature, BY_MASS: tl.constexpr,
+            KEY_SHIFT: tl.constexpr, BLOCK: tl.constexpr):
+    """The smallest key in (low, high] with less than `limit` above it — mass if BY_MASS, else a count —
+    given that low has not and high has."""
+    while high - low > 1:
+        middle = low + (high - low) // 2
+        count, mass, _, _ = _above(row_logits, vocab_size, middle, row_max, temperature, KEY_SHIFT, BLOCK)
+        if BY_MASS:
+            below = mass < limit
+        else:
+            below = count < limit
+        if below:
+            high = middle
+        else:
+            low = middle
+    return high
+
+
+@triton.jit
 def _sample_kernel(logits, stride_row, rows, temperatures, top_ks, top_ps, uniforms, token_ids, vocab_size,
                    KEY_SHIFT: tl.constexpr, BLOCK: tl.constexpr):
     program = tl.program_id(0)
@@ -89,16 +108,9 @@ def _sample_kernel(logits, stride_row, rows, temperatures, top_ks, top_ps, unifo
     ties_kept = tl.zeros((), dtype=tl.int32)
     kept_mass = total
     if (top_k > 0) & (top_k < vocab_size):
-        low = lowest_key.to(tl.int64) - 1  # k or more logits above: too low
-        high = highest_key.to(tl.int64)  # none above: low enough
-        while high - low > 1:
-            middle = low + (high - low) // 2
-            count, _, _, _ = _above(row_logits, vocab_size, middle, row_max, temperature, KEY_SHIFT, BLOCK)
-            if count < top_k:
-                high = middle
-            else:
-                low = middle
-        threshold = high
+        # From below the lowest key (k or more logits above it: too low) to the highest (none above).
+        threshold = _bisect(row_logits, vocab_size, lowest_key.to(tl.int64) - 1, highest_key.to(tl.int64), top_k,
+                            row_max, temperature, False, KEY_SHIFT, BLOCK)
         count_above, mass_above, count_equal, mass_equal = _above(
             row_logits, vocab_size, threshold, row_max, temperature, KEY_SHIFT, BLOCK)
         ties_kept = top_k - count_above
@@ -106,17 +118,10 @@ def _sample_kernel(logits, stride_row, rows, temperatures, top_ks, top_ps, unifo
     if top_p < 1.0:
         target = top_p * kept_mass
         low = tl.where(ties_kept > 0, threshold - 1, threshold)  # the whole top-k mass above: too low
-        high = highest_key.to(tl.int64)
         top_k_threshold = threshold
         top_k_ties = ties_kept
-        while high - low > 1:
-            middle = low + (high - low) // 2
-            _, mass, _, _ = _above(row_logits, vocab_size, middle, row_max, temperature, KEY_SHIFT, BLOCK)
-            if mass < target:
-                high = middle
-            else:
-                low = middle
-        threshold = high
+        threshold = _bisect(row_logits, vocab_size, low, highest_key.to(tl.int64), target, row_max, temperature,
+                            True, KEY_SHIFT, BLOCK)
         count_above, mass_above, count_equal, mass_equal = _above(
             row_logits, vocab_size, threshold, row_max, temperature, KEY_SHIFT, BLOCK)
         tie_mass = mass_equal / count_equal
