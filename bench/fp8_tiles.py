@@ -9,6 +9,11 @@ configuration is timed `--repeats` times; the JSON keeps every configuration's m
 per shape with its worst and median speedup over bf16.
 
     python bench/fp8_tiles.py --model deepseek-v2-lite --tokens 256 512
+
+`--weights bf16` sweeps the same grouped kernel unscaled (grouped_linear, 16-bit experts) against torch's
+grouped GEMM instead, over tiles of 64-column K slices:
+
+    python bench/fp8_tiles.py --model deepseek-v2-lite --tokens 256 512 --weights bf16
 """
 
 from __future__ import annotations
@@ -31,12 +36,15 @@ from worker.engine.kernels.fp8_blocks import quantize_weight_blocks  # noqa: E40
 RESULTS_DIRECTORY = Path(__file__).resolve().parent / "results"
 # Tile rows, tile columns, warps, stages, b by rows.
 GRID = list(itertools.product((16, 32, 64), (64, 128, 256), (4, 8), (3, 4), (False, True)))
+BLOCK_K = {"fp8": 128, "bf16": 64}  # FP8 tiles span a scale block; 64 keeps four bf16 stages in shared memory
 
 
 def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted({shape[0] for shape in SHAPES}), default="deepseek-v2-lite")
     parser.add_argument("--tokens", type=int, nargs="+", default=[256, 512], help="tokens of a decode step")
+    parser.add_argument("--weights", choices=sorted(BLOCK_K), default="fp8",
+                        help="bf16: the grouped kernel unscaled against torch's grouped GEMM (experts only)")
     parser.add_argument("--calls", type=int, default=20, help="calls captured in one graph")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--output", type=Path)
@@ -68,12 +76,15 @@ def graph_seconds(function, calls: int, repeats: int) -> list[float]:
 
 def sweep(baseline, fp8_call, arguments) -> dict:
     """Every configuration of GRID against the bf16 baseline. A configuration's output must match the
-    heuristic's (same FP8 arithmetic, another summation order) within 1%; those that fail are noted."""
+    heuristic's (same FP8 arithmetic, another summation order) within 1%, and the heuristic's the baseline's
+    in bf16; those that fail are noted."""
     reference = fp8_call(None)
+    if arguments.weights == "bf16" and relative_error(reference, baseline()) >= 0.01:
+        raise AssertionError("the unscaled grouped kernel does not match torch's grouped GEMM")
     bf16_seconds = graph_seconds(baseline, arguments.calls, arguments.repeats)
     configurations = []
     for block_m, block_n, num_warps, num_stages, b_rows in GRID:
-        config = fp8_gemm.GemmTiles(block_m, block_n, num_warps, num_stages, b_rows)
+        config = fp8_gemm.GemmTiles(block_m, block_n, num_warps, num_stages, b_rows, BLOCK_K[arguments.weights])
         entry = {"config": [block_m, block_n, num_warps, num_stages, b_rows]}
         try:
             entry["error"] = relative_error(fp8_call(config), reference)
@@ -106,8 +117,12 @@ def sweep_experts(model: str, num_tokens: int, arguments) -> list[dict]:
                                                    ("down_proj", hidden, intermediate)):
             operands = expert_operands(num_tokens, num_experts, top_k, num_columns, num_inner)
             baseline = lambda: bf16_grouped(operands)  # noqa: E731
-            fp8_call = lambda config: fp8_gemm.fp8_grouped_linear(  # noqa: E731
-                operands["rows"], operands["weights"], operands["scales"], operands["rows_per_expert"], config)
+            if arguments.weights == "bf16":
+                fp8_call = lambda config: fp8_gemm.grouped_linear(  # noqa: E731
+                    operands["rows"], operands["weights_bf16"], operands["rows_per_expert"], config)
+            else:
+                fp8_call = lambda config: fp8_gemm.fp8_grouped_linear(  # noqa: E731
+                    operands["rows"], operands["weights"], operands["scales"], operands["rows_per_expert"], config)
             entry = {"model": model, "projection": f"experts {projection}", "tokens": num_tokens,
                      "rows_per_expert_mean": num_tokens * top_k / num_experts, "N": num_columns, "K": num_inner}
             entry.update(sweep(baseline, fp8_call, arguments))
@@ -141,14 +156,17 @@ def main() -> None:
     arguments = parse_arguments()
     torch.manual_seed(0)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "model": arguments.model,
+              "weights": arguments.weights,
               "calls_per_graph": arguments.calls, "repeats": arguments.repeats,
               "grid": "block_m, block_n, num_warps, num_stages, b_rows", "experts": [], "dense": []}
     device = torch.cuda.get_device_name().lower().replace(" ", "-")
-    output = arguments.output or RESULTS_DIRECTORY / f"fp8-tiles-{device}-{arguments.model}.json"
+    prefix = "fp8-tiles" if arguments.weights == "fp8" else "grouped-bf16-tiles"
+    output = arguments.output or RESULTS_DIRECTORY / f"{prefix}-{device}-{arguments.model}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     # Experts first (most of a MoE decode step), and the file rewritten after each: a sweep cut short keeps
     # what it measured.
-    for kind, sweep_shapes in (("experts", sweep_experts), ("dense", sweep_dense)):
+    kinds = (("experts", sweep_experts), ("dense", sweep_dense))[: 1 if arguments.weights == "bf16" else 2]
+    for kind, sweep_shapes in kinds:
         for num_tokens in arguments.tokens:
             result[kind] += sweep_shapes(arguments.model, num_tokens, arguments)
             output.write_text(json.dumps(result, indent=2) + "\n")

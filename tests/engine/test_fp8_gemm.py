@@ -122,6 +122,27 @@ def test_grouped_matmul_runs_each_experts_rows_on_its_weights(config, trailing_r
         torch.testing.assert_close(output, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
 
 
+@pytest.mark.parametrize("trailing_rows", [0, 6])
+@pytest.mark.parametrize("config", [None, fp8_gemm.GemmTiles(16, 64, 4, 2, b_rows=True, block_k=32),
+                                    fp8_gemm.GemmTiles(32, 128, 4, 3, block_k=64)],
+                         ids=["heuristic", "b-rows-16x64-k32", "32x128-k64"])
+def test_16_bit_grouped_matmul_runs_each_experts_rows_on_its_weights(config, trailing_rows):
+    """The unscaled kernel: the same groups in 16 bits, K (200) ending inside a tile, each row against its own
+    expert's product in float32; rows past the last group (another rank's pairs) do not disturb them.
+    bfloat16 on a GPU; float16 under the interpreter, whose bfloat16 stores write garbage."""
+    rows_per_expert = torch.tensor([3, 0, 40, 1, 0])
+    num_rows = int(rows_per_expert.sum())
+    generator = torch.Generator().manual_seed(5)
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    x = torch.randn(num_rows + trailing_rows, 200, generator=generator).to(dtype)
+    weights = (torch.randn(5, 96, 200, generator=generator) * 0.05).to(dtype)
+    expert_of_row = torch.repeat_interleave(torch.arange(5), rows_per_expert)
+    expected = torch.einsum("rk,rnk->rn", x[:num_rows].float(), weights[expert_of_row].float())
+    output = fp8_gemm.grouped_linear(x.to(DEVICE), weights.to(DEVICE), rows_per_expert.to(DEVICE), config).cpu()
+    torch.testing.assert_close(output[:num_rows].float(), expected, rtol=1e-2, atol=1e-2)
+    assert output.shape == (num_rows + trailing_rows, 96)
+
+
 def test_quantization_fp8_swaps_linears_of_a_builtin_model():
     """`--quantization fp8` on tiny-qwen2 (random bf16-free weights in float32): every projection FP8, the
     LM head kept; logits within 10% relative L2 of the unquantized model (measured 4.3% worst here: e4m3's

@@ -7,7 +7,9 @@ on Hopper and is 1.3–2.4× faster than this kernel at M ≥ 256, but where K e
 under a CUDA graph it is unmeasured (bench/fp8_gemm.py, bench/results/fp8-gemm-*-nvidia-h200.json). This
 kernel masks partial blocks in every dimension, so it serves every shape, including a tensor-parallel
 shard. The grouped variant runs the routed experts over rows sorted by expert with no host
-synchronisation, so a CUDA graph can hold a decode step.
+synchronisation, so a CUDA graph can hold a decode step. Unscaled, the same grouped kernel multiplies 16-bit
+experts (`grouped_linear`): at a decode step's few rows an expert it reads the weights faster than torch's
+grouped GEMM does.
 
 Layouts: x [M, K] → x_fp8 [M, K] and x_scale [M, ceil(K/128)] (x ≈ x_fp8 · x_scale per group);
 weight [N, K] with weight_scale_inv [ceil(N/128), ceil(K/128)] (weight ≈ weight_fp8 · scale per block);
@@ -65,9 +67,10 @@ def quantize_per_token_group(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 def _block_scaled_tile(a_rows, b_columns, a_scale_rows, b_scale_columns, row_inside, column_inside,
                        num_inner, stride_ak, stride_bk, stride_a_scale_k, stride_b_scale_k,
                        k_first_block, k_blocks, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, B_ROWS: tl.constexpr):
+                       BLOCK_K: tl.constexpr, B_ROWS: tl.constexpr, SCALED: tl.constexpr = True):
     """Σ over K blocks [k_first_block, k_first_block + k_blocks) of (a_fp8 · b_fp8) · a_scale · b_scale.
-    B_ROWS loads b as [BLOCK_N, BLOCK_K] (its rows, contiguous in memory) and transposes in registers."""
+    B_ROWS loads b as [BLOCK_N, BLOCK_K] (its rows, contiguous in memory) and transposes in registers.
+    Unscaled (16-bit operands, no scale is read), it is the plain product a · b."""
     accumulator = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     inner = tl.arange(0, BLOCK_K)
     for k_block in range(k_first_block, k_first_block + k_blocks):
@@ -81,9 +84,12 @@ def _block_scaled_tile(a_rows, b_columns, a_scale_rows, b_scale_columns, row_ins
         else:
             b = tl.load(b_columns[None, :] + k[:, None] * stride_bk,
                         mask=column_inside[None, :] & k_inside[:, None], other=0.0)
-        a_scale = tl.load(a_scale_rows + k_block * stride_a_scale_k, mask=row_inside, other=0.0)
-        b_scale = tl.load(b_scale_columns + k_block * stride_b_scale_k, mask=column_inside, other=0.0)
-        accumulator += tl.dot(a, b) * a_scale[:, None] * b_scale[None, :]
+        if SCALED:
+            a_scale = tl.load(a_scale_rows + k_block * stride_a_scale_k, mask=row_inside, other=0.0)
+            b_scale = tl.load(b_scale_columns + k_block * stride_b_scale_k, mask=column_inside, other=0.0)
+            accumulator += tl.dot(a, b) * a_scale[:, None] * b_scale[None, :]
+        else:
+            accumulator = tl.dot(a, b, accumulator)
     return accumulator
 
 
@@ -103,7 +109,7 @@ def _gemm_kernel(a, a_scale, b, b_scale, out, num_rows, num_columns, num_inner, 
         a + rows.to(tl.int64) * stride_am, b + columns.to(tl.int64) * stride_bn,
         a_scale + rows * stride_a_scale_m, b_scale + (columns // BLOCK_K) * stride_b_scale_n,
         row_inside, column_inside, num_inner, stride_ak, stride_bk, stride_a_scale_k, stride_b_scale_k,
-        k_first_block, k_blocks, BLOCK_M, BLOCK_N, BLOCK_K, B_ROWS)
+        k_first_block, k_blocks, BLOCK_M, BLOCK_N, BLOCK_K, B_ROWS, True)
     targets = out + split * stride_out_split + rows.to(tl.int64)[:, None] * stride_out_m + columns[None, :]
     tl.store(targets, accumulator.to(out.dtype.element_ty), mask=row_inside[:, None] & column_inside[None, :])
 
@@ -118,9 +124,10 @@ class GemmTiles:
     num_warps: int = 4
     num_stages: int = 3
     b_rows: bool = False
+    block_k: int = BLOCK  # FP8 products need the scale block; 16-bit ones may take less
 
     def launch(self) -> dict:
-        return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": BLOCK, "B_ROWS": self.b_rows,
+        return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k, "B_ROWS": self.b_rows,
                 "num_warps": self.num_warps, "num_stages": self.num_stages}
 
 
@@ -144,6 +151,21 @@ def grouped_tiles(rows_per_expert: int) -> GemmTiles:
     if rows_per_expert <= 16:
         return GemmTiles(16, 256, num_warps=4, num_stages=4)
     return GemmTiles(64, 128, num_warps=8, num_stages=4)
+
+
+# The mean rows an expert up to which grouped_linear beats torch's grouped GEMM (cutlass) in bf16; past it
+# torch's wins, as the products stop being bound by reading the weights. On an H200 at V2-Lite's shapes
+# (bench/results/grouped-bf16-tiles-nvidia-h200-deepseek-v2-lite.json): 1.36× at 24 rows, 1.18–1.23× at 48,
+# 0.89–0.94× at 72.
+GROUPED_16_BIT_MAX_ROWS = 48
+
+
+def grouped_tiles_16_bit(rows_per_expert: int) -> GemmTiles:
+    """Tiles for 16-bit routed experts (grouped_linear), by the mean rows an expert gets: 64 × 128 with 8
+    warps was within 1.5% of the best of 72 configurations for both projections at 24 and 48 rows."""
+    if rows_per_expert <= GROUPED_16_BIT_MAX_ROWS:
+        return GemmTiles(64, 128, num_warps=8, num_stages=3, block_k=64)
+    return GemmTiles(64, 256, num_warps=8, num_stages=4, block_k=64)
 
 
 @lru_cache(maxsize=None)
@@ -221,7 +243,7 @@ def _grouped_gemm_kernel(a, a_scale, b, b_scale, out, tile_experts, tile_first_r
                          stride_am, stride_ak, stride_a_scale_m, stride_a_scale_k, stride_be, stride_bn,
                          stride_bk, stride_b_scale_e, stride_b_scale_n, stride_b_scale_k, stride_out_m,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         B_ROWS: tl.constexpr):
+                         B_ROWS: tl.constexpr, SCALED: tl.constexpr):
     """One tile of one expert's rows: tile_experts says whose (num_experts: an unused tile of the grid)."""
     tile, tile_n = tl.program_id(0), tl.program_id(1)
     expert = tl.load(tile_experts + tile)
@@ -236,7 +258,7 @@ def _grouped_gemm_kernel(a, a_scale, b, b_scale, out, tile_experts, tile_first_r
         a_scale + rows * stride_a_scale_m,
         b_scale + expert_offset * stride_b_scale_e + (columns // BLOCK_K) * stride_b_scale_n,
         row_inside, column_inside, num_inner, stride_ak, stride_bk, stride_a_scale_k, stride_b_scale_k,
-        0, tl.cdiv(num_inner, BLOCK_K), BLOCK_M, BLOCK_N, BLOCK_K, B_ROWS)
+        0, tl.cdiv(num_inner, BLOCK_K), BLOCK_M, BLOCK_N, BLOCK_K, B_ROWS, SCALED)
     targets = out + rows.to(tl.int64)[:, None] * stride_out_m + columns[None, :]
     tl.store(targets, accumulator.to(out.dtype.element_ty), mask=row_inside[:, None] & column_inside[None, :])
 
@@ -283,18 +305,36 @@ def fp8_grouped_linear(rows: torch.Tensor, weights: torch.Tensor, weight_scales_
                        rows_per_expert: torch.Tensor, config: GemmTiles | None = None) -> torch.Tensor:
     """rows [R, K] sorted by expert · weights [experts, N, K]ᵀ (scales [experts, N/128, K/128]) → [R, N].
     `config` overrides the tiles `grouped_tiles` picks (the benchmark's sweep)."""
-    num_rows, num_inner = rows.shape
-    num_experts, num_columns = weights.shape[:2]
     rows_fp8, rows_scale = quantize_per_token_group(rows)
-    config = config or grouped_tiles(num_rows // max(num_experts, 1))
+    config = config or grouped_tiles(rows.shape[0] // max(weights.shape[0], 1))
+    if config.block_k != BLOCK:
+        raise ValueError(f"FP8 tiles must span the {BLOCK}-column scale block, not {config.block_k}")
+    return _grouped_product(rows_fp8, rows_scale, weights, weight_scales_inv, rows_per_expert, config, rows.dtype)
+
+
+def grouped_linear(rows: torch.Tensor, weights: torch.Tensor, rows_per_expert: torch.Tensor,
+                   config: GemmTiles | None = None) -> torch.Tensor:
+    """The same product in 16 bits, unscaled: rows [R, K] sorted by expert · weights [experts, N, K]ᵀ."""
+    config = config or grouped_tiles_16_bit(rows.shape[0] // max(weights.shape[0], 1))
+    return _grouped_product(rows, None, weights, None, rows_per_expert, config, rows.dtype)
+
+
+def _grouped_product(a: torch.Tensor, a_scale: torch.Tensor | None, weights: torch.Tensor,
+                     weight_scales: torch.Tensor | None, rows_per_expert: torch.Tensor, config: GemmTiles,
+                     output_dtype: torch.dtype) -> torch.Tensor:
+    """One launch of the grouped kernel; without scales the kernel reads none (a stands in for their pointers)."""
+    num_rows, num_inner = a.shape
+    num_experts, num_columns = weights.shape[:2]
     tile_experts, tile_first_rows, group_ends = expert_tiles(rows_per_expert, num_rows, config.block_m)
-    out = torch.empty(num_rows, num_columns, dtype=rows.dtype, device=rows.device)
+    out = torch.empty(num_rows, num_columns, dtype=output_dtype, device=a.device)
+    scaled = a_scale is not None
+    a_scale_strides = a_scale.stride() if scaled else (0, 0)
+    weight_scale_strides = weight_scales.stride() if scaled else (0, 0, 0)
     if num_rows:
         _grouped_gemm_kernel[(tile_experts.shape[0], triton.cdiv(num_columns, config.block_n))](
-            rows_fp8, rows_scale, weights, weight_scales_inv, out, tile_experts, tile_first_rows, group_ends,
-            num_columns, num_inner, num_experts, rows_fp8.stride(0), rows_fp8.stride(1), rows_scale.stride(0),
-            rows_scale.stride(1), weights.stride(0), weights.stride(1), weights.stride(2),
-            weight_scales_inv.stride(0), weight_scales_inv.stride(1), weight_scales_inv.stride(2), out.stride(0),
+            a, a_scale if scaled else a, weights, weight_scales if scaled else weights, out, tile_experts,
+            tile_first_rows, group_ends, num_columns, num_inner, num_experts, a.stride(0), a.stride(1),
+            *a_scale_strides, *weights.stride(), *weight_scale_strides, out.stride(0), SCALED=scaled,
             **config.launch())
     return out
 

@@ -274,16 +274,22 @@ class RoutedExperts(nn.Module):
         return combine_expert_outputs(expert_output, sorted_position, expert_weights)
 
     def _project(self, rows: torch.Tensor, weight_name: str, rows_per_expert: torch.Tensor) -> torch.Tensor:
-        """rows sorted by expert times each one's stacked weight: the FP8 grouped kernel on a GPU, the
-        dequantized weights on the CPU, torch's grouped GEMM in 16 bits."""
+        """rows sorted by expert times each one's stacked weight: on a GPU the grouped kernel (FP8, or 16-bit
+        where the fused kernels run); elsewhere torch's grouped GEMM, of the dequantized weights for FP8."""
         weight = getattr(self, weight_name)
-        if not is_fp8(weight):
-            return grouped_matmul(rows, weight.transpose(1, 2), rows_per_expert)
-        if rows.is_cuda:
+        if is_fp8(weight) and rows.is_cuda:
             from worker.engine.kernels.fp8_gemm import fp8_grouped_linear
 
             return fp8_grouped_linear(rows, weight, getattr(self, f"{weight_name}_scale_inv"), rows_per_expert)
-        return grouped_matmul(rows, dequantized(self, weight_name, rows.dtype).transpose(1, 2), rows_per_expert)
+        if is_fp8(weight):
+            return grouped_matmul(rows, dequantized(self, weight_name, rows.dtype).transpose(1, 2), rows_per_expert)
+        if uses_fused_kernels(rows):
+            from worker.engine.kernels.fp8_gemm import GROUPED_16_BIT_MAX_ROWS, grouped_linear
+
+            few_rows = rows.shape[0] <= GROUPED_16_BIT_MAX_ROWS * weight.shape[0]
+            if few_rows or not has_grouped_mm(rows.device, rows.dtype):
+                return grouped_linear(rows, weight, rows_per_expert)
+        return grouped_matmul(rows, weight.transpose(1, 2), rows_per_expert)
 
 
 class MixtureOfExperts(nn.Module):
@@ -357,9 +363,11 @@ class DeepseekForCausalLM(PagedCausalLM):
         super().__init__(hf_config, layers, rotary_dim=hf_config.qk_rope_head_dim, shard=shard)
 
     def supports_cuda_graphs(self, device: torch.device, dtype: torch.dtype) -> bool:
-        """The MoE layers' fallback without grouped GEMM asks the host for group sizes: no graphs then."""
+        """The MoE layers' fallback without a grouped GEMM (ours for 16 bits on a GPU, or torch's) asks the host
+        for group sizes: no graphs then."""
         has_experts = self.config.num_hidden_layers > self.config.first_k_dense_replace
-        return not has_experts or has_grouped_mm(device, dtype)
+        grouped_kernel = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+        return not has_experts or grouped_kernel or has_grouped_mm(device, dtype)
 
     def rank_part_of(self, name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor | None]:
         """Routed experts go whole to the rank that owns them: a per-expert checkpoint tensor is renamed to
