@@ -5,10 +5,13 @@ tensors and run torch's scaled_dot_product_attention with a causal mask, which i
 does. Shapes: decode (512 sequences, one new token each) and prefill (16 sequences of 512 new tokens),
 for DeepSeek-R1-Distill-Qwen-1.5B's grouped-query heads (12 query, 2 key/value, 128 dims) and
 DeepSeek-V2-Lite's MLA in the absorbed form (16 heads over one 512 + 64 latent). With `--sweep`, also
-times a grid of launch shapes (the defaults in worker/engine/kernels/paged_attention.py come from it).
+times a grid of launch shapes (the defaults in worker/engine/kernels/paged_attention.py come from it); for
+decode the grid includes splitting each context across programs. `--sequences` and `--context` set a decode
+step's batch and context lengths (an engine benchmark's, say), `--shapes` picks shapes.
 Prints times, the kernel's speedup and its achieved bandwidth; writes bench/results/paged-attention-<gpu>.json.
 
     python bench/paged_attention.py [--sweep]
+    python bench/paged_attention.py --sweep --shapes gqa-decode --sequences 128 --context 64 768 --output f.json
 """
 
 from __future__ import annotations
@@ -38,11 +41,11 @@ SHAPES = {
     "mla-decode": (512, 16, 1, (512, 64), 512, True, 1, (64, 640)),
     "mla-prefill": (16, 16, 1, (512, 64), 512, True, 512, (512, 512)),
 }
-SWEEPS = {
-    "gqa-decode": ([2], [32, 64, 128], [4, 8], [2, 3, 4]),
-    "gqa-prefill": ([8, 16], [32, 64], [4, 8], [2, 3]),
-    "mla-decode": ([1], [16, 32, 64, 128], [2, 4, 8], [1, 2, 3, 4]),
-    "mla-prefill": ([2, 4], [32, 64], [4, 8], [1, 2]),
+SWEEPS = {  # tokens, block_n, warps, stages, heads (None: the whole group), context splits (decode)
+    "gqa-decode": ([2], [32, 64, 128], [4, 8], [2, 3, 4], [None], [1, 2, 3, 4]),
+    "gqa-prefill": ([8, 16], [32, 64], [4, 8], [2, 3], [None], [None]),
+    "mla-decode": ([1], [16, 32, 64, 128], [2, 4, 8], [1, 2, 3, 4], [None], [1, 2, 4]),
+    "mla-prefill": ([2, 4], [32, 64], [4, 8], [1, 2], [None], [None]),
 }
 
 
@@ -121,12 +124,24 @@ def measure(name: str, sweep: bool) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", action="store_true", help="also time a grid of launch shapes")
+    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=sorted(SHAPES))
+    parser.add_argument("--sequences", type=int, help="decode shapes: sequences in the step")
+    parser.add_argument("--context", type=int, nargs=2, metavar=("LOW", "HIGH"), help="decode shapes: context range")
+    parser.add_argument("--output", type=Path)
     arguments = parser.parse_args()
-    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
-    results.update({name: measure(name, arguments.sweep) for name in SHAPES})
-    RESULTS_DIRECTORY.mkdir(parents=True, exist_ok=True)
+    for name in SHAPES:
+        if name.endswith("-decode"):
+            shape = list(SHAPES[name])
+            shape[0] = arguments.sequences or shape[0]
+            shape[7] = tuple(arguments.context or shape[7])
+            SHAPES[name] = tuple(shape)
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+               "decode_sequences_and_context": [arguments.sequences, arguments.context]}
+    results.update({name: measure(name, arguments.sweep) for name in arguments.shapes})
     label = re.sub(r"[^A-Za-z0-9]+", "-", results["device"]).strip("-").lower()
-    (RESULTS_DIRECTORY / f"paged-attention-{label}.json").write_text(json.dumps(results, indent=2) + "\n")
+    output = arguments.output or RESULTS_DIRECTORY / f"paged-attention-{label}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
 
 

@@ -184,6 +184,7 @@ class LaunchShape:
     stages: int  # software-pipelining depth of the key loop
     heads: int | None = None  # of a key/value head's group, the query heads per program; None: the whole group
     kv_splits: int | None = None  # decode: runs of each context taken by programs of their own; None: by the SMs
+    split_below: float = 1.0  # decode, kv_splits None: programs an SM below which contexts are split
 
 
 def launch_shape(group: int, value_dim: int, is_decode: bool) -> LaunchShape:
@@ -193,6 +194,12 @@ def launch_shape(group: int, value_dim: int, is_decode: bool) -> LaunchShape:
     is split across programs."""
     heads = min(group, MAX_WIDE_ROWS if value_dim > 256 else MAX_ROWS)
     heads_pad = next_power_of_two(heads)
+    if is_decode and heads_pad <= 16 and value_dim <= 128:
+        # Grouped-query heads: 128-position tiles, three stages deep, read the 1.5B shape's cache 1.12-1.34× as
+        # fast as 64-position tiles at 64-512 sequences on an H200, and need no split at 128 programs
+        # (bench/results/paged-attention-nvidia-h200-gqa-decode-*.json). Keys and values of up to 128 dims
+        # keep three such stages within shared memory.
+        return LaunchShape(tokens=16 // heads_pad, block_n=128, warps=4, stages=3, heads=heads, split_below=0.5)
     if is_decode and heads_pad <= 16:
         return LaunchShape(tokens=16 // heads_pad, block_n=64, warps=4, stages=2, heads=heads)
     # A decode step's program holds one token; past 16 heads its rows take the prefill programs' warps
@@ -240,7 +247,8 @@ def paged_attention(
     splits = triton.cdiv(group, heads)
     kv_splits = 1
     if max_query_len == 1:
-        kv_splits = launch.kv_splits or decode_kv_splits(num_sequences * num_kv_heads * splits, query.device)
+        kv_splits = launch.kv_splits or decode_kv_splits(num_sequences * num_kv_heads * splits, query.device,
+                                                         launch.split_below)
     num_heads = query.shape[1]
     partial_values = partial_max = partial_sum = output  # unused unless the context is split
     if kv_splits > 1:
@@ -281,7 +289,9 @@ def paged_attention(
 # the kernel read the cache at a quarter of the bandwidth. With fewer programs than SMs each context is split
 # into runs of whole key tiles, up to PROGRAMS_PER_SM programs an SM, taken by programs of their own and
 # combined after (FlashDecoding). On an H200 that took the 1.5B shape's decode step at batch 64 from 2.65 to
-# 2.37 ms; splitting V2-Lite's 256 MLA programs into 3 runs each made its step slower (14.14 to 14.51 ms).
+# 2.37 ms with 64-position tiles; splitting V2-Lite's 256 MLA programs into 3 runs each made its step slower
+# (14.14 to 14.51 ms). Grouped-query heads now take 128-position tiles, which need no split at 128 programs
+# (LaunchShape.split_below): the same 2.4 ms at batch 64, 2.80 to 2.64 ms at 128.
 PROGRAMS_PER_SM = 4
 MAX_KV_SPLITS = 8
 
@@ -291,11 +301,12 @@ def multiprocessor_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def decode_kv_splits(programs: int, device: torch.device) -> int:
+def decode_kv_splits(programs: int, device: torch.device, split_below: float = 1.0) -> int:
     """How many runs to split each context of a decode step into: none off a GPU (the interpreter's tests
-    choose theirs) or where every SM has a program, else enough for PROGRAMS_PER_SM programs an SM. A function
-    of the batch, not of the context lengths, so a CUDA graph captured at one batch size replays any contexts."""
+    choose theirs) or where there are split_below programs an SM or more, else enough for PROGRAMS_PER_SM
+    programs an SM. A function of the batch, not of the context lengths, so a CUDA graph captured at one
+    batch size replays any contexts."""
     multiprocessors = multiprocessor_count(device) if device.type == "cuda" else 0
-    if programs >= multiprocessors:
+    if programs >= split_below * multiprocessors:
         return 1
     return min(MAX_KV_SPLITS, -(-PROGRAMS_PER_SM * multiprocessors // programs))
