@@ -111,3 +111,32 @@ def test_the_fused_experts_leave_out_another_ranks_pairs():
         alone = experts._torch_forward(hidden, ids, local_weights)
     torch.testing.assert_close(fused, alone, **TOLERANCE)
     torch.testing.assert_close(torch_ops, alone, **TOLERANCE)
+
+
+@pytest.mark.parametrize(("pairs_per_expert", "expected"), [(48, "ours"), (49, "torch's")])
+def test_16_bit_experts_take_our_grouped_kernel_up_to_its_rows_an_expert_over_every_ranks_experts(
+        monkeypatch, pairs_per_expert, expected):
+    """Which grouped GEMM a 16-bit projection on a GPU takes (the kernels replaced by recorders): ours up to
+    GROUPED_16_BIT_MAX_ROWS pairs an expert, torch's past it. Under expert parallelism a rank holds half the
+    experts but sees every pair, so the mean is over the model's experts, not the rank's."""
+    import copy
+
+    import worker.engine.models.deepseek as deepseek
+    from worker.engine.kernels import fp8_gemm
+
+    config = tiny_deepseek_v3_config()
+    local_config = copy.copy(config)
+    local_config.n_routed_experts = config.n_routed_experts // 2
+    experts = RoutedExperts(local_config, experts_in_model=config.n_routed_experts)
+    chosen = []
+
+    def recorder(name):
+        return lambda rows, weight, rows_per_expert: chosen.append(name) or rows
+
+    monkeypatch.setattr(deepseek, "uses_fused_kernels", lambda tensor: True)
+    monkeypatch.setattr(fp8_gemm, "grouped_linear", recorder("ours"))
+    monkeypatch.setattr(deepseek, "grouped_matmul", recorder("torch's"))
+    assert fp8_gemm.GROUPED_16_BIT_MAX_ROWS == 48
+    rows = torch.zeros(pairs_per_expert * config.n_routed_experts, config.hidden_size, dtype=torch.bfloat16)
+    experts._project(rows, "gate_up_proj", torch.zeros(local_config.n_routed_experts, dtype=torch.int64))
+    assert chosen == [expected]

@@ -227,9 +227,12 @@ class RoutedExperts(nn.Module):
 
     expert_weight_names = ("gate_up_proj", "down_proj")
 
-    def __init__(self, hf_config: PretrainedConfig):
+    def __init__(self, hf_config: PretrainedConfig, experts_in_model: int | None = None):
         super().__init__()
         num_experts, hidden_size = hf_config.n_routed_experts, hf_config.hidden_size
+        # Every rank's experts: under expert parallelism each pair still goes to one of these, so a step's
+        # mean rows an expert is its pairs over this count, not over this rank's experts.
+        self.experts_in_model = experts_in_model or num_experts
         intermediate_size = hf_config.moe_intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
@@ -286,7 +289,7 @@ class RoutedExperts(nn.Module):
         if uses_fused_kernels(rows):
             from worker.engine.kernels.fp8_gemm import GROUPED_16_BIT_MAX_ROWS, grouped_linear
 
-            few_rows = rows.shape[0] <= GROUPED_16_BIT_MAX_ROWS * weight.shape[0]
+            few_rows = rows.shape[0] <= GROUPED_16_BIT_MAX_ROWS * self.experts_in_model
             if few_rows or not has_grouped_mm(rows.device, rows.dtype):
                 return grouped_linear(rows, weight, rows_per_expert)
         return grouped_matmul(rows, weight.transpose(1, 2), rows_per_expert)
@@ -311,7 +314,7 @@ class MixtureOfExperts(nn.Module):
         if shard.is_parallel:  # RoutedExperts sizes itself from the config: give it this rank's count
             local_config = copy.copy(hf_config)
             local_config.n_routed_experts = self.num_local_experts
-        self.experts = RoutedExperts(local_config)
+        self.experts = RoutedExperts(local_config, experts_in_model=hf_config.n_routed_experts)
         num_shared = hf_config.n_shared_experts or 0
         self.shared_experts = (
             GatedMLP(
