@@ -67,7 +67,7 @@ def quantize_per_token_group(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 def _block_scaled_tile(a_rows, b_columns, a_scale_rows, b_scale_columns, row_inside, column_inside,
                        num_inner, stride_ak, stride_bk, stride_a_scale_k, stride_b_scale_k,
                        k_first_block, k_blocks, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, B_ROWS: tl.constexpr, SCALED: tl.constexpr = True):
+                       BLOCK_K: tl.constexpr, B_ROWS: tl.constexpr, SCALED: tl.constexpr):
     """Σ over K blocks [k_first_block, k_first_block + k_blocks) of (a_fp8 · b_fp8) · a_scale · b_scale.
     B_ROWS loads b as [BLOCK_N, BLOCK_K] (its rows, contiguous in memory) and transposes in registers.
     Unscaled (16-bit operands, no scale is read), it is the plain product a · b."""
@@ -305,10 +305,10 @@ def fp8_grouped_linear(rows: torch.Tensor, weights: torch.Tensor, weight_scales_
                        rows_per_expert: torch.Tensor, config: GemmTiles | None = None) -> torch.Tensor:
     """rows [R, K] sorted by expert · weights [experts, N, K]ᵀ (scales [experts, N/128, K/128]) → [R, N].
     `config` overrides the tiles `grouped_tiles` picks (the benchmark's sweep)."""
-    rows_fp8, rows_scale = quantize_per_token_group(rows)
     config = config or grouped_tiles(rows.shape[0] // max(weights.shape[0], 1))
     if config.block_k != BLOCK:
         raise ValueError(f"FP8 tiles must span the {BLOCK}-column scale block, not {config.block_k}")
+    rows_fp8, rows_scale = quantize_per_token_group(rows)
     return _grouped_product(rows_fp8, rows_scale, weights, weight_scales_inv, rows_per_expert, config, rows.dtype)
 
 
