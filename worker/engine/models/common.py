@@ -21,7 +21,12 @@ from worker.engine.parallel import Shard, embed_vocab_parallel, slice_checkpoint
 def uses_fused_kernels(tensor: torch.Tensor) -> bool:
     """16-bit activations on the GPU take the fused Triton kernels (worker/engine/kernels/fused.py); the CPU
     and float32 keep transformers' op-for-op torch code."""
-    return tensor.is_cuda and tensor.dtype in (torch.bfloat16, torch.float16)
+    return fused_kernels_run(tensor.device, tensor.dtype)
+
+
+def fused_kernels_run(device: torch.device, dtype: torch.dtype) -> bool:
+    """uses_fused_kernels for a model's device and dtype, before any tensor exists."""
+    return device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
 
 
 class RMSNorm(nn.Module):

@@ -27,7 +27,8 @@ from worker.engine.kernels.fp8_blocks import is_fp8
 from worker.engine.layers.linear import dequantized
 from worker.engine.layers.attention import AttentionMetadata, LatentAttention
 from worker.engine.models.common import (DecoderLayer, GatedMLP, PagedCausalLM, RMSNorm, activate_gate_up,
-                                         apply_rotary, apply_rotary_, packed_rows, uses_fused_kernels)
+                                         apply_rotary, apply_rotary_, fused_kernels_run, packed_rows,
+                                         uses_fused_kernels)
 from worker.engine.parallel import Shard
 
 
@@ -280,11 +281,11 @@ class RoutedExperts(nn.Module):
         """rows sorted by expert times each one's stacked weight: on a GPU the grouped kernel (FP8, or 16-bit
         where the fused kernels run); elsewhere torch's grouped GEMM, of the dequantized weights for FP8."""
         weight = getattr(self, weight_name)
-        if is_fp8(weight) and rows.is_cuda:
-            from worker.engine.kernels.fp8_gemm import fp8_grouped_linear
-
-            return fp8_grouped_linear(rows, weight, getattr(self, f"{weight_name}_scale_inv"), rows_per_expert)
         if is_fp8(weight):
+            if rows.is_cuda:
+                from worker.engine.kernels.fp8_gemm import fp8_grouped_linear
+
+                return fp8_grouped_linear(rows, weight, getattr(self, f"{weight_name}_scale_inv"), rows_per_expert)
             return grouped_matmul(rows, dequantized(self, weight_name, rows.dtype).transpose(1, 2), rows_per_expert)
         if uses_fused_kernels(rows):
             from worker.engine.kernels.fp8_gemm import GROUPED_16_BIT_MAX_ROWS, grouped_linear
@@ -369,8 +370,7 @@ class DeepseekForCausalLM(PagedCausalLM):
         """The MoE layers' fallback without a grouped GEMM (ours for 16 bits on a GPU, or torch's) asks the host
         for group sizes: no graphs then."""
         has_experts = self.config.num_hidden_layers > self.config.first_k_dense_replace
-        grouped_kernel = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
-        return not has_experts or grouped_kernel or has_grouped_mm(device, dtype)
+        return not has_experts or fused_kernels_run(device, dtype) or has_grouped_mm(device, dtype)
 
     def rank_part_of(self, name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor | None]:
         """Routed experts go whole to the rank that owns them: a per-expert checkpoint tensor is renamed to
