@@ -10,6 +10,7 @@ per shape with its worst and median speedup over bf16.
 
     python bench/fp8_tiles.py --model deepseek-v2-lite --tokens 256 512
 
+FP8 experts also sweep the swapped grouped kernel's tiles (SWAPPED_GRID; "swapped" in the JSON's config).
 `--weights bf16` sweeps the same grouped kernel unscaled (grouped_linear, 16-bit experts) against torch's
 grouped GEMM instead, over tiles of 64-column K slices:
 
@@ -36,6 +37,9 @@ from worker.engine.kernels.fp8_blocks import quantize_weight_blocks  # noqa: E40
 RESULTS_DIRECTORY = Path(__file__).resolve().parent / "results"
 # Tile rows, tile columns, warps, stages, b by rows.
 GRID = list(itertools.product((16, 32, 64), (64, 128, 256), (4, 8), (3, 4), (False, True)))
+# The swapped grouped kernel (FP8 experts): an expert's rows, weight rows (dividing the 128-row scale block),
+# warps, stages.
+SWAPPED_GRID = list(itertools.product((16, 32, 64), (64, 128), (4, 8), (3, 4, 5)))
 BLOCK_K = {"fp8": 128, "bf16": 64}  # FP8 tiles span a scale block; 64 keeps four bf16 stages in shared memory
 
 
@@ -74,7 +78,19 @@ def graph_seconds(function, calls: int, repeats: int) -> list[float]:
     return seconds
 
 
-def sweep(baseline, fp8_call, arguments) -> dict:
+def tiles_to_sweep(arguments, experts: bool) -> list[tuple[list, fp8_gemm.GemmTiles]]:
+    """(the JSON's name of a configuration, its tiles): GRID, and for FP8 experts SWAPPED_GRID too."""
+    configurations = [([block_m, block_n, num_warps, num_stages, b_rows],
+                       fp8_gemm.GemmTiles(block_m, block_n, num_warps, num_stages, b_rows, BLOCK_K[arguments.weights]))
+                      for block_m, block_n, num_warps, num_stages, b_rows in GRID]
+    if experts and arguments.weights == "fp8":
+        configurations += [([block_m, block_n, num_warps, num_stages, "swapped"],
+                            fp8_gemm.GemmTiles(block_m, block_n, num_warps, num_stages, swapped=True))
+                           for block_m, block_n, num_warps, num_stages in SWAPPED_GRID]
+    return configurations
+
+
+def sweep(baseline, fp8_call, arguments, experts: bool = False) -> dict:
     """Every configuration of GRID against the bf16 baseline. A configuration's output must match the
     heuristic's (same FP8 arithmetic, another summation order) within 1%, and the heuristic's the baseline's
     in bf16; those that fail are noted."""
@@ -83,9 +99,8 @@ def sweep(baseline, fp8_call, arguments) -> dict:
         raise AssertionError("the unscaled grouped kernel does not match torch's grouped GEMM")
     bf16_seconds = graph_seconds(baseline, arguments.calls, arguments.repeats)
     configurations = []
-    for block_m, block_n, num_warps, num_stages, b_rows in GRID:
-        config = fp8_gemm.GemmTiles(block_m, block_n, num_warps, num_stages, b_rows, BLOCK_K[arguments.weights])
-        entry = {"config": [block_m, block_n, num_warps, num_stages, b_rows]}
+    for name, config in tiles_to_sweep(arguments, experts):
+        entry = {"config": name}
         try:
             entry["error"] = relative_error(fp8_call(config), reference)
             seconds = graph_seconds(lambda: fp8_call(config), arguments.calls, arguments.repeats)
@@ -125,7 +140,7 @@ def sweep_experts(model: str, num_tokens: int, arguments) -> list[dict]:
                     operands["rows"], operands["weights"], operands["scales"], operands["rows_per_expert"], config)
             entry = {"model": model, "projection": f"experts {projection}", "tokens": num_tokens,
                      "rows_per_expert_mean": num_tokens * top_k / num_experts, "N": num_columns, "K": num_inner}
-            entry.update(sweep(baseline, fp8_call, arguments))
+            entry.update(sweep(baseline, fp8_call, arguments, experts=True))
             print(json.dumps({key: value for key, value in entry.items() if key != "configurations"}), flush=True)
             results.append(entry)
     return results

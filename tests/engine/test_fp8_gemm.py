@@ -100,11 +100,17 @@ def test_quantize_per_token_group_on_exactly_representable_values(num_columns):
     assert torch.equal(quantized.cpu().float(), x_fp8.float())
 
 
+# The swapped kernel (weights on the tensor cores' wide side): 16-row tiles split the 40-row expert in three.
+GROUPED_CONFIGS = CONFIGS + [fp8_gemm.GemmTiles(16, 128, 4, 2, swapped=True),
+                             fp8_gemm.GemmTiles(32, 64, 4, 3, swapped=True)]
+
+
 @pytest.mark.parametrize("trailing_rows", [0, 6])  # 6: rows past every group (another rank's pairs)
-@pytest.mark.parametrize("config", CONFIGS, ids=["heuristic", "b-rows-16x128", "b-rows-32x64"])
+@pytest.mark.parametrize("config", GROUPED_CONFIGS,
+                         ids=["heuristic", "b-rows-16x128", "b-rows-32x64", "swapped-16x128", "swapped-32x64"])
 def test_grouped_matmul_runs_each_experts_rows_on_its_weights(config, trailing_rows):
-    """Rows sorted by expert, some experts with none, one with more than a tile; rows after the last group
-    are left alone."""
+    """Rows sorted by expert, some experts with none, one with more than a tile, K (192) and N (160) ending
+    inside a block; rows after the last group are left alone."""
     rows_per_expert = torch.tensor([3, 0, 40, 1, 0])
     num_rows = int(rows_per_expert.sum())
     x_fp8, x_scale = activations_and_scales(num_rows + trailing_rows, 192)
@@ -120,6 +126,30 @@ def test_grouped_matmul_runs_each_experts_rows_on_its_weights(config, trailing_r
         torch.testing.assert_close(output, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
     else:
         torch.testing.assert_close(output, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="torch's blockwise scaled matmul runs on Hopper GPUs")
+@pytest.mark.parametrize(("num_rows", "num_columns", "num_inner"),
+                         [(256, 576, 2048), (32, 3072, 512), (16, 2048, 1536), (16, 2048, 1408), (24, 512, 256),
+                          (32, 256, 320)])
+def test_fp8_linear_on_a_gpu_equals_the_torch_arithmetic_eager_and_in_a_graph(num_rows, num_columns, num_inner):
+    """torch's blockwise scaled matmul where it takes the shape (576: a partial block of N, as V3's latent),
+    this module's kernel where it does not (K = 1408: 11 blocks, which cuBLAS got wrong; 24 rows; K = 320
+    ends inside a block), in a CUDA graph as a decode step runs it. The same quantized operands, summed in
+    another order: 1e-2 of the largest output."""
+    generator = torch.Generator().manual_seed(num_inner)
+    x = torch.randn(num_rows, num_inner, generator=generator).to(torch.bfloat16).to(DEVICE)
+    weight, weight_scale_inv = (tensor.to(DEVICE) for tensor in
+                                quantize_weight_blocks(torch.randn(num_columns, num_inner, generator=generator) * 0.02))
+    expected = fp8_gemm.reference_block_scaled_matmul(x.float(), weight, weight_scale_inv)
+    eager = fp8_gemm.fp8_linear(x, weight, weight_scale_inv)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = fp8_gemm.fp8_linear(x, weight, weight_scale_inv)
+    graph.replay()
+    tolerance = {"rtol": 1e-2, "atol": 1e-2 * expected.abs().max().item()}
+    torch.testing.assert_close(eager.float(), expected, **tolerance)
+    torch.testing.assert_close(captured, eager)
 
 
 @pytest.mark.parametrize("trailing_rows", [0, 6])

@@ -1,15 +1,15 @@
 """Block-scaled FP8 matrix products for Hopper, as DeepSeek-V3 runs them: weights in float8_e4m3fn with one
 float32 scale per 128×128 block, activations quantized per token in groups of 128 columns.
 
-Why Triton rather than torch's scaled matmul: torch 2.11's blockwise `_scaled_mm` takes these scales
-on Hopper and is 1.3–2.4× faster than this kernel at M ≥ 256, but where K ends in a partial block
-(DeepSeek-V2-Lite's 10944 = 85.5 × 128) it returns wrong products (9% error) without complaint, and
-under a CUDA graph it is unmeasured (bench/fp8_gemm.py, bench/results/fp8-gemm-*-nvidia-h200.json). This
-kernel masks partial blocks in every dimension, so it serves every shape, including a tensor-parallel
-shard. The grouped variant runs the routed experts over rows sorted by expert with no host
-synchronisation, so a CUDA graph can hold a decode step. Unscaled, the same grouped kernel multiplies 16-bit
-experts (`grouped_linear`): at a decode step's few rows an expert it reads the weights faster than torch's
-grouped GEMM does.
+Dense projections go to torch's blockwise `_scaled_mm` (cuBLAS) where it computes them right
+(`torch_blockwise_takes`): it is faster than this module's kernel at a decode step's shapes, but returns
+wrong products without complaint where K ends inside a scale block (V2-Lite's 10944 = 85.5 × 128) or spans a
+number of blocks that is not a multiple of 4 (1408 = 11 blocks). This module's kernel masks partial blocks in
+every dimension, so it serves every other shape, including a tensor-parallel shard. The grouped kernels run
+the routed experts over rows sorted by expert with no host synchronisation, so a CUDA graph can hold a decode
+step; at 17–32 rows an expert the swapped one puts the weights on the tensor cores' wide side. Unscaled, the
+grouped kernel multiplies 16-bit experts (`grouped_linear`): at a decode step's few rows an expert it reads
+the weights faster than torch's grouped GEMM does.
 
 Layouts: x [M, K] → x_fp8 [M, K] and x_scale [M, ceil(K/128)] (x ≈ x_fp8 · x_scale per group);
 weight [N, K] with weight_scale_inv [ceil(N/128), ceil(K/128)] (weight ≈ weight_fp8 · scale per block);
@@ -31,7 +31,7 @@ from worker.engine.kernels.fp8_blocks import BLOCK, FP8_DTYPE, FP8_MAX, SCALE_FL
 
 
 @triton.jit
-def _quantize_groups_kernel(x, x_fp8, x_scale, num_columns, stride_x, stride_fp8, stride_scale,
+def _quantize_groups_kernel(x, x_fp8, x_scale, num_columns, stride_x, stride_fp8, stride_scale, stride_scale_group,
                             fp8_max, scale_floor, GROUP: tl.constexpr, GROUPS: tl.constexpr):
     """One program per row, GROUPS groups at a time: each group's absolute maximum sets its scale. (A
     program per group and row, one warp each, spent 1.3 ms of a 14.6 ms V2-Lite FP8 decode step.)"""
@@ -45,20 +45,25 @@ def _quantize_groups_kernel(x, x_fp8, x_scale, num_columns, stride_x, stride_fp8
         scale = tl.maximum(tl.max(tl.abs(values), axis=1) / fp8_max, scale_floor)
         quantized = tl.clamp(values / scale[:, None], -fp8_max, fp8_max)
         tl.store(x_fp8 + row * stride_fp8 + columns, quantized.to(x_fp8.dtype.element_ty), mask=inside)
-        tl.store(x_scale + row * stride_scale + groups, scale, mask=groups * GROUP < num_columns)
+        tl.store(x_scale + row * stride_scale + groups * stride_scale_group, scale, mask=groups * GROUP < num_columns)
 
 
-def quantize_per_token_group(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x_fp8 [M, K], x_scale [M, ceil(K/128)] float32) for x [M, K], as DeepSeek-V3 quantizes activations."""
+def quantize_per_token_group(x: torch.Tensor, scales_by_group: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_fp8 [M, K], x_scale [M, ceil(K/128)] float32) for x [M, K], as DeepSeek-V3 quantizes activations.
+    scales_by_group lays x_scale out a group's scales after another (strides (1, M)), as torch's blockwise
+    scaled matmul takes them."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     num_rows, num_columns = x.shape
     num_groups = triton.cdiv(num_columns, BLOCK)
     x_fp8 = torch.empty(num_rows, num_columns, dtype=FP8_DTYPE, device=x.device)
-    x_scale = torch.empty(num_rows, num_groups, dtype=torch.float32, device=x.device)
+    if scales_by_group:
+        x_scale = torch.empty(num_groups, num_rows, dtype=torch.float32, device=x.device).t()
+    else:
+        x_scale = torch.empty(num_rows, num_groups, dtype=torch.float32, device=x.device)
     if num_rows:
         _quantize_groups_kernel[(num_rows,)](
-            x, x_fp8, x_scale, num_columns, x.stride(0), x_fp8.stride(0), x_scale.stride(0), FP8_MAX, SCALE_FLOOR,
+            x, x_fp8, x_scale, num_columns, x.stride(0), x_fp8.stride(0), *x_scale.stride(), FP8_MAX, SCALE_FLOOR,
             GROUP=BLOCK, GROUPS=min(16, triton.next_power_of_2(num_groups)), num_warps=4)
     return x_fp8, x_scale
 
@@ -125,10 +130,14 @@ class GemmTiles:
     num_stages: int = 3
     b_rows: bool = False
     block_k: int = BLOCK  # FP8 products need the scale block; 16-bit ones may take less
+    # Grouped FP8 only: the weights' rows are the tensor cores' wide side and an expert's few rows the narrow
+    # one (_swapped_grouped_kernel), so a tile of block_m rows no longer pads them to 64. block_n divides 128.
+    swapped: bool = False
 
     def launch(self) -> dict:
-        return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k, "B_ROWS": self.b_rows,
-                "num_warps": self.num_warps, "num_stages": self.num_stages}
+        launch = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k,
+                  "num_warps": self.num_warps, "num_stages": self.num_stages}
+        return launch if self.swapped else {**launch, "B_ROWS": self.b_rows}
 
 
 def gemm_tiles(num_rows: int, num_columns: int) -> GemmTiles:
@@ -144,12 +153,15 @@ def gemm_tiles(num_rows: int, num_columns: int) -> GemmTiles:
 
 def grouped_tiles(rows_per_expert: int) -> GemmTiles:
     """Tiles for the routed experts, by the mean rows an expert gets, from the same sweep: V3's decode (2–8
-    rows an expert) wants thin, wide tiles; V2-Lite's (24–48) 64 × 128 with 8 warps, 33% faster than the
-    32 × 64 tiles it had at 48 rows."""
+    rows an expert) wants thin, wide tiles; V2-Lite's at 48 rows 64 × 128 with 8 warps, 33% faster than the
+    32 × 64 tiles it had. At 24 (V2-Lite's batch 256) the swapped kernel's 32-row tiles beat the best 64-row
+    ones by 8% (gate_up 106 against 114 µs, down 61 against 65, one H200, in CUDA graphs)."""
     if rows_per_expert <= 4:
         return GemmTiles(16, 128, num_warps=4, num_stages=4)
     if rows_per_expert <= 16:
         return GemmTiles(16, 256, num_warps=4, num_stages=4)
+    if rows_per_expert <= 32:
+        return GemmTiles(32, 128, num_warps=4, num_stages=3, swapped=True)
     return GemmTiles(64, 128, num_warps=8, num_stages=4)
 
 
@@ -226,12 +238,28 @@ def sum_splits(partial: torch.Tensor, output_dtype: torch.dtype) -> torch.Tensor
     return out
 
 
+def torch_blockwise_takes(num_rows: int, num_columns: int, num_inner: int, dtype: torch.dtype) -> bool:
+    """Whether torch's blockwise scaled matmul (cuBLAS) computes this product right. It returns wrong products,
+    without complaint, where K ends inside a scale block (V2-Lite's 10944) and where K's blocks are not a
+    multiple of 4 (1408 = 11 blocks, on an H200): the weight scales' rows, read as they lie, are then not
+    16-byte aligned. Rows and columns are kept to multiples of 16 for the same alignment."""
+    return (num_inner % (4 * BLOCK) == 0 and num_rows % 16 == 0 and num_columns % 16 == 0
+            and dtype == torch.bfloat16)
+
+
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
                bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] · weight [N, K]ᵀ (+ bias) with x quantized per token group: the GPU path of an FP8 linear."""
+    """x [..., K] · weight [N, K]ᵀ (+ bias) with x quantized per token group: the GPU path of an FP8 linear.
+    torch's blockwise scaled matmul where it takes the shape: at V2-Lite's projections at 256 rows, in CUDA
+    graphs on an H200, this module's kernel took 1.3–1.8× cuBLAS's bf16 time; everything else here."""
     leading = x.shape[:-1]
-    x_fp8, x_scale = quantize_per_token_group(x.reshape(-1, x.shape[-1]))
-    out = block_scaled_matmul(x_fp8, x_scale, weight, weight_scale_inv, x.dtype)
+    rows = x.reshape(-1, x.shape[-1])
+    if x.is_cuda and torch_blockwise_takes(rows.shape[0], weight.shape[0], rows.shape[1], x.dtype):
+        x_fp8, x_scale = quantize_per_token_group(rows, scales_by_group=True)
+        out = torch._scaled_mm(x_fp8, weight.t(), scale_a=x_scale, scale_b=weight_scale_inv.t(), out_dtype=x.dtype)
+    else:
+        x_fp8, x_scale = quantize_per_token_group(rows)
+        out = block_scaled_matmul(x_fp8, x_scale, weight, weight_scale_inv, x.dtype)
     if bias is not None:
         out = out + bias
     return out.view(*leading, weight.shape[0])
@@ -261,6 +289,44 @@ def _grouped_gemm_kernel(a, a_scale, b, b_scale, out, tile_experts, tile_first_r
         0, tl.cdiv(num_inner, BLOCK_K), BLOCK_M, BLOCK_N, BLOCK_K, B_ROWS, SCALED)
     targets = out + rows.to(tl.int64)[:, None] * stride_out_m + columns[None, :]
     tl.store(targets, accumulator.to(out.dtype.element_ty), mask=row_inside[:, None] & column_inside[None, :])
+
+
+@triton.jit
+def _swapped_grouped_kernel(a, a_scale, b, b_scale, out, tile_experts, tile_first_rows, group_ends, num_columns,
+                            num_inner, num_experts, stride_am, stride_ak, stride_a_scale_m, stride_a_scale_k,
+                            stride_be, stride_bn, stride_bk, stride_b_scale_e, stride_b_scale_n, stride_b_scale_k,
+                            stride_out_m,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The grouped FP8 product computed as its transpose, out[rows, columns]ᵀ = b[columns] · a[rows]ᵀ: the
+    tensor cores' wide side (64 at least) takes BLOCK_N weight rows, the narrow one an expert's BLOCK_M rows.
+    BLOCK_N divides the 128-row scale block, so each K block has one weight scale for the whole tile."""
+    tile, tile_n = tl.program_id(0), tl.program_id(1)
+    expert = tl.load(tile_experts + tile)
+    if expert >= num_experts:
+        return
+    rows = tl.load(tile_first_rows + tile) + tl.arange(0, BLOCK_M)
+    row_inside = rows < tl.load(group_ends + expert)
+    columns = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    column_inside = columns < num_columns
+    inner = tl.arange(0, BLOCK_K)
+    expert_offset = expert.to(tl.int64)
+    weight_rows = b + expert_offset * stride_be + columns.to(tl.int64)[:, None] * stride_bn
+    row_columns = a + rows.to(tl.int64)[None, :] * stride_am
+    weight_scales = b_scale + expert_offset * stride_b_scale_e + ((tile_n * BLOCK_N) // BLOCK_K) * stride_b_scale_n
+    accumulator = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k_block in range(0, tl.cdiv(num_inner, BLOCK_K)):
+        k = k_block * BLOCK_K + inner
+        k_inside = k < num_inner
+        weights = tl.load(weight_rows + k[None, :] * stride_bk, mask=column_inside[:, None] & k_inside[None, :],
+                          other=0.0)
+        activations = tl.load(row_columns + k[:, None] * stride_ak, mask=row_inside[None, :] & k_inside[:, None],
+                              other=0.0)
+        a_scales = tl.load(a_scale + rows * stride_a_scale_m + k_block * stride_a_scale_k, mask=row_inside,
+                           other=0.0)
+        weight_scale = tl.load(weight_scales + k_block * stride_b_scale_k)
+        accumulator += tl.dot(weights, activations) * (weight_scale * a_scales[None, :])
+    targets = out + rows.to(tl.int64)[None, :] * stride_out_m + columns[:, None]
+    tl.store(targets, accumulator.to(out.dtype.element_ty), mask=row_inside[None, :] & column_inside[:, None])
 
 
 @triton.jit
@@ -308,6 +374,8 @@ def fp8_grouped_linear(rows: torch.Tensor, weights: torch.Tensor, weight_scales_
     config = config or grouped_tiles(rows.shape[0] // max(weights.shape[0], 1))
     if config.block_k != BLOCK:
         raise ValueError(f"FP8 tiles must span the {BLOCK}-column scale block, not {config.block_k}")
+    if config.swapped and BLOCK % config.block_n:
+        raise ValueError(f"swapped tiles' {config.block_n} weight rows must divide the {BLOCK}-row scale block")
     rows_fp8, rows_scale = quantize_per_token_group(rows)
     return _grouped_product(rows_fp8, rows_scale, weights, weight_scales_inv, rows_per_expert, config, rows.dtype)
 
@@ -316,6 +384,8 @@ def grouped_linear(rows: torch.Tensor, weights: torch.Tensor, rows_per_expert: t
                    config: GemmTiles | None = None) -> torch.Tensor:
     """The same product in 16 bits, unscaled: rows [R, K] sorted by expert · weights [experts, N, K]ᵀ."""
     config = config or grouped_tiles_16_bit(rows.shape[0] // max(weights.shape[0], 1))
+    if config.swapped:
+        raise ValueError("the swapped grouped kernel multiplies FP8 operands only")
     return _grouped_product(rows, None, weights, None, rows_per_expert, config, rows.dtype)
 
 
@@ -330,8 +400,14 @@ def _grouped_product(a: torch.Tensor, a_scale: torch.Tensor | None, weights: tor
     scaled = a_scale is not None
     a_scale_strides = a_scale.stride() if scaled else (0, 0)
     weight_scale_strides = weight_scales.stride() if scaled else (0, 0, 0)
-    if num_rows:
-        _grouped_gemm_kernel[(tile_experts.shape[0], triton.cdiv(num_columns, config.block_n))](
+    grid = (tile_experts.shape[0], triton.cdiv(num_columns, config.block_n))
+    if num_rows and config.swapped:
+        _swapped_grouped_kernel[grid](
+            a, a_scale, weights, weight_scales, out, tile_experts, tile_first_rows, group_ends, num_columns,
+            num_inner, num_experts, a.stride(0), a.stride(1), *a_scale_strides, *weights.stride(),
+            *weight_scale_strides, out.stride(0), **config.launch())
+    elif num_rows:
+        _grouped_gemm_kernel[grid](
             a, a_scale if scaled else a, weights, weight_scales if scaled else weights, out, tile_experts,
             tile_first_rows, group_ends, num_columns, num_inner, num_experts, a.stride(0), a.stride(1),
             *a_scale_strides, *weights.stride(), *weight_scale_strides, out.stride(0), SCALED=scaled,
