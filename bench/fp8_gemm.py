@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from worker.engine.kernels import fp8_gemm  # noqa: E402
+from worker.engine.kernels import fp8_gemm, grouped_gemm  # noqa: E402
 from worker.engine.kernels.fp8_blocks import quantize_weight_blocks  # noqa: E402
 
 RESULTS_DIRECTORY = Path(__file__).resolve().parent / "results"
@@ -154,7 +154,7 @@ def measure_experts(num_tokens: int, num_experts: int, top_k: int, intermediate:
     rows, rows_per_expert = operands["rows"], operands["rows_per_expert"]
     weights, scales = operands["weights"], operands["scales"]
     bf16 = lambda: bf16_grouped(operands)  # noqa: E731
-    fp8 = lambda: fp8_gemm.fp8_grouped_linear(rows, weights, scales, rows_per_expert)  # noqa: E731
+    fp8 = lambda: grouped_gemm.fp8_grouped_linear(rows, weights, scales, rows_per_expert)  # noqa: E731
     output = fp8()
     expected_exact = torch.empty_like(output, dtype=torch.float32)
     group_ends = torch.cumsum(rows_per_expert, dim=0).tolist()

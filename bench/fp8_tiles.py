@@ -1,5 +1,6 @@
-"""Which launch configuration of the FP8 kernels (worker/engine/kernels/fp8_gemm.py) is fastest at the shapes
-a decode step runs: a sweep over output tiles, warps, pipeline stages and the layout b is loaded in.
+"""Which launch configuration of the FP8 kernels (worker/engine/kernels/fp8_gemm.py, grouped_gemm.py) is fastest
+at the shapes a decode step runs: a sweep over output tiles, warps, pipeline stages and the layout b is loaded
+in.
 
 Every call is timed inside a CUDA graph (`--calls` calls per replay, as a decode step runs them), so the
 figure is the GPU's time, not the host's launches. The baseline is what the same projection costs in
@@ -31,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.fp8_gemm import EXPERT_SHAPES, SHAPES, bf16_grouped, expert_operands, relative_error  # noqa: E402
-from worker.engine.kernels import fp8_gemm  # noqa: E402
+from worker.engine.kernels import fp8_gemm, grouped_gemm  # noqa: E402
 from worker.engine.kernels.fp8_blocks import quantize_weight_blocks  # noqa: E402
 
 RESULTS_DIRECTORY = Path(__file__).resolve().parent / "results"
@@ -133,10 +134,10 @@ def sweep_experts(model: str, num_tokens: int, arguments) -> list[dict]:
             operands = expert_operands(num_tokens, num_experts, top_k, num_columns, num_inner)
             baseline = lambda: bf16_grouped(operands)  # noqa: E731
             if arguments.weights == "bf16":
-                fp8_call = lambda config: fp8_gemm.grouped_linear(  # noqa: E731
+                fp8_call = lambda config: grouped_gemm.grouped_linear(  # noqa: E731
                     operands["rows"], operands["weights_bf16"], operands["rows_per_expert"], config)
             else:
-                fp8_call = lambda config: fp8_gemm.fp8_grouped_linear(  # noqa: E731
+                fp8_call = lambda config: grouped_gemm.fp8_grouped_linear(  # noqa: E731
                     operands["rows"], operands["weights"], operands["scales"], operands["rows_per_expert"], config)
             entry = {"model": model, "projection": f"experts {projection}", "tokens": num_tokens,
                      "rows_per_expert_mean": num_tokens * top_k / num_experts, "N": num_columns, "K": num_inner}

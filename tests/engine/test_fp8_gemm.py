@@ -13,7 +13,7 @@ import torch
 
 from tests.engine.helpers import prefill_logits, random_prompts
 from worker.engine.configs import builtin_config
-from worker.engine.kernels import fp8_gemm
+from worker.engine.kernels import fp8_gemm, grouped_gemm
 from worker.engine.kernels.fp8_blocks import quantize_weight_blocks
 from worker.engine.layers.linear import Fp8Linear
 from worker.engine.loader import empty_model, load_model
@@ -81,7 +81,7 @@ def test_expert_tiles_cover_each_experts_rows_in_order(block_m):
     """The tile map the grouped kernel walks: each expert's rows in tiles of block_m, in expert order."""
     rows_per_expert = torch.tensor([3, 0, 140, 1, 0, 64, 17] + [0] * 70)  # 77 experts: two tiles of the walk
     tile_experts, tile_first_rows, group_ends = (
-        tensor.cpu() for tensor in fp8_gemm.expert_tiles(rows_per_expert.to(DEVICE), 225, block_m))
+        tensor.cpu() for tensor in grouped_gemm.expert_tiles(rows_per_expert.to(DEVICE), 225, block_m))
     expected_tiles = [(expert, start) for expert, (end, count) in
                       enumerate(zip(torch.cumsum(rows_per_expert, 0).tolist(), rows_per_expert.tolist()))
                       for start in range(end - count, end, block_m)]
@@ -120,7 +120,7 @@ def test_grouped_matmul_runs_each_experts_rows_on_its_weights(config, trailing_r
                                              weight_scales_inv[expert])[0]
                             for row, expert in enumerate(expert_of_row.tolist())])
     x = (x_fp8.float() * x_scale.repeat_interleave(128, 1)[:, :192]).to(DEVICE)
-    output = fp8_gemm.fp8_grouped_linear(x, weights.to(DEVICE), weight_scales_inv.to(DEVICE),
+    output = grouped_gemm.fp8_grouped_linear(x, weights.to(DEVICE), weight_scales_inv.to(DEVICE),
                                          rows_per_expert.to(DEVICE), config).cpu()[:num_rows]
     if DEVICE == "cpu":  # the interpreter's rounding (see above) is spared only where quantizing is exact
         torch.testing.assert_close(output, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
@@ -168,7 +168,7 @@ def test_16_bit_grouped_matmul_runs_each_experts_rows_on_its_weights(config, tra
     weights = (torch.randn(5, 96, 200, generator=generator) * 0.05).to(dtype)
     expert_of_row = torch.repeat_interleave(torch.arange(5), rows_per_expert)
     expected = torch.einsum("rk,rnk->rn", x[:num_rows].float(), weights[expert_of_row].float())
-    output = fp8_gemm.grouped_linear(x.to(DEVICE), weights.to(DEVICE), rows_per_expert.to(DEVICE), config).cpu()
+    output = grouped_gemm.grouped_linear(x.to(DEVICE), weights.to(DEVICE), rows_per_expert.to(DEVICE), config).cpu()
     torch.testing.assert_close(output[:num_rows].float(), expected, rtol=1e-2, atol=1e-2)
     assert output.shape == (num_rows + trailing_rows, 96)
 

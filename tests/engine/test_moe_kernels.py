@@ -122,7 +122,7 @@ def test_16_bit_experts_take_our_grouped_kernel_up_to_its_rows_an_expert_over_ev
     import copy
 
     import worker.engine.models.deepseek as deepseek
-    from worker.engine.kernels import fp8_gemm
+    from worker.engine.kernels import grouped_gemm
 
     config = tiny_deepseek_v3_config()
     local_config = copy.copy(config)
@@ -134,9 +134,9 @@ def test_16_bit_experts_take_our_grouped_kernel_up_to_its_rows_an_expert_over_ev
         return lambda rows, weight, rows_per_expert: chosen.append(name) or rows
 
     monkeypatch.setattr(deepseek, "uses_fused_kernels", lambda tensor: True)
-    monkeypatch.setattr(fp8_gemm, "grouped_linear", recorder("ours"))
+    monkeypatch.setattr(grouped_gemm, "grouped_linear", recorder("ours"))
     monkeypatch.setattr(deepseek, "grouped_matmul", recorder("torch's"))
-    assert fp8_gemm.GROUPED_16_BIT_MAX_ROWS == 48
+    assert grouped_gemm.GROUPED_16_BIT_MAX_ROWS == 48
     rows = torch.zeros(pairs_per_expert * config.n_routed_experts, config.hidden_size, dtype=torch.bfloat16)
     experts._project(rows, "gate_up_proj", torch.zeros(local_config.n_routed_experts, dtype=torch.int64))
     assert chosen == [expected]

@@ -283,12 +283,12 @@ class RoutedExperts(nn.Module):
         weight = getattr(self, weight_name)
         if is_fp8(weight):
             if rows.is_cuda:
-                from worker.engine.kernels.fp8_gemm import fp8_grouped_linear
+                from worker.engine.kernels.grouped_gemm import fp8_grouped_linear
 
                 return fp8_grouped_linear(rows, weight, getattr(self, f"{weight_name}_scale_inv"), rows_per_expert)
             return grouped_matmul(rows, dequantized(self, weight_name, rows.dtype).transpose(1, 2), rows_per_expert)
         if uses_fused_kernels(rows):
-            from worker.engine.kernels.fp8_gemm import GROUPED_16_BIT_MAX_ROWS, grouped_linear
+            from worker.engine.kernels.grouped_gemm import GROUPED_16_BIT_MAX_ROWS, grouped_linear
 
             few_rows = rows.shape[0] <= GROUPED_16_BIT_MAX_ROWS * self.experts_in_model
             if few_rows or not has_grouped_mm(rows.device, rows.dtype):
