@@ -100,6 +100,21 @@ def test_quantize_per_token_group_on_exactly_representable_values(num_columns):
     assert torch.equal(quantized.cpu().float(), x_fp8.float())
 
 
+@pytest.mark.parametrize("width", [200, 2200])  # 200: a partial group; 2200: more groups than one pass takes
+def test_quantize_silu_and_mul_is_quantizing_silu_and_mul(width):
+    """The fused kernel's FP8 values and scales are the two kernels' exactly (the 16-bit rounding between
+    them included). Float16 under the interpreter (its bfloat16 stores write garbage), bfloat16 on a GPU."""
+    from worker.engine.kernels.fused import silu_and_mul
+
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    gate_up = (torch.randn(7, 2 * width, generator=torch.Generator().manual_seed(width)) * 3).to(DEVICE, dtype)
+    fused = fp8_gemm.quantize_silu_and_mul(gate_up)
+    values, scales = fp8_gemm.quantize_per_token_group(silu_and_mul(gate_up))
+    assert fused.output_dtype == dtype
+    assert torch.equal(fused.scales, scales)
+    assert torch.equal(fused.values.float(), values.float())
+
+
 # The swapped kernel (weights on the tensor cores' wide side): 16-row tiles split the 40-row expert in three.
 GROUPED_CONFIGS = CONFIGS + [fp8_gemm.GemmTiles(16, 128, 4, 2, swapped=True),
                              fp8_gemm.GemmTiles(32, 64, 4, 3, swapped=True)]

@@ -140,3 +140,34 @@ def test_16_bit_experts_take_our_grouped_kernel_up_to_its_rows_an_expert_over_ev
     rows = torch.zeros(pairs_per_expert * config.n_routed_experts, config.hidden_size, dtype=torch.bfloat16)
     experts._project(rows, "gate_up_proj", torch.zeros(local_config.n_routed_experts, dtype=torch.int64))
     assert chosen == [expected]
+
+
+def test_fp8_experts_share_their_quantized_rows_and_tile_map_without_changing_a_product():
+    """RoutedExperts._fp8_products (the GPU's FP8 path: tokens quantized before their rows are gathered, one
+    tile map for both products, SiLU quantized as it is made) gives exactly what quantizing each product's own
+    input gives, with experts left empty. Float16 under the interpreter, bfloat16 on a GPU."""
+    from worker.engine.kernels.fused import silu_and_mul
+    from worker.engine.kernels.grouped_gemm import fp8_grouped_linear
+    from worker.engine.layers.linear import quantize_stacked_experts
+
+    dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float16
+    config = tiny_deepseek_v3_config()
+    experts = RoutedExperts(config)
+    with torch.no_grad():
+        for weight in (experts.gate_up_proj, experts.down_proj):
+            weight.copy_(torch.randn(weight.shape, generator=generator(21)) * 0.1)
+    quantize_stacked_experts(experts)
+    experts = experts.to(DEVICE)
+    tokens = 9
+    hidden = torch.randn(tokens, config.hidden_size, generator=generator(22)).to(DEVICE, dtype)
+    ids = expert_ids(tokens, config.num_experts_per_tok, config.n_routed_experts, seed=23)
+    _, token_of_row, rows_per_group = sort_pairs_by_expert(ids, config.n_routed_experts + 1)
+    rows_per_expert = rows_per_group[:-1]
+    with torch.no_grad():
+        shared = experts._fp8_products(hidden, token_of_row, rows_per_expert)
+        gate_up = fp8_grouped_linear(hidden[token_of_row], experts.gate_up_proj, experts.gate_up_proj_scale_inv,
+                                     rows_per_expert)
+        separate = fp8_grouped_linear(silu_and_mul(gate_up), experts.down_proj, experts.down_proj_scale_inv,
+                                      rows_per_expert)
+    assert torch.equal(shared, separate)
+    assert shared.abs().sum() > 0

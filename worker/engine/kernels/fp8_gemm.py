@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 import torch
 import triton
@@ -25,6 +26,14 @@ import triton.language as tl
 
 # The scale block of weights (rows and columns) is also the activation group.
 from worker.engine.kernels.fp8_blocks import BLOCK, FP8_DTYPE, FP8_MAX, SCALE_FLOOR, dequantize_blocks
+
+
+@triton.jit
+def _quantized_groups(values, fp8_max, scale_floor):
+    """values [groups, 128] in float32 → (their FP8 values, still float32, and each group's scale): each
+    group's absolute maximum sets its scale."""
+    scale = tl.maximum(tl.max(tl.abs(values), axis=1) / fp8_max, scale_floor)
+    return tl.clamp(values / scale[:, None], -fp8_max, fp8_max), scale
 
 
 @triton.jit
@@ -39,8 +48,7 @@ def _quantize_groups_kernel(x, x_fp8, x_scale, num_columns, stride_x, stride_fp8
         columns = groups[:, None] * GROUP + in_group
         inside = columns < num_columns
         values = tl.load(x + row * stride_x + columns, mask=inside, other=0.0).to(tl.float32)
-        scale = tl.maximum(tl.max(tl.abs(values), axis=1) / fp8_max, scale_floor)
-        quantized = tl.clamp(values / scale[:, None], -fp8_max, fp8_max)
+        quantized, scale = _quantized_groups(values, fp8_max, scale_floor)
         tl.store(x_fp8 + row * stride_fp8 + columns, quantized.to(x_fp8.dtype.element_ty), mask=inside)
         tl.store(x_scale + row * stride_scale + groups * stride_scale_group, scale, mask=groups * GROUP < num_columns)
 
@@ -63,6 +71,49 @@ def quantize_per_token_group(x: torch.Tensor, scales_by_group: bool = False) -> 
             x, x_fp8, x_scale, num_columns, x.stride(0), x_fp8.stride(0), *x_scale.stride(), FP8_MAX, SCALE_FLOOR,
             GROUP=BLOCK, GROUPS=min(16, triton.next_power_of_2(num_groups)), num_warps=4)
     return x_fp8, x_scale
+
+
+class QuantizedRows(NamedTuple):
+    """Rows already quantized per token group (quantize_per_token_group's pair), and the dtype a product of
+    them returns."""
+
+    values: torch.Tensor
+    scales: torch.Tensor
+    output_dtype: torch.dtype
+
+
+@triton.jit
+def _quantize_silu_and_mul_kernel(gate_up, x_fp8, x_scale, width, stride_in, stride_fp8, stride_scale, fp8_max,
+                                  scale_floor, GROUP: tl.constexpr, GROUPS: tl.constexpr):
+    """silu(gate) * up of one row, rounded to gate_up's dtype as fused.silu_and_mul rounds it, then quantized
+    as _quantize_groups_kernel quantizes: the same FP8 values, without the 16-bit row in between."""
+    row = tl.program_id(0).to(tl.int64)
+    in_group = tl.arange(0, GROUP)[None, :]
+    for first_group in range(0, tl.cdiv(width, GROUP), GROUPS):
+        groups = first_group + tl.arange(0, GROUPS)
+        columns = groups[:, None] * GROUP + in_group
+        inside = columns < width
+        gate = tl.load(gate_up + row * stride_in + columns, mask=inside, other=0.0).to(tl.float32)
+        up = tl.load(gate_up + row * stride_in + width + columns, mask=inside, other=0.0)
+        activated = (gate * tl.sigmoid(gate)).to(gate_up.dtype.element_ty) * up
+        quantized, scale = _quantized_groups(activated.to(gate_up.dtype.element_ty).to(tl.float32), fp8_max,
+                                             scale_floor)
+        tl.store(x_fp8 + row * stride_fp8 + columns, quantized.to(x_fp8.dtype.element_ty), mask=inside)
+        tl.store(x_scale + row * stride_scale + groups, scale, mask=groups * GROUP < width)
+
+
+def quantize_silu_and_mul(gate_up: torch.Tensor) -> QuantizedRows:
+    """silu(gate) * up for gate_up [rows, 2 * width] holding [gate | up], quantized per token group: what
+    quantize_per_token_group(fused.silu_and_mul(gate_up)) gives, in one kernel (an FP8 down projection's input)."""
+    num_rows, width = gate_up.shape[0], gate_up.shape[1] // 2
+    num_groups = triton.cdiv(width, BLOCK)
+    values = torch.empty(num_rows, width, dtype=FP8_DTYPE, device=gate_up.device)
+    scales = torch.empty(num_rows, num_groups, dtype=torch.float32, device=gate_up.device)
+    if num_rows:
+        _quantize_silu_and_mul_kernel[(num_rows,)](
+            gate_up, values, scales, width, gate_up.stride(0), values.stride(0), scales.stride(0), FP8_MAX,
+            SCALE_FLOOR, GROUP=BLOCK, GROUPS=min(16, triton.next_power_of_2(num_groups)), num_warps=4)
+    return QuantizedRows(values, scales, gate_up.dtype)
 
 
 @triton.jit

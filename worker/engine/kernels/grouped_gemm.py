@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from worker.engine.kernels.fp8_blocks import BLOCK
-from worker.engine.kernels.fp8_gemm import GemmTiles, block_scaled_tile, quantize_per_token_group
+from worker.engine.kernels.fp8_gemm import GemmTiles, QuantizedRows, block_scaled_tile, quantize_per_token_group
 
 
 def grouped_tiles(rows_per_expert: int) -> GemmTiles:
@@ -149,17 +149,22 @@ def expert_tiles(rows_per_expert: torch.Tensor, num_rows: int, block_m: int) -> 
     return tile_experts, tile_first_rows, group_ends
 
 
-def fp8_grouped_linear(rows: torch.Tensor, weights: torch.Tensor, weight_scales_inv: torch.Tensor,
-                       rows_per_expert: torch.Tensor, config: GemmTiles | None = None) -> torch.Tensor:
+def fp8_grouped_linear(rows: torch.Tensor | QuantizedRows, weights: torch.Tensor, weight_scales_inv: torch.Tensor,
+                       rows_per_expert: torch.Tensor, config: GemmTiles | None = None,
+                       tiles: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """rows [R, K] sorted by expert · weights [experts, N, K]ᵀ (scales [experts, N/128, K/128]) → [R, N].
-    `config` overrides the tiles `grouped_tiles` picks (the benchmark's sweep)."""
-    config = config or grouped_tiles(rows.shape[0] // max(weights.shape[0], 1))
+    rows may come quantized already (QuantizedRows). `config` overrides the tiles `grouped_tiles` picks (the
+    benchmark's sweep, or a caller running two products over the same groups); `tiles` is expert_tiles' map
+    for config.block_m, made once for such products."""
+    num_rows = rows.values.shape[0] if isinstance(rows, QuantizedRows) else rows.shape[0]
+    config = config or grouped_tiles(num_rows // max(weights.shape[0], 1))
     if config.block_k != BLOCK:
         raise ValueError(f"FP8 tiles must span the {BLOCK}-column scale block, not {config.block_k}")
     if config.swapped and BLOCK % config.block_n:
         raise ValueError(f"swapped tiles' {config.block_n} weight rows must divide the {BLOCK}-row scale block")
-    rows_fp8, rows_scale = quantize_per_token_group(rows)
-    return _grouped_product(rows_fp8, rows_scale, weights, weight_scales_inv, rows_per_expert, config, rows.dtype)
+    quantized = rows if isinstance(rows, QuantizedRows) else QuantizedRows(*quantize_per_token_group(rows), rows.dtype)
+    return _grouped_product(quantized.values, quantized.scales, weights, weight_scales_inv, rows_per_expert, config,
+                            quantized.output_dtype, tiles)
 
 
 def grouped_linear(rows: torch.Tensor, weights: torch.Tensor, rows_per_expert: torch.Tensor,
@@ -173,11 +178,11 @@ def grouped_linear(rows: torch.Tensor, weights: torch.Tensor, rows_per_expert: t
 
 def _grouped_product(a: torch.Tensor, a_scale: torch.Tensor | None, weights: torch.Tensor,
                      weight_scales: torch.Tensor | None, rows_per_expert: torch.Tensor, config: GemmTiles,
-                     output_dtype: torch.dtype) -> torch.Tensor:
+                     output_dtype: torch.dtype, tiles: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """One launch of the grouped kernel; without scales the kernel reads none (a stands in for their pointers)."""
     num_rows, num_inner = a.shape
     num_experts, num_columns = weights.shape[:2]
-    tile_experts, tile_first_rows, group_ends = expert_tiles(rows_per_expert, num_rows, config.block_m)
+    tile_experts, tile_first_rows, group_ends = tiles or expert_tiles(rows_per_expert, num_rows, config.block_m)
     out = torch.empty(num_rows, num_columns, dtype=output_dtype, device=a.device)
     scaled = a_scale is not None
     a_scale_strides = a_scale.stride() if scaled else (0, 0)
