@@ -50,6 +50,8 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, nargs="+", default=[256, 512], help="tokens of a decode step")
     parser.add_argument("--weights", choices=sorted(BLOCK_K), default="fp8",
                         help="bf16: the grouped kernel unscaled against torch's grouped GEMM (experts only)")
+    parser.add_argument("--kinds", nargs="+", choices=("experts", "dense"), default=["experts", "dense"],
+                        help="which products to sweep (dense ones in FP8 only)")
     parser.add_argument("--calls", type=int, default=20, help="calls captured in one graph")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--output", type=Path)
@@ -181,7 +183,8 @@ def main() -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     # Experts first (most of a MoE decode step), and the file rewritten after each: a sweep cut short keeps
     # what it measured.
-    kinds = (("experts", sweep_experts), ("dense", sweep_dense))[: 1 if arguments.weights == "bf16" else 2]
+    sweeps = {"experts": sweep_experts, "dense": sweep_dense}
+    kinds = [(kind, sweeps[kind]) for kind in arguments.kinds if kind == "experts" or arguments.weights == "fp8"]
     for kind, sweep_shapes in kinds:
         for num_tokens in arguments.tokens:
             result[kind] += sweep_shapes(arguments.model, num_tokens, arguments)
