@@ -36,6 +36,7 @@ go through the real submit, broker, worker and recorder path only.
     python bench/scale.py                                                   # 10M lines, fills 0 5M 10M, both
     python bench/scale.py --lines 1000000 --fill 0 1000000 2000000 --broker redis \\
         --output bench/results/scale-redis-1m.json                          # what fits a 2-core machine
+    python bench/scale.py --lines 10000000 --fill --submit-only --broker redis   # submit's rate per million
 
 Writes bench/results/scale-<broker>-<lines>.json (or --output).
 """
@@ -69,7 +70,7 @@ TABLES = ("requests", "results", "audit_events", "audit_seals", "jobs", "dead_le
 def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lines", type=int, default=10_000_000, help="lines of the big job")
-    parser.add_argument("--fill", type=int, nargs="+", default=[0, 5_000_000, 10_000_000],
+    parser.add_argument("--fill", type=int, nargs="*", default=[0, 5_000_000, 10_000_000],
                         help="rows already in requests and results at each pipeline point")
     parser.add_argument("--window", type=int, default=200_000, help="requests of each pipeline window")
     parser.add_argument("--broker", choices=("redis", "rabbitmq", "both"), default="both")
@@ -82,6 +83,8 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--data-dir", type=Path, default=Path("/tmp/deepbatch-bench-submit"))
     parser.add_argument("--timeout", type=float, default=4 * 3600, help="seconds a worker run may take")
     parser.add_argument("--skip-big-job", action="store_true", help="only the pipeline windows and disk")
+    parser.add_argument("--submit-only", action="store_true",
+                        help="the big job is submitted and measured (rates per tenth, RSS, disk), not run")
     parser.add_argument("--source", type=Path, default=REPO_ROOT,
                         help="the checkout the product runs from (e.g. `git archive HEAD` unpacked: what is "
                              "committed, whatever is being edited in this tree); default this tree")
@@ -562,18 +565,21 @@ def main() -> None:
                    "bad_lines": written.bad_lines, "duplicate_lines": written.duplicate_lines}
             big["submit"] = submit(database_url, env, written.path, arguments.lines, arguments.steps)
             print(json.dumps({"big_job_submit": big["submit"]}), flush=True)
-            job_id = big["submit"]["job_id"]
-            big["worker"] = run_worker(database_url, env, job_id, arguments.timeout)
-            big["run"] = run_rates(connection, job_id, arguments.steps)
-            print(json.dumps({"big_job_run": big["run"]}), flush=True)
-            connection.execute("ANALYZE")
-            big["seal_256_events"] = seal_cost(connection, arguments.repeats)
-            big["latencies"] = latencies(database_url, job_id, arguments.repeats)
-            print(json.dumps({"latencies": big["latencies"]}), flush=True)
-            big["export"] = export(env, job_id, work)
-            print(json.dumps({"export": big["export"]}), flush=True)
-            big["plans"] = plans(database_url, job_id)
-            big["disk"] = disk(connection)
+            if arguments.submit_only:
+                big["disk"] = disk(connection)
+            else:
+                job_id = big["submit"]["job_id"]
+                big["worker"] = run_worker(database_url, env, job_id, arguments.timeout)
+                big["run"] = run_rates(connection, job_id, arguments.steps)
+                print(json.dumps({"big_job_run": big["run"]}), flush=True)
+                connection.execute("ANALYZE")
+                big["seal_256_events"] = seal_cost(connection, arguments.repeats)
+                big["latencies"] = latencies(database_url, job_id, arguments.repeats)
+                print(json.dumps({"latencies": big["latencies"]}), flush=True)
+                big["export"] = export(env, job_id, work)
+                print(json.dumps({"export": big["export"]}), flush=True)
+                big["plans"] = plans(database_url, job_id)
+                big["disk"] = disk(connection)
             result["big_job"] = big
             result["ratios"] = ratios(result)
     finally:
@@ -598,11 +604,15 @@ def ratios(result: dict) -> dict:
         "submit_first_step_lines_per_s_over_25000": round(first["lines_per_s"] / 25000, 3),
         "submit_last_step_lines_per_s_over_25000": round(last["lines_per_s"] / 25000, 3),
         "submit_peak_rss_last_step_over_first": round(last["peak_rss_mb"] / first["peak_rss_mb"], 3),
-        "status_200ms_over_worst": round(200 / big["latencies"]["status"]["worst_ms"], 3),
-        "dashboard_500ms_over_worst": round(500 / big["latencies"]["dashboard_page"]["worst_ms"], 3),
-        "export_lines_per_s_over_100000": round(big["export"]["lines_per_s"] / 100_000, 3),
-        "export_rss_90pct_over_50pct": round(big["export"]["rss_mb_at_90pct"] / big["export"]["rss_mb_at_50pct"], 3),
     }
+    if "latencies" in big:  # not with --submit-only
+        found.update({
+            "status_200ms_over_worst": round(200 / big["latencies"]["status"]["worst_ms"], 3),
+            "dashboard_500ms_over_worst": round(500 / big["latencies"]["dashboard_page"]["worst_ms"], 3),
+            "export_lines_per_s_over_100000": round(big["export"]["lines_per_s"] / 100_000, 3),
+            "export_rss_90pct_over_50pct": round(big["export"]["rss_mb_at_90pct"] / big["export"]["rss_mb_at_50pct"],
+                                                 3),
+        })
     for broker in result["brokers"] if points else ():
         first = points[0]["brokers"][broker]["requests_per_s"]
         for point in points[1:]:
