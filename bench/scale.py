@@ -518,7 +518,8 @@ def main() -> None:
     from schema.migrate import upgrade
 
     upgrade(database_url.replace("postgresql://", "postgresql+psycopg://", 1))
-    result: dict = {"source": str(arguments.source), "lines": arguments.lines, "fill": arguments.fill, "window": arguments.window,
+    result: dict = {"source": str(arguments.source), "lines": arguments.lines, "fill": arguments.fill,
+                    "window": arguments.window,
                     "brokers": brokers, "cpus": os.cpu_count(), "max_batch_size": arguments.max_batch_size,
                     "load_average_at_start": round(os.getloadavg()[0], 2), "points": [],
                     "existing_database": arguments.existing_database,
@@ -561,7 +562,8 @@ def main() -> None:
             queues.append(env)
             os.environ["DEEPBATCH_QUEUE_NAME"] = env["DEEPBATCH_QUEUE_NAME"]
             written = submit_bench.written_file(arguments.data_dir, arguments.lines)
-            big = {"broker": brokers[0], "rows_before": connection.execute("SELECT count(*) FROM requests").fetchone()[0],
+            rows_before = connection.execute("SELECT count(*) FROM requests").fetchone()[0]
+            big = {"broker": brokers[0], "rows_before": rows_before,
                    "bad_lines": written.bad_lines, "duplicate_lines": written.duplicate_lines}
             big["submit"] = submit(database_url, env, written.path, arguments.lines, arguments.steps)
             print(json.dumps({"big_job_submit": big["submit"]}), flush=True)

@@ -19,11 +19,12 @@ from worker.engine.kernels.fp8_gemm import GemmTiles, QuantizedRows, block_scale
 
 
 def grouped_tiles(rows_per_expert: int) -> GemmTiles:
-    """Tiles for the routed experts, by the mean rows an expert gets, from the same sweep: V3's decode (2–8
-    rows an expert) wants thin, wide tiles; V2-Lite's at 48 rows 64 × 128 with 8 warps, 33% faster than the
-    32 × 64 tiles it had. At 24 (V2-Lite's batch 256) the swapped kernel's 32 × 128 tiles were the best of
-    108 configurations for both projections, 7% faster than the best unswapped (gate_up 108.9 against 116.6
-    µs, down 61.6 against 66.1; fp8-tiles-nvidia-h200-deepseek-v2-lite-experts-swapped.json)."""
+    """Tiles for the routed experts, by the mean rows an expert gets, from bench/fp8_tiles.py's sweeps on an
+    H200 (bench/results/fp8-tiles-*.json): V3's decode (2–8 rows an expert) wants thin, wide tiles;
+    V2-Lite's at 48 rows 64 × 128 with 8 warps, 33% faster than the 32 × 64 tiles it had. At 24 (V2-Lite's
+    batch 256) the swapped kernel's 32 × 128 tiles were the best of 108 configurations for both projections,
+    7% faster than the best unswapped (gate_up 108.9 against 116.6 µs, down 61.6 against 66.1;
+    fp8-tiles-nvidia-h200-deepseek-v2-lite-experts-swapped.json); at V3's shapes it is unmeasured."""
     if rows_per_expert <= 4:
         return GemmTiles(16, 128, num_warps=4, num_stages=4)
     if rows_per_expert <= 16:
