@@ -168,6 +168,42 @@ def test_fp8_linear_on_a_gpu_equals_the_torch_arithmetic_eager_and_in_a_graph(nu
 
 
 @pytest.mark.parametrize("trailing_rows", [0, 6])
+def test_fused_gate_up_silu_is_the_product_then_silu_then_its_quantization(trailing_rows):
+    """gate_up, SiLU and quantization in one kernel give the separate kernels' FP8 values and scales: exactly
+    under the interpreter (float16), within one FP8 step on a GPU (bfloat16), whose tensor cores may sum the
+    two launches' products in another order. K (192) ends inside a block; 16-row tiles split the 40-row
+    expert in three; rows past the last group (another rank's pairs) are left alone."""
+    rows_per_expert = torch.tensor([3, 0, 40, 1, 0])
+    num_rows = int(rows_per_expert.sum())
+    generator = torch.Generator().manual_seed(9)
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    x = torch.randn(num_rows + trailing_rows, 192, generator=generator).to(DEVICE, dtype)
+    weights, weight_scales_inv = (tensor.to(DEVICE) for tensor in
+                                  quantize_weight_blocks(torch.randn(5, 512, 192, generator=generator) * 0.05))
+    rows = fp8_gemm.QuantizedRows(*fp8_gemm.quantize_per_token_group(x), dtype)
+    config, counts = fp8_gemm.GemmTiles(16, 128, 4, 2, swapped=True), rows_per_expert.to(DEVICE)
+    fused = grouped_gemm.fp8_gate_up_silu(rows, weights, weight_scales_inv, counts, config)
+    separate = fp8_gemm.quantize_silu_and_mul(grouped_gemm.fp8_grouped_linear(rows, weights, weight_scales_inv,
+                                                                             counts, config))
+    assert fused.values.shape == (num_rows + trailing_rows, 256) and fused.output_dtype == dtype
+    fused_values, separate_values = fused.values[:num_rows].float(), separate.values[:num_rows].float()
+    if DEVICE == "cpu":
+        assert torch.equal(fused.scales[:num_rows], separate.scales[:num_rows])
+        assert torch.equal(fused_values, separate_values)
+    else:
+        torch.testing.assert_close(fused.scales[:num_rows], separate.scales[:num_rows], rtol=2e-2, atol=0)
+        torch.testing.assert_close(fused_values, separate_values, rtol=0.13, atol=2 ** -6)
+
+
+def test_gate_up_is_fused_only_with_whole_scale_blocks():
+    swapped = fp8_gemm.GemmTiles(32, 128, 4, 3, swapped=True)
+    assert grouped_gemm.fuses_gate_up(swapped, 1408)  # V2-Lite: 11 blocks
+    assert not grouped_gemm.fuses_gate_up(swapped, 1400)
+    assert not grouped_gemm.fuses_gate_up(fp8_gemm.GemmTiles(32, 64, 4, 3, swapped=True), 1408)
+    assert not grouped_gemm.fuses_gate_up(fp8_gemm.GemmTiles(64, 128, 8, 4), 1408)
+
+
+@pytest.mark.parametrize("trailing_rows", [0, 6])
 @pytest.mark.parametrize("config", [None, fp8_gemm.GemmTiles(16, 64, 4, 2, b_rows=True, block_k=32),
                                     fp8_gemm.GemmTiles(32, 128, 4, 3, block_k=64)],
                          ids=["heuristic", "b-rows-16x64-k32", "32x128-k64"])

@@ -29,7 +29,7 @@ from worker.engine.kernels.fp8_blocks import BLOCK, FP8_DTYPE, FP8_MAX, SCALE_FL
 
 
 @triton.jit
-def _quantized_groups(values, fp8_max, scale_floor):
+def quantized_groups(values, fp8_max, scale_floor):
     """values [groups, 128] in float32 → (their FP8 values, still float32, and each group's scale): each
     group's absolute maximum sets its scale."""
     scale = tl.maximum(tl.max(tl.abs(values), axis=1) / fp8_max, scale_floor)
@@ -48,7 +48,7 @@ def _quantize_groups_kernel(x, x_fp8, x_scale, num_columns, stride_x, stride_fp8
         columns = groups[:, None] * GROUP + in_group
         inside = columns < num_columns
         values = tl.load(x + row * stride_x + columns, mask=inside, other=0.0).to(tl.float32)
-        quantized, scale = _quantized_groups(values, fp8_max, scale_floor)
+        quantized, scale = quantized_groups(values, fp8_max, scale_floor)
         tl.store(x_fp8 + row * stride_fp8 + columns, quantized.to(x_fp8.dtype.element_ty), mask=inside)
         tl.store(x_scale + row * stride_scale + groups * stride_scale_group, scale, mask=groups * GROUP < num_columns)
 
@@ -96,7 +96,7 @@ def _quantize_silu_and_mul_kernel(gate_up, x_fp8, x_scale, width, stride_in, str
         gate = tl.load(gate_up + row * stride_in + columns, mask=inside, other=0.0).to(tl.float32)
         up = tl.load(gate_up + row * stride_in + width + columns, mask=inside, other=0.0)
         activated = (gate * tl.sigmoid(gate)).to(gate_up.dtype.element_ty) * up
-        quantized, scale = _quantized_groups(activated.to(gate_up.dtype.element_ty).to(tl.float32), fp8_max,
+        quantized, scale = quantized_groups(activated.to(gate_up.dtype.element_ty).to(tl.float32), fp8_max,
                                              scale_floor)
         tl.store(x_fp8 + row * stride_fp8 + columns, quantized.to(x_fp8.dtype.element_ty), mask=inside)
         tl.store(x_scale + row * stride_scale + groups, scale, mask=groups * GROUP < width)

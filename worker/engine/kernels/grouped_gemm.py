@@ -14,8 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from worker.engine.kernels.fp8_blocks import BLOCK
-from worker.engine.kernels.fp8_gemm import GemmTiles, QuantizedRows, block_scaled_tile, quantize_per_token_group
+from worker.engine.kernels.fp8_blocks import BLOCK, FP8_DTYPE, FP8_MAX, SCALE_FLOOR
+from worker.engine.kernels.fp8_gemm import (GemmTiles, QuantizedRows, quantized_groups, block_scaled_tile,
+                                            quantize_per_token_group)
 
 
 def grouped_tiles(rows_per_expert: int) -> GemmTiles:
@@ -114,6 +115,52 @@ def _swapped_grouped_kernel(a, a_scale, b, b_scale, out, tile_experts, tile_firs
 
 
 @triton.jit
+def _swapped_gate_up_kernel(a, a_scale, b, b_scale, out, out_scale, tile_experts, tile_first_rows, group_ends,
+                            width, num_inner, num_experts, stride_am, stride_ak, stride_a_scale_m,
+                            stride_a_scale_k, stride_be, stride_bn, stride_bk, stride_b_scale_e, stride_b_scale_n,
+                            stride_b_scale_k, stride_out_m, stride_out_scale_m, fp8_max, scale_floor,
+                            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BFLOAT16: tl.constexpr):
+    """gate_up's product, SiLU and the down projection's quantization in one program per 128 gate rows: it
+    takes the 128 up rows paired with them too (b holds [gate | up], `width` rows each), so its 128 outputs of
+    silu(gate) · up are one quantization group of each activated row. Rounded to 16 bits where the separate
+    kernels round (gate_up's output, SiLU, the product), its FP8 values and scales are theirs."""
+    tile, group = tl.program_id(0), tl.program_id(1)
+    expert = tl.load(tile_experts + tile)
+    if expert >= num_experts:
+        return
+    half = tl.bfloat16 if BFLOAT16 else tl.float16
+    rows = tl.load(tile_first_rows + tile) + tl.arange(0, BLOCK_M)
+    row_inside = rows < tl.load(group_ends + expert)
+    columns = group * BLOCK_K + tl.arange(0, BLOCK_K)
+    inner = tl.arange(0, BLOCK_K)
+    expert_offset = expert.to(tl.int64)
+    gate_rows = b + expert_offset * stride_be + columns.to(tl.int64)[:, None] * stride_bn
+    up_rows = gate_rows + width * stride_bn
+    row_columns = a + rows.to(tl.int64)[None, :] * stride_am
+    gate_scales = b_scale + expert_offset * stride_b_scale_e + group * stride_b_scale_n
+    up_scales = gate_scales + (width // BLOCK_K) * stride_b_scale_n
+    gate = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
+    up = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
+    for k_block in range(0, tl.cdiv(num_inner, BLOCK_K)):
+        k = k_block * BLOCK_K + inner
+        k_inside = k < num_inner
+        activations = tl.load(row_columns + k[:, None] * stride_ak, mask=row_inside[None, :] & k_inside[:, None],
+                              other=0.0)
+        row_scales = tl.load(a_scale + rows * stride_a_scale_m + k_block * stride_a_scale_k, mask=row_inside,
+                             other=0.0)[None, :]
+        gate_weights = tl.load(gate_rows + k[None, :] * stride_bk, mask=k_inside[None, :], other=0.0)
+        up_weights = tl.load(up_rows + k[None, :] * stride_bk, mask=k_inside[None, :], other=0.0)
+        gate += tl.dot(gate_weights, activations) * (tl.load(gate_scales + k_block * stride_b_scale_k) * row_scales)
+        up += tl.dot(up_weights, activations) * (tl.load(up_scales + k_block * stride_b_scale_k) * row_scales)
+    gate = gate.to(half).to(tl.float32)
+    activated = ((gate * tl.sigmoid(gate)).to(half) * up.to(half)).to(half).to(tl.float32)
+    quantized, scale = quantized_groups(tl.trans(activated), fp8_max, scale_floor)
+    targets = out + rows.to(tl.int64)[:, None] * stride_out_m + columns[None, :]
+    tl.store(targets, quantized.to(out.dtype.element_ty), mask=row_inside[:, None])
+    tl.store(out_scale + rows * stride_out_scale_m + group, scale, mask=row_inside)
+
+
+@triton.jit
 def _expert_tiles_kernel(rows_per_expert, tile_experts, tile_first_rows, group_ends, num_experts, max_tiles,
                          BLOCK_M: tl.constexpr, EXPERTS_PAD: tl.constexpr, TILES: tl.constexpr):
     # One program: the experts' row counts fit one vector, and the tiles are walked TILES at a time.
@@ -167,6 +214,36 @@ def fp8_grouped_linear(rows: torch.Tensor | QuantizedRows, weights: torch.Tensor
     quantized = rows if isinstance(rows, QuantizedRows) else QuantizedRows(*quantize_per_token_group(rows), rows.dtype)
     return _grouped_product(quantized.values, quantized.scales, weights, weight_scales_inv, rows_per_expert, config,
                             quantized.output_dtype, tiles)
+
+
+def fuses_gate_up(config: GemmTiles, width: int) -> bool:
+    """Whether fp8_gate_up_silu can run gate_up with these tiles: swapped ones of a whole 128-row scale block,
+    and gate and up each in whole blocks (so that an up row's block pairs with its gate row's)."""
+    return config.swapped and config.block_n == BLOCK and width % BLOCK == 0
+
+
+def fp8_gate_up_silu(rows: QuantizedRows, weights: torch.Tensor, weight_scales_inv: torch.Tensor,
+                     rows_per_expert: torch.Tensor, config: GemmTiles,
+                     tiles: tuple[torch.Tensor, ...] | None = None) -> QuantizedRows:
+    """silu(gate) · up of the grouped FP8 gate_up product (weights [experts, 2 · width, K], gate rows first),
+    quantized per token group for the down projection, in one launch: exactly what
+    quantize_silu_and_mul(fp8_grouped_linear(rows, ...)) gives, without gate_up's output in memory. Only
+    where fuses_gate_up(config, width)."""
+    num_rows, num_inner = rows.values.shape
+    num_experts, width = weights.shape[0], weights.shape[1] // 2
+    if not fuses_gate_up(config, width):
+        raise ValueError(f"gate_up with {width} rows a half cannot be fused with tiles {config}")
+    tile_experts, tile_first_rows, group_ends = tiles or expert_tiles(rows_per_expert, num_rows, config.block_m)
+    values = torch.empty(num_rows, width, dtype=FP8_DTYPE, device=weights.device)
+    scales = torch.empty(num_rows, width // BLOCK, dtype=torch.float32, device=weights.device)
+    if num_rows:
+        _swapped_gate_up_kernel[(tile_experts.shape[0], width // BLOCK)](
+            rows.values, rows.scales, weights, weight_scales_inv, values, scales, tile_experts, tile_first_rows,
+            group_ends, width, num_inner, num_experts, *rows.values.stride(), *rows.scales.stride(),
+            *weights.stride(), *weight_scales_inv.stride(), values.stride(0), scales.stride(0), FP8_MAX,
+            SCALE_FLOOR, BLOCK_M=config.block_m, BLOCK_K=BLOCK, BFLOAT16=rows.output_dtype == torch.bfloat16,
+            num_warps=config.num_warps, num_stages=config.num_stages)
+    return QuantizedRows(values, scales, rows.output_dtype)
 
 
 def grouped_linear(rows: torch.Tensor, weights: torch.Tensor, rows_per_expert: torch.Tensor,

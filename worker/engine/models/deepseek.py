@@ -284,19 +284,24 @@ class RoutedExperts(nn.Module):
                       rows_per_expert: torch.Tensor) -> torch.Tensor:
         """Both FP8 products on the GPU, with what they share made once: the tokens quantized before their
         rows are gathered (a row's quantization is the same wherever it goes: 6× fewer rows to quantize at
-        top-6), one tile map for both products, and SiLU's output quantized as it is made."""
+        top-6), one tile map for both products, and SiLU's output quantized as it is made: in gate_up's own
+        kernel where its tiles allow (fuses_gate_up), else in the kernel after it."""
         from worker.engine.kernels.fp8_gemm import QuantizedRows, quantize_per_token_group, quantize_silu_and_mul
-        from worker.engine.kernels.grouped_gemm import expert_tiles, fp8_grouped_linear, grouped_tiles
+        from worker.engine.kernels.grouped_gemm import (expert_tiles, fp8_gate_up_silu, fp8_grouped_linear,
+                                                        fuses_gate_up, grouped_tiles)
 
         values, scales = quantize_per_token_group(hidden)
         rows = QuantizedRows(values[token_of_row], scales[token_of_row], hidden.dtype)
         num_rows = token_of_row.shape[0]
         config = grouped_tiles(num_rows // self.gate_up_proj.shape[0])
         tiles = expert_tiles(rows_per_expert, num_rows, config.block_m)
-        gate_up = fp8_grouped_linear(rows, self.gate_up_proj, self.gate_up_proj_scale_inv, rows_per_expert, config,
-                                     tiles)
-        activated = (quantize_silu_and_mul(gate_up) if self.is_silu
-                     else activate_gate_up(gate_up, self.act_fn, self.is_silu))
+        gate_up_weights = (self.gate_up_proj, self.gate_up_proj_scale_inv, rows_per_expert, config, tiles)
+        if self.is_silu and fuses_gate_up(config, self.gate_up_proj.shape[1] // 2):
+            activated = fp8_gate_up_silu(rows, *gate_up_weights)
+        else:
+            gate_up = fp8_grouped_linear(rows, *gate_up_weights)
+            activated = (quantize_silu_and_mul(gate_up) if self.is_silu
+                         else activate_gate_up(gate_up, self.act_fn, self.is_silu))
         return fp8_grouped_linear(activated, self.down_proj, self.down_proj_scale_inv, rows_per_expert, config, tiles)
 
     def _project(self, rows: torch.Tensor, weight_name: str, rows_per_expert: torch.Tensor) -> torch.Tensor:
