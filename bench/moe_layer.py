@@ -29,7 +29,7 @@ from bench.fp8_gemm import relative_error  # noqa: E402
 from bench.fp8_tiles import graph_seconds  # noqa: E402
 from worker.engine.configs import deepseek_v2_lite_shape, deepseek_v3_shape  # noqa: E402
 from worker.engine.layers.linear import quantize_stacked_experts  # noqa: E402
-from worker.engine.models.deepseek import RoutedExperts  # noqa: E402
+from worker.engine.layers.moe import RoutedExperts  # noqa: E402
 
 RESULTS_DIRECTORY = Path(__file__).resolve().parent / "results"
 CONFIGS = {"deepseek-v2-lite": deepseek_v2_lite_shape, "deepseek-v3": lambda: deepseek_v3_shape(4)}

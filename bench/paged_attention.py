@@ -29,7 +29,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from worker.engine.kernels.paged_attention import LaunchShape, launch_shape, paged_attention  # noqa: E402
-from worker.engine.models.common import attend  # noqa: E402
+from worker.engine.layers.attention import attend  # noqa: E402
 
 RESULTS_DIRECTORY = Path(__file__).resolve().parent / "results"
 PAGE_SIZE = 16

@@ -10,7 +10,7 @@ import torch
 
 from worker.engine.configs import tiny_deepseek_v3_config
 from worker.engine.kernels.moe import SORT_BLOCK, combine_expert_outputs, sort_pairs_by_expert
-from worker.engine.models.deepseek import RoutedExperts
+from worker.engine.layers.moe import RoutedExperts
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if torch.cuda.is_available() else torch.float32
@@ -121,7 +121,7 @@ def test_16_bit_experts_take_our_grouped_kernel_up_to_its_rows_an_expert_over_ev
     experts but sees every pair, so the mean is over the model's experts, not the rank's."""
     import copy
 
-    import worker.engine.models.deepseek as deepseek
+    import worker.engine.layers.moe as moe
     from worker.engine.kernels import grouped_gemm
 
     config = tiny_deepseek_v3_config()
@@ -133,9 +133,9 @@ def test_16_bit_experts_take_our_grouped_kernel_up_to_its_rows_an_expert_over_ev
     def recorder(name):
         return lambda rows, weight, rows_per_expert: chosen.append(name) or rows
 
-    monkeypatch.setattr(deepseek, "uses_fused_kernels", lambda tensor: True)
+    monkeypatch.setattr(moe, "uses_fused_kernels", lambda tensor: True)
     monkeypatch.setattr(grouped_gemm, "grouped_linear", recorder("ours"))
-    monkeypatch.setattr(deepseek, "grouped_matmul", recorder("torch's"))
+    monkeypatch.setattr(moe, "grouped_matmul", recorder("torch's"))
     assert grouped_gemm.GROUPED_16_BIT_MAX_ROWS == 48
     rows = torch.zeros(pairs_per_expert * config.n_routed_experts, config.hidden_size, dtype=torch.bfloat16)
     experts._project(rows, "gate_up_proj", torch.zeros(local_config.n_routed_experts, dtype=torch.int64))

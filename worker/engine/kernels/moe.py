@@ -7,7 +7,7 @@ of the pairs (0.87 ms over the 26 MoE layers), the float32 product of the expert
 and its cast back (0.9 ms), and index_add_'s scattered adds (1.2 ms). Two kernels replace them. Both have
 fixed launch shapes, so CUDA graphs hold them.
 
-Used for 16-bit activations on the GPU; the CPU keeps the torch ops (worker/engine/models/deepseek.py), which
+Used for 16-bit activations on the GPU; the CPU keeps the torch ops (worker/engine/layers/moe.py), which
 tests compare these kernels with under Triton's interpreter.
 """
 

@@ -101,3 +101,14 @@ def quantize_linears(model: nn.Module) -> nn.Module:
             if type(child) is nn.Linear and child_name not in KEPT_LINEAR_NAMES:
                 setattr(module, child_name, Fp8Linear.from_linear(child))
     return model
+
+
+def packed_rows(**packed: list[tuple[str, int]]) -> dict[str, tuple[str, int, int]]:
+    """Where each checkpoint projection lives in a packed one: {name: (packed name, first row, rows)}."""
+    where = {}
+    for packed_name, shards in packed.items():
+        first_row = 0
+        for name, rows in shards:
+            where[name] = (packed_name, first_row, rows)
+            first_row += rows
+    return where

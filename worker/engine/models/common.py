@@ -1,6 +1,7 @@
-"""Pieces every engine model shares: RMSNorm, rotary embeddings, the gated MLP, the decoder stack.
+"""Pieces every engine model shares: RMSNorm, rotary embeddings, the decoder stack.
 
-Attention over the paged KV cache, and the choice of how it runs, is worker/engine/layers/attention.py's.
+Attention over the paged KV cache, and the choice of how it runs, is worker/engine/layers/attention.py's; the
+gated MLP is layers/mlp.py's, the mixture of experts layers/moe.py's.
 """
 
 from __future__ import annotations
@@ -10,23 +11,11 @@ import math
 import torch
 from torch import nn
 from transformers import PretrainedConfig
-from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from worker.engine.kernels import uses_fused_kernels
 from worker.engine.layers.attention import AttentionMetadata, PagedAttention
-from worker.engine.layers.attention import attend  # noqa: F401 - bench/paged_attention.py imports it from here
 from worker.engine.parallel import Shard, embed_vocab_parallel, slice_checkpoint_tensor
-
-
-def uses_fused_kernels(tensor: torch.Tensor) -> bool:
-    """16-bit activations on the GPU take the fused Triton kernels (worker/engine/kernels/fused.py); the CPU
-    and float32 keep transformers' op-for-op torch code."""
-    return fused_kernels_run(tensor.device, tensor.dtype)
-
-
-def fused_kernels_run(device: torch.device, dtype: torch.dtype) -> bool:
-    """uses_fused_kernels for a model's device and dtype, before any tensor exists."""
-    return device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
 
 
 class RMSNorm(nn.Module):
@@ -125,58 +114,6 @@ def apply_rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interle
     if uses_fused_kernels(x):
         return apply_rotary(x, cos, sin, interleaved)
     return x.copy_(apply_rotary(x, cos, sin, interleaved))
-
-
-def activate_gate_up(gate_up: torch.Tensor, act_fn: nn.Module, is_silu: bool) -> torch.Tensor:
-    """act(gate) * up for gate_up [..., 2 * width] holding [gate | up]: one fused kernel for SiLU on 16-bit GPU
-    rows, transformers' two ops elsewhere."""
-    if is_silu and uses_fused_kernels(gate_up) and gate_up.dim() == 2:
-        from worker.engine.kernels.fused import silu_and_mul
-
-        return silu_and_mul(gate_up)
-    gate, up = gate_up.chunk(2, dim=-1)
-    return act_fn(gate) * up
-
-
-class GatedMLP(nn.Module):
-    """down(act(gate(x)) * up(x)), the feed-forward of Llama, Qwen2 and DeepSeek's dense layers.
-
-    gate and up are one packed projection (one matrix product instead of two); checkpoints keep them
-    apart and the loader fills the packed rows (`packed_projections`). Under tensor parallelism each rank
-    holds a slice of the intermediate size: gate/up split by rows (column parallel), down by columns (row
-    parallel), and the ranks' partial outputs are summed (`reduce_output`; off when the caller sums
-    them with others, as the MoE layer does with its routed experts).
-    """
-
-    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str, bias: bool = False,
-                 shard: Shard = Shard(), reduce_output: bool = True):
-        super().__init__()
-        self.shard, self.reduce_output = shard, reduce_output
-        local_size = shard.part(intermediate_size, "MLP intermediate rows")
-        self.gate_up_proj = nn.Linear(hidden_size, 2 * local_size, bias=bias)
-        self.down_proj = nn.Linear(local_size, hidden_size, bias=bias)
-        self.act_fn = ACT2FN[hidden_act]
-        self.is_silu = hidden_act == "silu"
-        self.packed_projections = packed_rows(gate_up_proj=[("gate_proj", local_size), ("up_proj", local_size)])
-        rows, columns = shard.rows(local_size), shard.rows(local_size, dim=1)
-        self.checkpoint_slices = {"gate_proj.weight": rows, "gate_proj.bias": rows, "up_proj.weight": rows,
-                                  "up_proj.bias": rows, "down_proj.weight": columns,
-                                  "down_proj.bias": shard.first_rank_only()}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        output = self.down_proj(activate_gate_up(self.gate_up_proj(x), self.act_fn, self.is_silu))
-        return self.shard.all_reduce(output) if self.reduce_output else output
-
-
-def packed_rows(**packed: list[tuple[str, int]]) -> dict[str, tuple[str, int, int]]:
-    """Where each checkpoint projection lives in a packed one: {name: (packed name, first row, rows)}."""
-    where = {}
-    for packed_name, shards in packed.items():
-        first_row = 0
-        for name, rows in shards:
-            where[name] = (packed_name, first_row, rows)
-            first_row += rows
-    return where
 
 
 class DecoderLayer(nn.Module):

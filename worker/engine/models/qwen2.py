@@ -11,7 +11,9 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from worker.engine.layers.attention import Attention, AttentionMetadata
-from worker.engine.models.common import DecoderLayer, GatedMLP, PagedCausalLM, apply_rotary, packed_rows
+from worker.engine.layers.linear import packed_rows
+from worker.engine.layers.mlp import GatedMLP
+from worker.engine.models.common import DecoderLayer, PagedCausalLM, apply_rotary
 from worker.engine.parallel import Shard, TensorParallelError, TensorSlice
 
 
