@@ -37,29 +37,41 @@ def quantized_groups(values, fp8_max, scale_floor):
 
 
 @triton.jit
+def rounded_silu_and_mul(gate, up):
+    """silu(gate) · up for gate in float32 and up in a 16-bit dtype, rounded to it where fused.silu_and_mul
+    rounds (SiLU's output, the product), in float32: what quantizing its stored output reads back."""
+    return ((gate * tl.sigmoid(gate)).to(up.dtype) * up).to(up.dtype).to(tl.float32)
+
+
+@triton.jit
 def _quantize_groups_kernel(x, x_fp8, x_scale, num_columns, stride_x, stride_fp8, stride_scale, stride_scale_group,
-                            fp8_max, scale_floor, GROUP: tl.constexpr, GROUPS: tl.constexpr):
+                            fp8_max, scale_floor, GROUP: tl.constexpr, GROUPS: tl.constexpr,
+                            SILU_AND_MUL: tl.constexpr):
     """One program per row, GROUPS groups at a time: each group's absolute maximum sets its scale. (A
-    program per group and row, one warp each, spent 1.3 ms of a 14.6 ms V2-Lite FP8 decode step.)"""
+    program per group and row, one warp each, spent 1.3 ms of a 14.6 ms V2-Lite FP8 decode step.)
+    SILU_AND_MUL: x's row holds [gate | up], num_columns each, and silu(gate) · up is quantized as
+    fused.silu_and_mul's output would be, without the 16-bit row in between."""
     row = tl.program_id(0).to(tl.int64)
     in_group = tl.arange(0, GROUP)[None, :]
     for first_group in range(0, tl.cdiv(num_columns, GROUP), GROUPS):
         groups = first_group + tl.arange(0, GROUPS)
         columns = groups[:, None] * GROUP + in_group
         inside = columns < num_columns
-        values = tl.load(x + row * stride_x + columns, mask=inside, other=0.0).to(tl.float32)
-        quantized, scale = quantized_groups(values, fp8_max, scale_floor)
+        values = tl.load(x + row * stride_x + columns, mask=inside, other=0.0)
+        if SILU_AND_MUL:
+            up = tl.load(x + row * stride_x + num_columns + columns, mask=inside, other=0.0)
+            values = rounded_silu_and_mul(values.to(tl.float32), up)
+        quantized, scale = quantized_groups(values.to(tl.float32), fp8_max, scale_floor)
         tl.store(x_fp8 + row * stride_fp8 + columns, quantized.to(x_fp8.dtype.element_ty), mask=inside)
         tl.store(x_scale + row * stride_scale + groups * stride_scale_group, scale, mask=groups * GROUP < num_columns)
 
 
-def quantize_per_token_group(x: torch.Tensor, scales_by_group: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x_fp8 [M, K], x_scale [M, ceil(K/128)] float32) for x [M, K], as DeepSeek-V3 quantizes activations.
-    scales_by_group lays x_scale out a group's scales after another (strides (1, M)), as torch's blockwise
-    scaled matmul takes them."""
+def _quantized_rows(x: torch.Tensor, num_columns: int, scales_by_group: bool,
+                    silu_and_mul: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One launch of _quantize_groups_kernel over x's rows: (FP8 values [M, num_columns], scales)."""
     if x.stride(-1) != 1:
         x = x.contiguous()
-    num_rows, num_columns = x.shape
+    num_rows = x.shape[0]
     num_groups = triton.cdiv(num_columns, BLOCK)
     x_fp8 = torch.empty(num_rows, num_columns, dtype=FP8_DTYPE, device=x.device)
     if scales_by_group:
@@ -69,8 +81,16 @@ def quantize_per_token_group(x: torch.Tensor, scales_by_group: bool = False) -> 
     if num_rows:
         _quantize_groups_kernel[(num_rows,)](
             x, x_fp8, x_scale, num_columns, x.stride(0), x_fp8.stride(0), *x_scale.stride(), FP8_MAX, SCALE_FLOOR,
-            GROUP=BLOCK, GROUPS=min(16, triton.next_power_of_2(num_groups)), num_warps=4)
+            GROUP=BLOCK, GROUPS=min(16, triton.next_power_of_2(num_groups)), SILU_AND_MUL=silu_and_mul,
+            num_warps=4)
     return x_fp8, x_scale
+
+
+def quantize_per_token_group(x: torch.Tensor, scales_by_group: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_fp8 [M, K], x_scale [M, ceil(K/128)] float32) for x [M, K], as DeepSeek-V3 quantizes activations.
+    scales_by_group lays x_scale out a group's scales after another (strides (1, M)), as torch's blockwise
+    scaled matmul takes them."""
+    return _quantized_rows(x, x.shape[1], scales_by_group, silu_and_mul=False)
 
 
 class QuantizedRows(NamedTuple):
@@ -82,37 +102,10 @@ class QuantizedRows(NamedTuple):
     output_dtype: torch.dtype
 
 
-@triton.jit
-def _quantize_silu_and_mul_kernel(gate_up, x_fp8, x_scale, width, stride_in, stride_fp8, stride_scale, fp8_max,
-                                  scale_floor, GROUP: tl.constexpr, GROUPS: tl.constexpr):
-    """silu(gate) * up of one row, rounded to gate_up's dtype as fused.silu_and_mul rounds it, then quantized
-    as _quantize_groups_kernel quantizes: the same FP8 values, without the 16-bit row in between."""
-    row = tl.program_id(0).to(tl.int64)
-    in_group = tl.arange(0, GROUP)[None, :]
-    for first_group in range(0, tl.cdiv(width, GROUP), GROUPS):
-        groups = first_group + tl.arange(0, GROUPS)
-        columns = groups[:, None] * GROUP + in_group
-        inside = columns < width
-        gate = tl.load(gate_up + row * stride_in + columns, mask=inside, other=0.0).to(tl.float32)
-        up = tl.load(gate_up + row * stride_in + width + columns, mask=inside, other=0.0)
-        activated = (gate * tl.sigmoid(gate)).to(gate_up.dtype.element_ty) * up
-        quantized, scale = quantized_groups(activated.to(gate_up.dtype.element_ty).to(tl.float32), fp8_max,
-                                             scale_floor)
-        tl.store(x_fp8 + row * stride_fp8 + columns, quantized.to(x_fp8.dtype.element_ty), mask=inside)
-        tl.store(x_scale + row * stride_scale + groups, scale, mask=groups * GROUP < width)
-
-
 def quantize_silu_and_mul(gate_up: torch.Tensor) -> QuantizedRows:
     """silu(gate) * up for gate_up [rows, 2 * width] holding [gate | up], quantized per token group: what
     quantize_per_token_group(fused.silu_and_mul(gate_up)) gives, in one kernel (an FP8 down projection's input)."""
-    num_rows, width = gate_up.shape[0], gate_up.shape[1] // 2
-    num_groups = triton.cdiv(width, BLOCK)
-    values = torch.empty(num_rows, width, dtype=FP8_DTYPE, device=gate_up.device)
-    scales = torch.empty(num_rows, num_groups, dtype=torch.float32, device=gate_up.device)
-    if num_rows:
-        _quantize_silu_and_mul_kernel[(num_rows,)](
-            gate_up, values, scales, width, gate_up.stride(0), values.stride(0), scales.stride(0), FP8_MAX,
-            SCALE_FLOOR, GROUP=BLOCK, GROUPS=min(16, triton.next_power_of_2(num_groups)), num_warps=4)
+    values, scales = _quantized_rows(gate_up, gate_up.shape[1] // 2, scales_by_group=False, silu_and_mul=True)
     return QuantizedRows(values, scales, gate_up.dtype)
 
 

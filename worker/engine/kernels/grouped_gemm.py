@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 
 from worker.engine.kernels.fp8_blocks import BLOCK, FP8_DTYPE, FP8_MAX, SCALE_FLOOR
-from worker.engine.kernels.fp8_gemm import (GemmTiles, QuantizedRows, quantized_groups, block_scaled_tile,
-                                            quantize_per_token_group)
+from worker.engine.kernels.fp8_gemm import (GemmTiles, QuantizedRows, block_scaled_tile, quantize_per_token_group,
+                                            quantized_groups, rounded_silu_and_mul)
 
 
 def grouped_tiles(rows_per_expert: int) -> GemmTiles:
@@ -152,8 +152,7 @@ def _swapped_gate_up_kernel(a, a_scale, b, b_scale, out, out_scale, tile_experts
         up_weights = tl.load(up_rows + k[None, :] * stride_bk, mask=k_inside[None, :], other=0.0)
         gate += tl.dot(gate_weights, activations) * (tl.load(gate_scales + k_block * stride_b_scale_k) * row_scales)
         up += tl.dot(up_weights, activations) * (tl.load(up_scales + k_block * stride_b_scale_k) * row_scales)
-    gate = gate.to(half).to(tl.float32)
-    activated = ((gate * tl.sigmoid(gate)).to(half) * up.to(half)).to(half).to(tl.float32)
+    activated = rounded_silu_and_mul(gate.to(half).to(tl.float32), up.to(half))
     quantized, scale = quantized_groups(tl.trans(activated), fp8_max, scale_floor)
     targets = out + rows.to(tl.int64)[:, None] * stride_out_m + columns[None, :]
     tl.store(targets, quantized.to(out.dtype.element_ty), mask=row_inside[:, None])
